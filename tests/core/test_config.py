@@ -1,0 +1,108 @@
+"""Experiment configs: defaults, base files, overrides, and errors that name the file and field."""
+from pathlib import Path
+
+import pytest
+
+from updetr.cli import main
+from updetr.config import ConfigError, ExperimentConfig, flatten, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_every_field_has_a_description():
+    def walk(model_cls, prefix=""):
+        for name, field in model_cls.model_fields.items():
+            assert field.description, f"{prefix}{name} has no description"
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, ExperimentConfig.__mro__[1]):
+                walk(ann, f"{prefix}{name}.")
+    walk(ExperimentConfig)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_experiments_validate(path):
+    load_config(path)
+
+
+def test_base_file_and_overrides_merge(tmp_path):
+    write(tmp_path, "base.yaml", "name: b\nmodel:\n  backbone: resnet18\n  num_queries: 20\npretext:\n  num_patches: 4\n")
+    exp = write(tmp_path, "exp.yaml", "base: base.yaml\nname: e\nmodel:\n  hidden_dim: 64\n")
+    cfg = load_config(exp, ["pretext.num_patches=5", "optim.lr=3e-4", "pretext.scales=[100, 120]"])
+    assert cfg.name == "e"
+    assert cfg.model.backbone == "resnet18" and cfg.model.hidden_dim == 64 and cfg.model.num_queries == 20
+    assert cfg.pretext.num_patches == 5 and cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.pretext.scales == [100, 120]
+    assert cfg.model.nheads == 8  # untouched default
+
+
+def test_unknown_field_names_file_and_path(tmp_path):
+    exp = write(tmp_path, "bad.yaml", "model:\n  backbone: resnet18\n  num_querys: 10\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(exp)
+    msg = str(e.value)
+    assert str(exp) in msg and "model.num_querys" in msg and "Extra inputs" in msg
+
+
+def test_wrong_type_and_range_name_the_field(tmp_path):
+    exp = write(tmp_path, "bad.yaml", "optim:\n  lr: fast\npretext:\n  patch_dropout: 1.0\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(exp)
+    msg = str(e.value)
+    assert "optim.lr" in msg and "pretext.patch_dropout" in msg
+
+
+def test_cross_field_n_divisible_by_m(tmp_path):
+    exp = write(tmp_path, "bad.yaml", "model:\n  num_queries: 100\npretext:\n  num_patches: 30\n")
+    with pytest.raises(ConfigError, match=r"num_queries \(100\) must be divisible by pretext.num_patches \(30\)"):
+        load_config(exp)
+
+
+def test_source_needs_path_and_matches_stage():
+    with pytest.raises(ConfigError, match="data.path is required"):
+        load_config(None, ["data.source=folder"])
+    with pytest.raises(ConfigError, match="fine-tuning reads coco"):
+        load_config(None, ["stage=finetune"])
+
+
+def test_malformed_override_and_nested_base(tmp_path):
+    with pytest.raises(ConfigError, match="expected dotted key=value"):
+        load_config(None, ["schedule.epochs"])
+    write(tmp_path, "a.yaml", "name: a\n")
+    write(tmp_path, "b.yaml", "base: a.yaml\n")
+    exp = write(tmp_path, "c.yaml", "base: b.yaml\n")
+    with pytest.raises(ConfigError, match="one level only"):
+        load_config(exp)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.yaml")
+    exp = write(tmp_path, "bad.yaml", "model: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(exp)
+
+
+def test_config_is_frozen_and_flattens():
+    cfg = load_config(None)
+    with pytest.raises(Exception):
+        cfg.model.num_queries = 3
+    flat = flatten(cfg.model_dump(mode="json"))
+    assert flat["model.num_queries"] == 100 and flat["pretext.patch_dropout_mode"] == "slot"
+
+
+def test_cli_validate_and_show(tmp_path, capsys):
+    good = REPO / "experiments" / "smoke.yaml"
+    assert main(["config", "validate", str(good)]) == 0
+    assert main(["config", "show", str(good), "schedule.epochs=3"]) == 0
+    out = capsys.readouterr().out
+    assert "epochs: 3" in out and "backbone: resnet18" in out
+    bad = write(tmp_path, "bad.yaml", "schedule:\n  epochs: -1\n")
+    assert main(["config", "validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "schedule.epochs" in err and str(bad) in err

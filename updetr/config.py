@@ -1,0 +1,328 @@
+"""Typed experiment configuration: pydantic models, YAML loading with one `base:` file, dotted overrides.
+
+An experiment YAML is a small diff over the defaults below. `load_config(path, overrides)` resolves
+`base:` (at most one level), applies `key=value` overrides, validates, and returns a frozen
+`ExperimentConfig`. Every error names the file, the field path and the reason (`ConfigError`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# The paper's image scales for pre-training (reference-notes §2.1: 384 is absent on purpose).
+PRETRAIN_SCALES = [320, 336, 352, 368, 400, 416, 432, 448, 464, 480]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ModelConfig(_Strict):
+    """Architecture of the DETR / UP-DETR network (owner: `updetr.models.build_model`)."""
+
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = Field(
+        "resnet50", description="torchvision ResNet used as the CNN backbone.")
+    backbone_weights: Optional[str] = Field(
+        None, description="Local weight file for the backbone (torchvision or SwAV state_dict; `module.` "
+                          "prefixes stripped). None keeps random init: nothing is ever downloaded.")
+    freeze_backbone: bool = Field(
+        True, description="Freeze the whole CNN (pre-training default). When False, layers 2-4 train at "
+                          "optim.lr_backbone and the stem + layer1 stay frozen, as in DETR.")
+    dilation: bool = Field(False, description="Replace stride with dilation in the last ResNet stage (DC5).")
+    position_embedding: Literal["sine", "learned"] = Field("sine", description="Positional encoding type.")
+    hidden_dim: int = Field(256, gt=0, description="Transformer width d_model.")
+    nheads: int = Field(8, gt=0, description="Attention heads.")
+    enc_layers: int = Field(6, ge=0, description="Transformer encoder layers.")
+    dec_layers: int = Field(6, gt=0, description="Transformer decoder layers.")
+    dim_feedforward: int = Field(2048, gt=0, description="FFN hidden size in each transformer layer.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout inside the transformer.")
+    pre_norm: bool = Field(True, description="Pre-norm transformer (UP-DETR) instead of post-norm (DETR).")
+    num_queries: int = Field(100, gt=0, description="Number of object queries N.")
+    aux_loss: bool = Field(True, description="Auxiliary decoding losses on every decoder layer.")
+    num_classes: Optional[int] = Field(
+        None, gt=0, description="Detection classes (max category id + 1). None: 2 for pre-training "
+                                "(index 1 = patch), taken from the dataset for fine-tuning.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "ModelConfig":
+        if self.hidden_dim % self.nheads:
+            raise ValueError(f"hidden_dim ({self.hidden_dim}) must be divisible by nheads ({self.nheads})")
+        return self
+
+
+class PretextConfig(_Strict):
+    """Random query patch detection (owner: UPDETR model and the patch-cropping preprocessor)."""
+
+    num_patches: int = Field(10, gt=0, description="Query patches M per image; N/M queries per patch.")
+    feature_recon: bool = Field(True, description="Reconstruct the patch CNN feature (loss_feature).")
+    query_shuffle: bool = Field(False, description="Shuffle object queries across patch groups "
+                                                   "(paper: on; official code and README: off).")
+    attention_mask: bool = Field(True, description="Block-diagonal group mask in decoder self-attention.")
+    patch_dropout: float = Field(0.1, ge=0.0, lt=1.0,
+                                 description="Probability of zeroing a query patch feature (official mask_ratio).")
+    patch_dropout_mode: Literal["slot", "patch"] = Field(
+        "slot", description="'slot': independent drop per (query slot, image), the official code; "
+                            "'patch': drop whole patches, as the paper describes.")
+    patch_size: int = Field(128, gt=0, description="Query patches are resized to patch_size x patch_size.")
+    min_patch_px: int = Field(8, gt=0, description="Smallest patch side in pixels (official min_pixel).")
+    scales: list[int] = Field(default_factory=lambda: list(PRETRAIN_SCALES),
+                              description="Shorter-side sizes for the image resize, one picked per image.")
+    max_size: int = Field(600, gt=0, description="Longest image side after resize.")
+    min_image_px: int = Field(17, gt=0, description="Images with a side below this are skipped (official: > 16).")
+    augment: bool = Field(True, description="Query-patch augmentation (colour jitter, grayscale, blur).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PretextConfig":
+        if not self.scales:
+            raise ValueError("scales must not be empty")
+        if self.min_image_px <= 2 * self.min_patch_px:
+            raise ValueError(f"min_image_px ({self.min_image_px}) must exceed 2*min_patch_px "
+                             f"({2 * self.min_patch_px}) so a patch can be drawn")
+        return self
+
+
+class LossConfig(_Strict):
+    """Loss and matcher weights (owner: SetCriterion / HungarianMatcher). A loss with weight 0 is off."""
+
+    ce: float = Field(1.0, ge=0, description="Weight of loss_ce.")
+    bbox: float = Field(5.0, ge=0, description="Weight of loss_bbox (L1).")
+    giou: float = Field(2.0, ge=0, description="Weight of loss_giou.")
+    feature: float = Field(1.0, ge=0, description="Weight of loss_feature (pre-training reconstruction).")
+    eos_coef: float = Field(0.1, gt=0, le=1, description="Relative class weight of no-object (paper's lambda).")
+    set_cost_class: float = Field(1.0, ge=0, description="Matcher cost of the class probability.")
+    set_cost_bbox: float = Field(5.0, ge=0, description="Matcher cost of the L1 box distance.")
+    set_cost_giou: float = Field(2.0, ge=0, description="Matcher cost of the GIoU.")
+
+
+class DataConfig(_Strict):
+    """Where images come from and how they are batched (owner: `updetr.data`)."""
+
+    source: Literal["synthetic", "folder", "shards", "coco", "voc"] = Field(
+        "synthetic", description="Pre-training: synthetic | folder | shards; fine-tuning: coco | voc.")
+    path: Optional[str] = Field(None, description="Image folder, shard dir, object-store URI or dataset root.")
+    val_path: Optional[str] = Field(None, description="Evaluation split root / annotation (fine-tuning).")
+    synthetic_images: int = Field(64, gt=0, description="Number of images in the built-in synthetic source.")
+    synthetic_size: tuple[int, int] = Field((96, 128), description="(min, max) side of synthetic images.")
+    batch_size: int = Field(2, gt=0, description="Images per worker per step.")
+    num_workers: int = Field(2, ge=0, description="Local mode: DataLoader processes; Ray: preprocessing actors.")
+    preprocess_cpus: float = Field(1.0, gt=0, description="CPUs reserved per Ray Data preprocessing actor.")
+    shuffle: bool = Field(True, description="Shuffle sample order each epoch (seeded).")
+
+
+class OptimConfig(_Strict):
+    """AdamW with a separate backbone learning rate and gradient clipping (owner: engine)."""
+
+    lr: float = Field(1e-4, gt=0, description="Learning rate of transformer and heads.")
+    lr_backbone: float = Field(1e-5, ge=0, description="Learning rate of trainable backbone layers.")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
+    clip_max_norm: float = Field(0.1, ge=0, description="Gradient-norm clip; 0 disables.")
+
+
+class ScheduleConfig(_Strict):
+    """Length of training, LR drop and checkpoint cadence (owner: engine)."""
+
+    epochs: int = Field(60, gt=0, description="Training epochs.")
+    lr_drop: int = Field(40, gt=0, description="Epoch at which the LR is multiplied by 0.1 (StepLR).")
+    max_steps: Optional[int] = Field(None, gt=0, description="Stop after this many optimizer steps (smoke runs).")
+    steps_per_epoch: Optional[int] = Field(
+        None, gt=0, description="Cap on steps per epoch (streaming sources); None: one pass over the data.")
+    checkpoint_every: int = Field(500, gt=0, description="Write a checkpoint every K optimizer steps.")
+    log_every: int = Field(10, gt=0, description="Progress line / per-step metrics every K steps.")
+
+
+class RuntimeConfig(_Strict):
+    """Where and how one process computes (owner: engine / CLI)."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (CUDA only).")
+    output_dir: str = Field("runs", description="Local runs folder (checkpoints, resolved config).")
+    threads: Optional[int] = Field(None, gt=0, description="torch intra-op threads; None = torch default.")
+
+
+class RayConfig(_Strict):
+    """Ray Train scaling, storage and fault tolerance (owner: `updetr.orchestration`)."""
+
+    address: Optional[str] = Field(None, description="Cluster address; None starts a local Ray.")
+    num_workers: int = Field(1, gt=0, description="Ray Train workers.")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per training worker (leave some for Ray Data).")
+    storage_path: Optional[str] = Field(None, description="Checkpoint storage (local path or s3://, gs://); "
+                                                          "None = <output_dir>/ray.")
+    run_name: Optional[str] = Field(None, description="Run name; None derives it from the experiment name.")
+    max_failures: int = Field(2, ge=-1, description="Worker-group restarts before the run fails (-1: forever).")
+    num_to_keep: int = Field(2, gt=0, description="Checkpoints kept in storage.")
+
+
+class TrackingConfig(_Strict):
+    """MLflow tracking (owner: `updetr.tracking`)."""
+
+    enabled: bool = Field(True, description="Track the run in MLflow.")
+    uri: Optional[str] = Field(None, description="Tracking URI; None = sqlite file mlflow.db under the working "
+                                                 "directory (made absolute).")
+    experiment: Optional[str] = Field(None, description="MLflow experiment name; None = the experiment name.")
+
+
+class ExperimentConfig(_Strict):
+    """One experiment: a stage plus every setting it needs."""
+
+    name: str = Field("experiment", min_length=1, description="Experiment name (run names derive from it).")
+    stage: Literal["pretrain", "finetune"] = Field("pretrain", description="Pre-training or fine-tuning.")
+    seed: int = Field(42, description="Run seed; every random draw derives from it.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Network architecture.")
+    pretext: PretextConfig = Field(default_factory=PretextConfig, description="Random query patch detection.")
+    loss: LossConfig = Field(default_factory=LossConfig, description="Loss and matcher weights.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Data source and batching.")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer.")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Schedule and checkpoints.")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Device and precision.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Ray Train settings.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "ExperimentConfig":
+        if self.stage == "pretrain":
+            n, m = self.model.num_queries, self.pretext.num_patches
+            if n % m:
+                raise ValueError(f"model.num_queries ({n}) must be divisible by pretext.num_patches ({m})")
+            if self.data.source in ("coco", "voc"):
+                raise ValueError(f"data.source '{self.data.source}' is a detection dataset; pre-training "
+                                 "reads synthetic | folder | shards")
+        elif self.data.source in ("synthetic", "folder", "shards"):
+            raise ValueError(f"data.source '{self.data.source}' has no labels; fine-tuning reads coco | voc")
+        if self.data.source in ("folder", "shards", "coco", "voc") and not self.data.path:
+            raise ValueError(f"data.path is required for data.source '{self.data.source}'")
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        """Classes the head predicts (excluding no-object): 2 for pre-training unless overridden."""
+        if self.model.num_classes is not None:
+            return self.model.num_classes
+        if self.stage == "pretrain":
+            return 2
+        raise ValueError("model.num_classes must be set for fine-tuning (max category id + 1)")
+
+
+class ConfigError(ValueError):
+    """Bad experiment input; the message names the file, the field path and the reason."""
+
+
+def _merge(base: dict, diff: dict) -> dict:
+    out = dict(base)
+    for k, v in diff.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {dotted}={raw}: '{k}' is not a section")
+        node = nxt
+    # YAML parsing gives ints, floats, bools, null and lists the same types as in a file.
+    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def parse_overrides(overrides: list[str] | None) -> list[tuple[str, str]]:
+    """`["a.b=1", ...]` -> `[("a.b", "1"), ...]`, with a clear error for a malformed item."""
+    pairs = []
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}': expected dotted key=value, e.g. schedule.epochs=2")
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+def _format_validation(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{origin}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def resolve_dict(path: str | Path | None, overrides: list[str] | None = None) -> dict:
+    """The merged raw mapping (defaults not yet applied): base file, experiment file, overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        tree = _read_yaml(path)
+        base = tree.pop("base", None)
+        if base is not None:
+            base_path = (path.parent / str(base)).resolve()
+            base_tree = _read_yaml(base_path)
+            if "base" in base_tree:
+                raise ConfigError(f"{base_path}: base: a base file may not name another base (one level only)")
+            tree = _merge(base_tree, tree)
+    for key, value in parse_overrides(overrides):
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read, merge and validate an experiment.
+
+    Args:
+        path: experiment YAML, or None for pure defaults.
+        overrides: dotted `key=value` strings applied last (values parsed as YAML scalars / lists).
+    Returns:
+        the frozen `ExperimentConfig`.
+    Raises:
+        ConfigError: naming the file (or 'override'), the field path and the reason.
+    """
+    tree = resolve_dict(path, overrides)
+    origin = str(path) if path is not None else "<defaults>"
+    if overrides:
+        origin += " (with overrides " + " ".join(overrides) + ")"
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_validation(e, origin)) from None
+
+
+def config_to_dict(cfg: ExperimentConfig) -> dict:
+    """Plain, YAML-safe nested dict of a config (tuples become lists)."""
+    return cfg.model_dump(mode="json")
+
+
+def config_to_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def config_from_dict(data: dict) -> ExperimentConfig:
+    """Rebuild a config saved with `config_to_dict` (e.g. from a checkpoint)."""
+    return ExperimentConfig.model_validate(data)
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}` (lists kept as values); used for MLflow params."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

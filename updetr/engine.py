@@ -1,0 +1,298 @@
+"""The pure training engine: one train step, the epoch loop, optimizer/schedule, checkpoint state.
+
+Knows nothing about Ray or MLflow: `updetr debug` (updetr/local.py) and the Ray Train workers
+(updetr/orchestration/worker.py) drive the same `Trainer` and plug in their own callbacks.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from updetr.checkpoint import git_sha, make_checkpoint, strip_prefixes
+from updetr.config import ExperimentConfig, OptimConfig, config_to_dict
+from updetr.util.nested_tensor import NestedTensor
+
+EpochBatches = Callable[[int, int], Iterable[dict]]
+"""`epoch_batches(epoch, skip)`: the batches of one epoch for this process, the first `skip` left out."""
+
+# Per-step metrics that are loss terms of the last decoder layer (unweighted), logged by name.
+MAIN_LOSSES = ("loss_ce", "loss_bbox", "loss_giou", "loss_feature")
+
+
+@dataclass
+class TrainState:
+    """Where training stands: optimizer steps taken, current epoch, steps taken inside it."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+
+
+class Callbacks(Protocol):
+    def on_step(self, state: TrainState, metrics: dict[str, float]) -> None: ...
+    def on_checkpoint(self, state: TrainState, ckpt: dict) -> None: ...
+    def on_epoch_end(self, state: TrainState, metrics: dict[str, float]) -> None: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("runtime.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def autocast_context(precision: str, device: torch.device):
+    """bf16 autocast on CUDA; fp32 everywhere else (bf16 on CPU is refused: slow and not the paper's)."""
+    if precision == "fp32":
+        return nullcontext()
+    if device.type != "cuda":
+        raise RuntimeError("runtime.precision=bf16 needs a CUDA device; use runtime.precision=fp32 on CPU")
+    return torch.autocast("cuda", dtype=torch.bfloat16)
+
+
+def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+    """AdamW with two groups: transformer + heads at `lr`, trainable backbone params at `lr_backbone`.
+
+    Frozen parameters (requires_grad False) are left out, so a frozen backbone has no optimizer state.
+    """
+    main, backbone = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (backbone if "backbone" in name else main).append(p)
+    groups = [{"params": main, "lr": optim.lr}]
+    if backbone:
+        groups.append({"params": backbone, "lr": optim.lr_backbone})
+    return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+
+
+def move_targets(targets: list[dict], device: torch.device) -> list[dict]:
+    return [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+            for t in targets]
+
+
+def train_step(model: nn.Module, criterion: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, *,
+               device: torch.device, clip_max_norm: float = 0.1, precision: str = "fp32") -> dict[str, float]:
+    """One optimizer step on one batch (the batch dict of docs/CONTRACTS.md).
+
+    Args:
+        batch: images [B,3,H,W], mask [B,H,W] (True = padding), targets (B dicts), patches [B,M,3,P,P]
+            for pre-training (absent for detection).
+    Returns:
+        `loss` (weighted total) and the unweighted last-layer terms `loss_ce`, `loss_bbox`, `loss_giou`,
+        `loss_feature` (those computed), plus `grad_norm`.
+    Raises:
+        FloatingPointError: predictions or loss not finite (nothing is stepped).
+    """
+    model.train()
+    criterion.train()
+    samples = NestedTensor(batch["images"].to(device, non_blocking=True), batch["mask"].to(device, non_blocking=True))
+    targets = move_targets(batch["targets"], device)
+    patches = batch.get("patches")
+    with autocast_context(precision, device):
+        outputs = model(samples, patches.to(device, non_blocking=True)) if patches is not None else model(samples)
+    # The loss is computed in fp32 outside autocast: matching and GIoU are precision-sensitive.
+    if precision != "fp32":
+        outputs = _to_float(outputs)
+    # NaN predictions would otherwise surface as DETR's opaque GIoU assertion inside the matcher.
+    if not (torch.isfinite(outputs["pred_boxes"]).all() and torch.isfinite(outputs["pred_logits"]).all()):
+        raise FloatingPointError("model outputs are not finite (NaN/inf predictions), stopping before the "
+                                 "optimizer step; check the inputs, the learning rate and runtime.precision")
+    loss_dict = criterion(outputs, targets)
+    weights = criterion.weight_dict
+    loss = sum(loss_dict[k] * weights[k] for k in loss_dict if k in weights)
+    if not torch.isfinite(loss):
+        terms = {k: float(v) for k, v in loss_dict.items() if k in weights}
+        raise FloatingPointError(f"loss is not finite ({float(loss)}), stopping before the optimizer step; terms: {terms}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm) if clip_max_norm > 0 else None
+    optimizer.step()
+    metrics = {"loss": float(loss.detach())}
+    metrics.update({k: float(loss_dict[k].detach()) for k in MAIN_LOSSES if k in loss_dict})
+    if grad_norm is not None:
+        metrics["grad_norm"] = float(grad_norm)
+    return metrics
+
+
+def _to_float(obj: Any) -> Any:
+    if torch.is_tensor(obj):
+        return obj.float() if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: _to_float(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_float(v) for v in obj]
+    return obj
+
+
+class _Throughput:
+    """Steps/s and images/s over the window since the last read (so warm-up does not linger)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0, self.steps, self.images = time.perf_counter(), 0, 0
+
+    def add(self, images: int) -> None:
+        self.steps += 1
+        self.images += images
+
+    def read(self) -> dict[str, float]:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        out = {"steps_per_s": self.steps / dt, "images_per_s": self.images / dt}
+        self.reset()
+        return out
+
+
+class Trainer:
+    """Model, criterion, optimizer, LR schedule and progress of one training run.
+
+    Args:
+        cfg: the resolved experiment.
+        device: where to compute.
+        model_bundle: optional `(model, criterion, postprocessors)`; built from `cfg` when None.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, device: torch.device, model_bundle=None) -> None:
+        from updetr.models import build_model  # deferred: keeps `import updetr.engine` light
+
+        self.cfg = cfg
+        self.device = device
+        model, criterion, self.postprocessors = model_bundle or build_model(cfg)
+        self.model = model.to(device)
+        self.criterion = criterion.to(device)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        # StepLR is stepped once per epoch, as the official main.py does (lr_drop in epochs).
+        self.lr_scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.schedule.lr_drop)
+        self.state = TrainState()
+        self.train_model: nn.Module = self.model
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # A loss with weight 0 leaves its head unused; DDP must then be told to look for that.
+            unused = any(w == 0 for w in (cfg.loss.ce, cfg.loss.bbox, cfg.loss.giou))
+            ids = [device.index] if device.type == "cuda" else None
+            self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids,
+                                                                   find_unused_parameters=unused)
+
+    # -- state -----------------------------------------------------------------------------------
+    def checkpoint(self) -> dict:
+        """The run's full state in the schema of updetr/checkpoint.py."""
+        return make_checkpoint(
+            self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+            lr_scheduler=self.lr_scheduler.state_dict(), step=self.state.step, epoch=self.state.epoch,
+            step_in_epoch=self.state.step_in_epoch, config=config_to_dict(self.cfg),
+            rng={"torch": torch.get_rng_state()}, sha=git_sha())
+
+    def load_checkpoint(self, ckpt: dict, *, weights_only: bool = False) -> None:
+        """Restore from `ckpt`. With `weights_only`, only the model weights (strict) are taken."""
+        self.model.load_state_dict(strip_prefixes(ckpt["model"]), strict=True)
+        if weights_only:
+            return
+        if ckpt.get("optimizer") is not None:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("lr_scheduler") is not None:
+            self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+            # The config is the source of truth for the schedule (the official resume does the same).
+            self.lr_scheduler.step_size = self.cfg.schedule.lr_drop
+        self.state = TrainState(ckpt["step"], ckpt["epoch"], ckpt["step_in_epoch"])
+        if ckpt.get("rng") and "torch" in ckpt["rng"]:
+            torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def finished(self) -> bool:
+        s = self.cfg.schedule
+        return self.state.epoch >= s.epochs or (s.max_steps is not None and self.state.step >= s.max_steps)
+
+    # -- loop ------------------------------------------------------------------------------------
+    def fit(self, epoch_batches: EpochBatches, callbacks: Optional[Callbacks] = None) -> TrainState:
+        """Train until `schedule.epochs` or `schedule.max_steps`, resuming from `self.state`.
+
+        `callbacks.on_checkpoint` fires every `schedule.checkpoint_every` steps and once at the end
+        (unless the last step was just checkpointed), so an interrupted run loses < K steps.
+        """
+        cb = callbacks
+        sched = self.cfg.schedule
+        last_ckpt_step = self.state.step if self.state.step > 0 else -1
+        while not self.finished():
+            epoch_sums: dict[str, float] = {}
+            epoch_steps = epoch_images = 0
+            skipped_epoch: dict[str, int] = {}
+            throughput = _Throughput()
+            epoch_t0 = time.perf_counter()
+            skip = self.state.step_in_epoch
+            for batch in epoch_batches(self.state.epoch, skip):
+                skipped = batch.get("skipped") or {}
+                for reason, n in skipped.items():
+                    skipped_epoch[reason] = skipped_epoch.get(reason, 0) + int(n)
+                n_img = int(batch["images"].shape[0])
+                if n_img == 0:
+                    continue  # every item of this batch was bad; counted above
+                metrics = train_step(self.train_model, self.criterion, batch, self.optimizer,
+                                     device=self.device, clip_max_norm=self.cfg.optim.clip_max_norm,
+                                     precision=self.cfg.runtime.precision)
+                self.state.step += 1
+                self.state.step_in_epoch += 1
+                epoch_steps += 1
+                epoch_images += n_img
+                throughput.add(n_img)
+                for k, v in metrics.items():
+                    epoch_sums[k] = epoch_sums.get(k, 0.0) + v
+                if cb is not None and (self.state.step % sched.log_every == 0 or self.state.step == 1):
+                    metrics.update(throughput.read())
+                    metrics.update({f"data/skipped_{r}": float(n) for r, n in skipped_epoch.items()})
+                    metrics["lr"] = self.lr()
+                    metrics["images"] = float(n_img)
+                    cb.on_step(self.state, metrics)
+                if self.state.step % sched.checkpoint_every == 0:
+                    last_ckpt_step = self.state.step
+                    if cb is not None:
+                        cb.on_checkpoint(self.state, self.checkpoint())
+                if self.finished():
+                    break
+            else:
+                # The epoch's data ran out (not a max_steps stop): close the epoch.
+                self.lr_scheduler.step()
+                self.state.epoch += 1
+                self.state.step_in_epoch = 0
+                if epoch_steps == 0 and skip == 0 and not skipped_epoch:
+                    raise RuntimeError(f"epoch {self.state.epoch - 1} yielded no batches: the data source is empty")
+                if cb is not None:
+                    em = {f"epoch/{k}": v / max(epoch_steps, 1) for k, v in epoch_sums.items()}
+                    dt = max(time.perf_counter() - epoch_t0, 1e-9)
+                    em.update({"epoch/images_per_s": epoch_images / dt, "epoch/steps": float(epoch_steps),
+                               "epoch/lr": self.lr()})
+                    em.update({f"epoch/skipped_{r}": float(n) for r, n in skipped_epoch.items()})
+                    cb.on_epoch_end(self.state, em)
+                continue
+            break
+        if self.state.step != last_ckpt_step and cb is not None:
+            cb.on_checkpoint(self.state, self.checkpoint())
+        return self.state
+
+
+def total_steps(cfg: ExperimentConfig, batches_per_epoch: Optional[int]) -> Optional[int]:
+    """Steps the whole run will take, when knowable (for ETA)."""
+    s = cfg.schedule
+    per_epoch = s.steps_per_epoch if s.steps_per_epoch is not None else batches_per_epoch
+    total = s.epochs * per_epoch if per_epoch is not None else None
+    if s.max_steps is not None:
+        total = s.max_steps if total is None else min(total, s.max_steps)
+    return total
+
+
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

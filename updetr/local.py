@@ -1,0 +1,135 @@
+"""`updetr debug`: the training engine in one process, no Ray: CPU or one GPU, pdb-friendly.
+
+Writes `<runtime.output_dir>/<name>/config.yaml` and `checkpoints/last.pt` (atomic, every
+`schedule.checkpoint_every` steps and at the end); `--resume` continues from that checkpoint.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, TextIO
+
+import torch
+
+from updetr.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from updetr.config import ExperimentConfig, config_to_dict, config_to_yaml
+from updetr.engine import Trainer, TrainState, format_eta, resolve_device, total_steps
+
+# Sections that change the network's shape or the pretext; resuming across a change is refused.
+ARCH_SECTIONS = ("model", "pretext")
+
+
+class RunDirError(RuntimeError):
+    """The run folder holds work that the requested action would lose or cannot use."""
+
+
+def run_dir(cfg: ExperimentConfig) -> Path:
+    return (Path(cfg.runtime.output_dir) / cfg.name).resolve()
+
+
+def check_compatible(cfg: ExperimentConfig, ckpt: dict, path: Path) -> None:
+    """Fail loudly when a checkpoint was trained with another architecture (nothing is forced)."""
+    saved = ckpt.get("config") or {}
+    now = config_to_dict(cfg)
+    diffs = [f"{sec}.{k}: checkpoint {saved[sec][k]!r} vs config {v!r}"
+             for sec in ARCH_SECTIONS if sec in saved
+             for k, v in now[sec].items() if k in saved[sec] and saved[sec][k] != v]
+    if diffs:
+        raise CheckpointError(f"{path}: cannot resume, the architecture differs:\n  " + "\n  ".join(diffs))
+
+
+def format_progress(name: str, state: TrainState, metrics: dict[str, float], total: Optional[int],
+                    eta_s: Optional[float]) -> str:
+    """One progress line: step, loss parts, speed, lr, ETA."""
+    parts = [f"{k.removeprefix('loss_')} {metrics[k]:.3f}"
+             for k in ("loss_ce", "loss_bbox", "loss_giou", "loss_feature") if k in metrics]
+    step = f"{state.step}/{total}" if total else str(state.step)
+    eta = format_eta(eta_s) if eta_s is not None else "?"
+    return (f"[{name}] step {step} ep {state.epoch} | loss {metrics['loss']:.3f} ({' '.join(parts)}) | "
+            f"{metrics.get('steps_per_s', 0):.2f} step/s {metrics.get('images_per_s', 0):.1f} img/s | "
+            f"lr {metrics.get('lr', 0):.1e} | ETA {eta}")
+
+
+@dataclass
+class LocalCallbacks:
+    """Progress lines and atomic checkpoints for a single-process run."""
+
+    cfg: ExperimentConfig
+    ckpt_path: Path
+    total: Optional[int]
+    out: TextIO = sys.stdout
+    history: list = field(default_factory=list)  # (step, loss) pairs, for the final summary
+    _t0: float = field(default_factory=time.perf_counter)
+    _step0: Optional[int] = None
+
+    def on_step(self, state: TrainState, metrics: dict[str, float]) -> None:
+        if self._step0 is None:
+            self._step0, self._t0 = state.step, time.perf_counter()
+        self.history.append((state.step, metrics["loss"]))
+        eta = None
+        done = state.step - self._step0
+        if self.total and done > 0:
+            eta = (time.perf_counter() - self._t0) / done * (self.total - state.step)
+        print(format_progress(self.cfg.name, state, metrics, self.total, eta), file=self.out, flush=True)
+
+    def on_checkpoint(self, state: TrainState, ckpt: dict) -> None:
+        save_checkpoint(ckpt, self.ckpt_path)
+
+    def on_epoch_end(self, state: TrainState, metrics: dict[str, float]) -> None:
+        skipped = {k.removeprefix("epoch/skipped_"): int(v) for k, v in metrics.items()
+                   if k.startswith("epoch/skipped_")}
+        line = (f"[{self.cfg.name}] epoch {state.epoch - 1} done: {int(metrics['epoch/steps'])} steps, "
+                f"mean loss {metrics.get('epoch/loss', float('nan')):.3f}, "
+                f"{metrics['epoch/images_per_s']:.1f} img/s")
+        if skipped:
+            line += ", skipped " + ", ".join(f"{n} {r}" for r, n in sorted(skipped.items()))
+        print(line, file=self.out, flush=True)
+
+
+def run_debug(cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = False,
+              out: TextIO = sys.stdout) -> tuple[TrainState, LocalCallbacks]:
+    """Train `cfg` in this process. Returns the final state and the callbacks (loss history)."""
+    from updetr.data import local_pretrain_batches
+
+    if cfg.stage != "pretrain":
+        raise NotImplementedError("updetr debug runs pre-training; fine-tuning lands with the detection engine")
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
+    device = resolve_device(cfg.runtime.device)
+    folder = run_dir(cfg)
+    ckpt_path = folder / "checkpoints" / "last.pt"
+    ckpt = None
+    if ckpt_path.exists():
+        if resume:
+            ckpt = load_checkpoint(ckpt_path)
+            check_compatible(cfg, ckpt, ckpt_path)
+        elif not overwrite:
+            raise RunDirError(f"{ckpt_path} already holds a checkpoint of '{cfg.name}'; pass --resume to continue "
+                              "it or --overwrite to start again (set name=... for a separate run)")
+    elif resume:
+        print(f"[{cfg.name}] --resume: no checkpoint at {ckpt_path}, starting from step 0", file=out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(config_to_yaml(cfg))
+
+    torch.manual_seed(cfg.seed)
+    trainer = Trainer(cfg, device)
+    if ckpt is not None:
+        trainer.load_checkpoint(ckpt)
+        print(f"[{cfg.name}] resumed from {ckpt_path} at step {trainer.state.step} "
+              f"(epoch {trainer.state.epoch}, {trainer.state.step_in_epoch} steps into it)", file=out)
+
+    def epoch_batches(epoch: int, skip: int):
+        return local_pretrain_batches(cfg, epoch, skip=skip)
+
+    per_epoch = getattr(local_pretrain_batches, "batches_per_epoch", None)
+    total = total_steps(cfg, per_epoch(cfg) if per_epoch else None)
+    n_train = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in trainer.model.parameters())
+    print(f"[{cfg.name}] {cfg.stage} on {device}: {n_train:,} of {n_all:,} parameters trainable; "
+          f"batch {cfg.data.batch_size}, {total or '?'} steps; run dir {folder}", file=out, flush=True)
+    callbacks = LocalCallbacks(cfg, ckpt_path, total, out)
+    state = trainer.fit(epoch_batches, callbacks)
+    print(f"[{cfg.name}] done at step {state.step} (epoch {state.epoch}); checkpoint {ckpt_path}", file=out)
+    return state, callbacks
