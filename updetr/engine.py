@@ -28,7 +28,11 @@ MAIN_LOSSES = ("loss_ce", "loss_bbox", "loss_giou", "loss_feature")
 
 @dataclass
 class TrainState:
-    """Where training stands: optimizer steps taken, current epoch, steps taken inside it."""
+    """Where training stands: optimizer steps taken, current epoch, and batches of it consumed.
+
+    `step_in_epoch` counts every batch the epoch's iterator yielded, including empty ones (all items bad),
+    so that a resume can skip exactly those batches.
+    """
 
     step: int = 0
     epoch: int = 0
@@ -222,7 +226,8 @@ class Trainer:
         """
         cb = callbacks
         sched = self.cfg.schedule
-        last_ckpt_step = self.state.step if self.state.step > 0 else -1
+        # (step, epoch) last handed to on_checkpoint: the end state is saved unless it is exactly that one.
+        last_ckpt = (self.state.step, self.state.epoch) if self.state.step > 0 else None
         while not self.finished():
             epoch_sums: dict[str, float] = {}
             epoch_steps = epoch_images = 0
@@ -236,7 +241,8 @@ class Trainer:
                     skipped_epoch[reason] = skipped_epoch.get(reason, 0) + int(n)
                 n_img = int(batch["images"].shape[0])
                 if n_img == 0:
-                    continue  # every item of this batch was bad; counted above
+                    self.state.step_in_epoch += 1  # consumed (every item was bad, counted above), not stepped
+                    continue
                 metrics = train_step(self.train_model, self.criterion, batch, self.optimizer,
                                      device=self.device, clip_max_norm=self.cfg.optim.clip_max_norm,
                                      precision=self.cfg.runtime.precision)
@@ -254,7 +260,7 @@ class Trainer:
                     metrics["images"] = float(n_img)
                     cb.on_step(self.state, metrics)
                 if self.state.step % sched.checkpoint_every == 0:
-                    last_ckpt_step = self.state.step
+                    last_ckpt = (self.state.step, self.state.epoch)
                     if cb is not None:
                         cb.on_checkpoint(self.state, self.checkpoint())
                 if self.finished():
@@ -275,7 +281,7 @@ class Trainer:
                     cb.on_epoch_end(self.state, em)
                 continue
             break
-        if self.state.step != last_ckpt_step and cb is not None:
+        if (self.state.step, self.state.epoch) != last_ckpt and cb is not None:
             cb.on_checkpoint(self.state, self.checkpoint())
         return self.state
 

@@ -5,6 +5,7 @@ Writes `<runtime.output_dir>/<name>/config.yaml` and `checkpoints/last.pt` (atom
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -92,6 +93,7 @@ def run_debug(cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = 
               out: TextIO = sys.stdout) -> tuple[TrainState, LocalCallbacks]:
     """Train `cfg` in this process. Returns the final state and the callbacks (loss history)."""
     from updetr.data import local_pretrain_batches
+    from updetr.data.sources import open_source
 
     if cfg.stage != "pretrain":
         raise NotImplementedError("updetr debug runs pre-training; fine-tuning lands with the detection engine")
@@ -123,8 +125,7 @@ def run_debug(cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = 
     def epoch_batches(epoch: int, skip: int):
         return local_pretrain_batches(cfg, epoch, skip=skip)
 
-    per_epoch = getattr(local_pretrain_batches, "batches_per_epoch", None)
-    total = total_steps(cfg, per_epoch(cfg) if per_epoch else None)
+    total = total_steps(cfg, math.ceil(len(open_source(cfg)) / cfg.data.batch_size))
     n_train = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in trainer.model.parameters())
     print(f"[{cfg.name}] {cfg.stage} on {device}: {n_train:,} of {n_all:,} parameters trainable; "
