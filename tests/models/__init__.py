@@ -1,0 +1,1 @@
+"""Tests of updetr.models and updetr.util."""

@@ -1,0 +1,69 @@
+"""Model factory: `build_model(cfg) -> (model, criterion, postprocessors)` and state-dict helpers."""
+from __future__ import annotations
+
+from torch import nn
+
+from updetr.config import ExperimentConfig
+from updetr.models.backbone import Backbone, FrozenBatchNorm2d, Joiner, build_backbone
+from updetr.models.criterion import SetCriterion
+from updetr.models.detr import DETR
+from updetr.models.matcher import HungarianMatcher
+from updetr.models.mlp import MLP
+from updetr.models.postprocess import PostProcess
+from updetr.models.transformer import Transformer, build_transformer
+from updetr.models.updetr import UPDETR, build_group_attention_mask, patch_keep_mask
+
+__all__ = [
+    "build_model", "build_weight_dict",
+    "Backbone", "FrozenBatchNorm2d", "Joiner", "SetCriterion", "DETR", "UPDETR", "HungarianMatcher", "MLP",
+    "PostProcess", "Transformer", "build_group_attention_mask", "patch_keep_mask",
+]
+
+
+def build_weight_dict(cfg: ExperimentConfig) -> dict[str, float]:
+    """`loss_ce/bbox/giou` (+ `loss_feature` when pre-training with feature_recon) and `_{i}` aux copies."""
+    weight_dict = {"loss_ce": cfg.loss.ce, "loss_bbox": cfg.loss.bbox, "loss_giou": cfg.loss.giou}
+    if cfg.stage == "pretrain" and cfg.pretext.feature_recon:
+        weight_dict["loss_feature"] = cfg.loss.feature
+    if cfg.model.aux_loss:
+        aux = {}
+        for i in range(cfg.model.dec_layers - 1):
+            aux.update({f"{k}_{i}": v for k, v in weight_dict.items()})
+        weight_dict.update(aux)
+    return weight_dict
+
+
+def build_model(cfg: ExperimentConfig) -> tuple[nn.Module, SetCriterion, dict[str, nn.Module]]:
+    """UPDETR for `stage == 'pretrain'` (num_classes 2 unless set), DETR otherwise.
+
+    The CNN is fully frozen when `model.freeze_backbone` or `optim.lr_backbone == 0` (DETR trains the
+    backbone only when lr_backbone > 0); otherwise layers 2-4 train. Nothing is downloaded.
+    Returns (model, criterion, {'bbox': PostProcess()}).
+    """
+    m = cfg.model
+    pretrain = cfg.stage == "pretrain"
+    freeze = m.freeze_backbone or cfg.optim.lr_backbone == 0
+    backbone = build_backbone(m.backbone, m.hidden_dim, m.position_embedding, train_backbone=not freeze,
+                              dilation=m.dilation, weights=m.backbone_weights)
+    transformer = build_transformer(m.hidden_dim, m.nheads, m.enc_layers, m.dec_layers, m.dim_feedforward,
+                                    m.dropout, m.pre_norm)
+    num_classes = cfg.num_classes
+    if pretrain:
+        p = cfg.pretext
+        model: nn.Module = UPDETR(
+            backbone, transformer, num_classes=num_classes, num_queries=m.num_queries, aux_loss=m.aux_loss,
+            num_patches=p.num_patches, feature_recon=p.feature_recon, query_shuffle=p.query_shuffle,
+            attention_mask=p.attention_mask, patch_dropout=p.patch_dropout,
+            patch_dropout_mode=p.patch_dropout_mode, freeze_backbone=freeze)
+    else:
+        model = DETR(backbone, transformer, num_classes=num_classes, num_queries=m.num_queries,
+                     aux_loss=m.aux_loss)
+
+    matcher = HungarianMatcher(cost_class=cfg.loss.set_cost_class, cost_bbox=cfg.loss.set_cost_bbox,
+                               cost_giou=cfg.loss.set_cost_giou)
+    losses = ["labels", "boxes", "cardinality"]
+    if pretrain and cfg.pretext.feature_recon:
+        losses.append("feature")
+    criterion = SetCriterion(num_classes, matcher, build_weight_dict(cfg), cfg.loss.eos_coef, losses)
+    return model, criterion, {"bbox": PostProcess()}
+

@@ -1,0 +1,52 @@
+"""Hungarian matching between predictions and targets (DETR's cost: class prob, L1 box, GIoU)."""
+from __future__ import annotations
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+
+from updetr.util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+
+
+class HungarianMatcher(nn.Module):
+    """One-to-one assignment per image minimising `C = w_bbox*L1 + w_class*(-prob) + w_giou*(-GIoU)`.
+
+    Matching is global over all N queries (UP-DETR does not restrict a patch to its query group).
+    """
+
+    def __init__(self, cost_class: float = 1, cost_bbox: float = 1, cost_giou: float = 1):
+        super().__init__()
+        if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
+            raise ValueError("all matcher costs are 0")
+        self.cost_class = cost_class
+        self.cost_bbox = cost_bbox
+        self.cost_giou = cost_giou
+
+    @torch.no_grad()
+    def forward(self, outputs: dict, targets: list[dict]) -> list[tuple[Tensor, Tensor]]:
+        """
+        Args:
+            outputs: `pred_logits [B, N, K+1]`, `pred_boxes [B, N, 4]` (cxcywh).
+            targets: B dicts with `labels [T_b]` int64 and `boxes [T_b, 4]` cxcywh.
+        Returns:
+            B tuples (pred_idx, tgt_idx) of int64 CPU tensors of length min(N, T_b); pred_idx is sorted.
+        """
+        bs, num_queries = outputs["pred_logits"].shape[:2]
+        # float(): a no-op in fp32, keeps the costs exact under bf16 autocast.
+        out_prob = outputs["pred_logits"].flatten(0, 1).float().softmax(-1)  # [B*N, K+1]
+        out_bbox = outputs["pred_boxes"].flatten(0, 1).float()  # [B*N, 4]
+
+        tgt_ids = torch.cat([v["labels"] for v in targets])
+        tgt_bbox = torch.cat([v["boxes"] for v in targets]).to(out_bbox)
+
+        # 1 - prob(target class) with the constant dropped.
+        cost_class = -out_prob[:, tgt_ids]
+        cost_bbox = torch.cdist(out_bbox, tgt_bbox, p=1)
+        cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(out_bbox), box_cxcywh_to_xyxy(tgt_bbox))
+
+        C = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
+        C = C.view(bs, num_queries, -1).cpu()
+
+        sizes = [len(v["boxes"]) for v in targets]
+        indices = [linear_sum_assignment(c[i]) for i, c in enumerate(C.split(sizes, -1))]
+        return [(torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)) for i, j in indices]
