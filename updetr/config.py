@@ -110,6 +110,15 @@ class DataConfig(_Strict):
     num_workers: int = Field(2, ge=0, description="Local mode: DataLoader processes; Ray: preprocessing actors.")
     preprocess_cpus: float = Field(1.0, gt=0, description="CPUs reserved per Ray Data preprocessing actor.")
     shuffle: bool = Field(True, description="Shuffle sample order each epoch (seeded).")
+    decode: Literal["exact", "reduced"] = Field(
+        "reduced", description="JPEG decode for pre-training: 'reduced' lets libjpeg decode at 1/2-1/8 scale "
+                               "when the result still covers the resized image (only images >= 2x the target "
+                               "size; small query patches of those are then cut from fewer pixels); "
+                               "'exact' always decodes the full image (reference behaviour).")
+    prefetch_batches: int = Field(2, ge=0, description="Batches prepared ahead per consumer (Ray iterator "
+                                                        "prefetch; DataLoader prefetch per worker).")
+    preprocess_batch_size: int = Field(8, gt=0, description="Ray Data: images per decode + patch-crop call "
+                                                            "(small keeps the first batch fast and memory flat).")
 
 
 class OptimConfig(_Strict):
@@ -154,6 +163,9 @@ class RayConfig(_Strict):
     run_name: Optional[str] = Field(None, description="Run name; None derives it from the experiment name.")
     max_failures: int = Field(2, ge=-1, description="Worker-group restarts before the run fails (-1: forever).")
     num_to_keep: int = Field(2, gt=0, description="Checkpoints kept in storage.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How training workers are placed on nodes (Ray placement group strategy); "
+                            "STRICT_SPREAD puts each worker on its own node.")
 
 
 class TrackingConfig(_Strict):
