@@ -186,6 +186,15 @@ class Trainer:
             self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids,
                                                                    find_unused_parameters=unused)
 
+    def _any_rank_empty(self, n_img: int) -> bool:
+        """True when this batch is empty on any rank (all items bad). All ranks then skip the step together:
+        a rank that stepped alone would wait forever in DDP's gradient all-reduce."""
+        if self.train_model is self.model:  # single process: no agreement needed
+            return n_img == 0
+        flag = torch.tensor([1.0 if n_img == 0 else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     # -- state -----------------------------------------------------------------------------------
     def checkpoint(self) -> dict:
         """The run's full state in the schema of updetr/checkpoint.py."""
@@ -240,7 +249,7 @@ class Trainer:
                 for reason, n in skipped.items():
                     skipped_epoch[reason] = skipped_epoch.get(reason, 0) + int(n)
                 n_img = int(batch["images"].shape[0])
-                if n_img == 0:
+                if self._any_rank_empty(n_img):
                     self.state.step_in_epoch += 1  # consumed (every item was bad, counted above), not stepped
                     continue
                 metrics = train_step(self.train_model, self.criterion, batch, self.optimizer,
