@@ -1,0 +1,71 @@
+"""Bad input to run / submit / jobs: one clear `updetr: error:` line, exit 2, before any work is done."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from updetr.orchestration.local_cluster import free_port
+
+from .conftest import SMOKE, updetr
+
+
+def one_error_line(r, *needles: str) -> str:
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("updetr: error: "), r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_unknown_experiment_field(tmp_path):
+    r = updetr("run", SMOKE, "model.bogus=1", cwd=tmp_path)
+    one_error_line(r, "model.bogus", "Extra inputs are not permitted")
+    r = updetr("submit", SMOKE, "ray.bogus=1", "--address", "http://127.0.0.1:1", cwd=tmp_path)
+    one_error_line(r, "ray.bogus")
+
+
+def test_unreachable_address(tmp_path):
+    port = free_port()
+    t0 = time.monotonic()
+    r = updetr("run", SMOKE, "--address", f"127.0.0.1:{port}", cwd=tmp_path)
+    one_error_line(r, "cannot reach the Ray cluster", str(port))
+    r = updetr("submit", SMOKE, "--address", f"http://127.0.0.1:{port}", cwd=tmp_path)
+    one_error_line(r, "cannot reach the Ray cluster", str(port))
+    r = updetr("jobs", "status", "some-job", "--address", f"127.0.0.1:{port}", cwd=tmp_path)
+    one_error_line(r, "cannot reach the Ray cluster")
+    r = updetr("run", SMOKE, "--address", "not-an-address", cwd=tmp_path)
+    one_error_line(r, "HOST:PORT")
+    assert time.monotonic() - t0 < 60
+
+
+def test_storage_path_not_writable(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    r = updetr("run", SMOKE, f"ray.storage_path={blocker}/ray", cwd=tmp_path)
+    one_error_line(r, "ray.storage_path", "not writable")
+
+
+def test_tracking_server_down_at_start(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    r = updetr("run", SMOKE, f"tracking.uri={uri}", f"ray.storage_path={tmp_path}/ray", cwd=tmp_path)
+    one_error_line(r, uri, "not reachable")
+    assert time.monotonic() - t0 < 30
+    assert "Ray" not in r.stdout  # nothing started: no local Ray, no workers
+    assert not (tmp_path / "ray").exists() or not any((tmp_path / "ray").iterdir())
+
+
+def test_tracking_store_not_writable(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    r = updetr("run", SMOKE, f"tracking.uri=sqlite:///{blocker}/mlflow.db", cwd=tmp_path)
+    one_error_line(r, "not writable")
+
+
+@pytest.mark.parametrize("args", [["jobs", "logs", "x"], ["submit", SMOKE]])
+def test_no_address_for_jobs(tmp_path, args, monkeypatch):
+    r = updetr(*args, cwd=tmp_path)
+    one_error_line(r, "--address")

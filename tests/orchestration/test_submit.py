@@ -1,0 +1,60 @@
+"""`updetr submit` to a local two-node Ray cluster (head + worker node, 1 CPU each), Jobs API wrappers."""
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+
+from updetr.orchestration.local_cluster import load, own_processes
+from updetr.tracking import TAG_STORAGE
+
+from .conftest import SMOKE, cli_env, short_tmpdir, updetr
+from .test_bad_input import one_error_line
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
+@pytest.mark.timeout(600)
+def test_submit_to_local_two_node_cluster(mlflow_server, tmp_path):
+    state = short_tmpdir("urc")
+    r = updetr("local-cluster", "up", "--dir", state, cwd=tmp_path, timeout=180)
+    cluster = load(state)
+    try:
+        assert r.returncode == 0, r.stdout + r.stderr
+        url = cluster.dashboard_url
+        assert url in r.stdout and cluster.address in r.stdout
+
+        # a rejected token is one clear line, not a traceback
+        bad = cli_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="f" * 32)
+        one_error_line(updetr("jobs", "status", "nope", "--address", url, cwd=tmp_path, env=bad), "rejected")
+
+        job_id = f"updetr-test-{int(time.time())}"
+        # one training worker per node; 0.5 CPU each leaves room for the preprocessing actor and reads
+        r = updetr("submit", SMOKE, "--address", url, "--follow", "--job-id", job_id,
+                   "ray.placement_strategy=STRICT_SPREAD", "data.preprocess_cpus=0.5",
+                   "schedule.max_steps=8", "schedule.checkpoint_every=4", "schedule.log_every=2",
+                   f"ray.storage_path={tmp_path}/ckpt", f"tracking.uri={mlflow_server.uri}",
+                   cwd=tmp_path, timeout=480)
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+        assert f"submitted job {job_id}" in r.stdout
+        assert "finished at step 8" in r.stdout  # the job's own logs, streamed back
+        assert f"job {job_id}: SUCCEEDED" in r.stdout
+
+        r = updetr("jobs", "status", job_id, "--address", url, cwd=tmp_path)
+        assert r.returncode == 0 and f"{job_id}: SUCCEEDED" in r.stdout
+        r = updetr("jobs", "logs", job_id, "--address", url, cwd=tmp_path)
+        assert r.returncode == 0 and "finished at step 8" in r.stdout
+        r = updetr("jobs", "stop", job_id, "--address", url, cwd=tmp_path)
+        assert r.returncode == 0 and "not running" in r.stdout
+
+        # checkpoints in the shared storage, and the run tracked in the shared server
+        assert len(list((tmp_path / "ckpt").glob("smoke-*/checkpoint_00000008"))) == 1
+        runs = [x for x in mlflow_server.runs("smoke") if x.data.tags.get(TAG_STORAGE, "").startswith(str(tmp_path))]
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        assert runs[0].data.params["ray.placement_strategy"] == "STRICT_SPREAD"
+    finally:
+        r = updetr("local-cluster", "down", "--dir", state, cwd=tmp_path, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert not own_processes(state)
+        shutil.rmtree(state, ignore_errors=True)

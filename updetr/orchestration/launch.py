@@ -1,0 +1,476 @@
+"""Build and fit the Ray Train `TorchTrainer` of an experiment (the driver side of `updetr run`).
+
+The builders are separate so a Ray Tune sweep can reuse them: a Tune function calls
+`plan_run(trial_cfg, run_name=f"{sweep}-{trial_id}")`, `open_tracking(plan, parent_run_id=...)`, then
+`build_trainer(plan, tracking, callbacks=[TuneReportCallback()]).fit()` — the same code path as `run`.
+
+Naming and resume: the run name is `ray.run_name`, or `<name>-<8 hex>` hashed from the training-relevant
+config (everything but the `ray`, `tracking` and `runtime` sections). Ray Train V2 resumes a run whose
+`(storage_path, name)` already holds checkpoints, so re-running the same command after a crash continues
+from the last checkpoint, and the MLflow run is found again by its `updetr.run_name` + `updetr.storage`
+tags. A changed config gives a new name, hence a fresh run, never a silent resume with other settings.
+
+Paths: `storage_path` (default `<runtime.output_dir>/ray`) and the sqlite tracking URI are made absolute
+here, on the driver: Ray Train workers chdir into Ray's session folder.
+
+CPUs: on a local Ray (no address) the workers' `cpus_per_worker` is lowered, when needed, so that one CPU
+stays free for Ray Data (`num_workers * cpus_per_worker <= cpus - 1`); with 2 workers on 2 cores each gets
+0.5. Ray Data tasks then always find a CPU (a full machine hangs with "Cluster resources are not enough").
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, TextIO
+
+from updetr.config import ExperimentConfig, config_to_dict, config_to_yaml
+from updetr.tracking import (TAG_LAST_CHECKPOINT, NullTracker, Tracker, TrackingError, check_tracking_uri,
+                             resolve_tracking_uri, start_tracking)
+
+CHECKPOINT_FILE = "checkpoint.pt"          # our schema, inside each Ray checkpoint directory
+CHECKPOINT_PREFIX = "checkpoint_"          # Ray checkpoint dirs: checkpoint_<step, 8 digits>
+IDENTITY_EXCLUDE = ("ray", "tracking", "runtime")
+# Driver env vars forwarded to the training workers (tracking credentials, updetr drills/settings).
+WORKER_ENV_PREFIXES = ("UPDETR_", "MLFLOW_TRACKING_", "AWS_", "GOOGLE_APPLICATION_CREDENTIALS")
+
+
+class LaunchError(RuntimeError):
+    """The run cannot start (storage, address, token, tracking); the message is one line."""
+
+
+# ------------------------------------------------------------------------------------------ plan
+@dataclass
+class RunPlan:
+    """Everything the driver resolved before any work: names and absolute locations."""
+
+    cfg: ExperimentConfig
+    run_name: str
+    storage_path: str            # root: absolute local path or URI
+    run_dir: str                 # storage_path/run_name: where Ray keeps this run's checkpoints
+    tracking_uri: Optional[str]  # None when tracking is disabled
+    experiment: str              # MLflow experiment name
+    extra: dict = field(default_factory=dict)
+
+
+def config_hash(cfg: ExperimentConfig) -> str:
+    data = {k: v for k, v in config_to_dict(cfg).items() if k not in IDENTITY_EXCLUDE}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def run_name_for(cfg: ExperimentConfig) -> str:
+    return cfg.ray.run_name or f"{cfg.name}-{config_hash(cfg)}"
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def resolve_storage(cfg: ExperimentConfig, cwd: str | Path | None = None) -> str:
+    """`ray.storage_path` or `<output_dir>/ray`, absolute (object-store URIs unchanged)."""
+    base = Path(cwd or os.getcwd())
+    path = cfg.ray.storage_path or str(Path(cfg.runtime.output_dir) / "ray")
+    if is_uri(path):
+        return path.rstrip("/")
+    path = path.removeprefix("file://")
+    return str((base / Path(path).expanduser()).resolve())
+
+
+def check_storage(storage: str) -> None:
+    """Create the storage folder and write/delete a probe file; LaunchError (one line) if that fails."""
+    probe = f".updetr-write-test-{socket.gethostname()}-{os.getpid()}"
+    if not is_uri(storage):
+        try:
+            Path(storage).mkdir(parents=True, exist_ok=True)
+            (Path(storage) / probe).write_text("")
+            (Path(storage) / probe).unlink()
+        except OSError as e:
+            raise LaunchError(f"ray.storage_path {storage} is not writable ({e.strerror or e}); "
+                              f"set ray.storage_path to a writable folder or object-store URI") from None
+        return
+    try:
+        import pyarrow.fs as pafs
+
+        fs, root = pafs.FileSystem.from_uri(storage)
+        fs.create_dir(root, recursive=True)
+        with fs.open_output_stream(f"{root}/{probe}") as f:
+            f.write(b"")
+        fs.delete_file(f"{root}/{probe}")
+    except Exception as e:  # noqa: BLE001 - pyarrow raises many types
+        raise LaunchError(f"ray.storage_path {storage} is not writable ({' '.join(str(e).split())[:200]})") from None
+
+
+def plan_run(cfg: ExperimentConfig, *, run_name: Optional[str] = None, cwd: str | Path | None = None,
+             check: bool = True) -> RunPlan:
+    """Resolve the run's name, storage and tracking store; with `check`, fail fast if either is unusable."""
+    name = run_name or run_name_for(cfg)
+    storage = resolve_storage(cfg, cwd)
+    uri = resolve_tracking_uri(cfg.tracking.uri, cwd) if cfg.tracking.enabled else None
+    if check:
+        check_storage(storage)
+        if uri is not None:
+            try:
+                check_tracking_uri(uri)
+            except TrackingError as e:
+                raise LaunchError(str(e)) from None
+    return RunPlan(cfg, name, storage, f"{storage}/{name}", uri, cfg.tracking.experiment or cfg.name)
+
+
+def existing_checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    """`[(step, path), ...]` of the run's checkpoint dirs already in storage, oldest first."""
+    found = []
+    try:
+        if is_uri(run_dir):
+            import pyarrow.fs as pafs
+
+            fs, root = pafs.FileSystem.from_uri(run_dir)
+            infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+            names = [(i.base_name, f"{run_dir}/{i.base_name}") for i in infos if i.type == pafs.FileType.Directory]
+        else:
+            p = Path(run_dir)
+            names = [(d.name, str(d)) for d in p.iterdir() if d.is_dir()] if p.is_dir() else []
+    except Exception:  # noqa: BLE001 - informational only
+        return []
+    for name, path in names:
+        if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit():
+            found.append((int(name[len(CHECKPOINT_PREFIX):]), path))
+    return sorted(found)
+
+
+# ----------------------------------------------------------------------------------- Ray configs
+def effective_cpus_per_worker(cfg: ExperimentConfig, cluster_cpus: Optional[float]) -> float:
+    """`ray.cpus_per_worker`, lowered on a small local machine so one CPU stays free for Ray Data."""
+    cpw = cfg.ray.cpus_per_worker
+    if cluster_cpus is None or cluster_cpus < 2:
+        return cpw
+    budget = cluster_cpus - 1.0
+    if cfg.ray.num_workers * cpw > budget:
+        cpw = max(0.1, round(budget / cfg.ray.num_workers, 2))
+    return cpw
+
+
+def scaling_config(cfg: ExperimentConfig, cluster_cpus: Optional[float] = None):
+    from ray.train import ScalingConfig
+
+    resources = {"CPU": effective_cpus_per_worker(cfg, cluster_cpus)}
+    if cfg.ray.use_gpu:
+        resources["GPU"] = 1
+    return ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources,
+                         placement_strategy=cfg.ray.placement_strategy)
+
+
+def worker_env(extra: Optional[dict] = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k.startswith(WORKER_ENV_PREFIXES)}
+    # Train V2 patches print() to tee into its logger, which doubles every worker line on the console.
+    env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0"))
+    env.update(extra or {})
+    return env
+
+
+def run_config(plan: RunPlan, callbacks: Sequence[Any] = (), env: Optional[dict] = None):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    return RunConfig(name=plan.run_name, storage_path=plan.storage_path,
+                     failure_config=FailureConfig(max_failures=plan.cfg.ray.max_failures),
+                     checkpoint_config=CheckpointConfig(num_to_keep=plan.cfg.ray.num_to_keep),
+                     callbacks=list(callbacks) or None,
+                     worker_runtime_env={"env_vars": worker_env(env)})
+
+
+def dataset_config():
+    from ray.train import DataConfig
+
+    return DataConfig(datasets_to_split=["train"])
+
+
+def train_loop_config(plan: RunPlan, tracking_run_id: Optional[str]) -> dict:
+    """What each worker gets: the config as a plain dict and the resolved absolute locations."""
+    return {"config": config_to_dict(plan.cfg), "run_name": plan.run_name, "run_dir": plan.run_dir,
+            "tracking_uri": plan.tracking_uri if tracking_run_id else None, "tracking_run_id": tracking_run_id,
+            "experiment": plan.experiment}
+
+
+def build_datasets(cfg: ExperimentConfig) -> dict:
+    if cfg.stage != "pretrain":
+        raise LaunchError("updetr run: only pre-training runs through Ray Train so far "
+                          "(no fine-tuning Ray Data pipeline yet); use `updetr debug` for fine-tuning")
+    from updetr.data import ray_pipeline
+
+    # The pipeline's named EpochClock actor dies with its creator's last handle: create it here and
+    # keep the handle for as long as the datasets (the trainer) live, on this driver.
+    _KEEP_ALIVE.append(ray_pipeline.epoch_clock(cfg))
+    return {"train": ray_pipeline.build_pretrain_dataset(cfg)}
+
+
+_KEEP_ALIVE: list = []  # driver-owned actor handles that must outlive fit()
+
+
+def build_trainer(plan: RunPlan, tracker: Tracker, *, datasets: Optional[dict] = None,
+                  cluster_cpus: Optional[float] = None, callbacks: Sequence[Any] = (),
+                  env: Optional[dict] = None):
+    """The `TorchTrainer` of a plan (needs Ray initialised: it builds the Ray Data pipeline)."""
+    from ray.train.torch import TorchTrainer
+
+    from updetr.orchestration.worker import train_fn_per_worker
+
+    return TorchTrainer(train_fn_per_worker,
+                        train_loop_config=train_loop_config(plan, tracker.run_id),
+                        scaling_config=scaling_config(plan.cfg, cluster_cpus),
+                        run_config=run_config(plan, callbacks, env),
+                        datasets=datasets if datasets is not None else build_datasets(plan.cfg),
+                        dataset_config=dataset_config())
+
+
+def open_tracking(plan: RunPlan, parent_run_id: Optional[str] = None, extra_tags: Optional[dict] = None) -> Tracker:
+    """Open (or re-open) the run's MLflow run and log the config; NullTracker when tracking is off."""
+    if plan.tracking_uri is None:
+        return NullTracker()
+    tags = dict(extra_tags or {})
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    try:
+        return start_tracking(True, plan.tracking_uri, plan.experiment, plan.run_name, plan.run_dir,
+                              config_to_dict(plan.cfg), config_to_yaml(plan.cfg), extra_tags=tags)
+    except TrackingError as e:
+        raise LaunchError(str(e)) from None
+
+
+# ---------------------------------------------------------------------------------- Ray session
+def enable_token_auth() -> None:
+    from updetr.orchestration.jobs import enable_token_auth as _enable
+
+    _enable()
+
+
+def check_address(address: str, timeout_s: float = 5.0) -> None:
+    """TCP pre-check of a `host:port` GCS address (so a wrong address fails in seconds, in one line)."""
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise LaunchError(f"--address {address}: expected HOST:PORT of the cluster's head (GCS, e.g. head:6379)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return
+    except OSError as e:
+        reason = "timed out" if isinstance(e, socket.timeout) else (e.strerror or str(e))
+        raise LaunchError(f"cannot reach the Ray cluster at {address} ({reason}); is it up, and is this the "
+                          f"head's GCS address (HOST:6379)?") from None
+
+
+def connect_ray(address: Optional[str], cfg: ExperimentConfig) -> tuple[bool, Optional[float]]:
+    """Join `address` (or $RAY_ADDRESS) or start a local Ray sized to the machine.
+
+    Returns `(local, cluster_cpus)`: cluster_cpus is set for a local Ray only (it is what we size).
+    """
+    if address is not None and address != "local":
+        enable_token_auth()  # before `import ray`: Ray reads RAY_AUTH_MODE when it loads
+    # torch first: imported after ray.init() joined an existing cluster (e.g. in a Ray Job driver), torch
+    # dies with "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so" (seen with ray 2.60, torch 2.15).
+    import torch  # noqa: F401
+    import ray
+
+    if ray.is_initialized():
+        return False, None
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        address = "auto"  # inside a Ray Job, or the user pointed RAY_ADDRESS at a cluster
+    local = address is None or address == "local"
+    kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
+    saved_env = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    if local:
+        cpus = os.cpu_count() or 1
+        kwargs.update(address="local", num_cpus=cpus)
+        _pin_local_gcs_address()
+        if cfg.ray.use_gpu is False:
+            kwargs["num_gpus"] = 0
+    else:
+        check_address(address)
+        kwargs["address"] = address
+    cwd = os.getcwd()
+    captured: dict = {}
+    try:
+        # Joining: Ray's C++ client retries a rejected token for ~20 s, one stderr line per second. Hold
+        # that output back; on failure it becomes our one line, on success it is passed through.
+        with (_held_stderr(captured) if not local else nullcontext()):
+            ray.init(**kwargs)
+        sys.stderr.write(captured.get("text", ""))
+        _restore_cwd(cwd)
+    except Exception as e:  # noqa: BLE001 - one line for the user
+        _restore_env(saved_env)
+        from ray.exceptions import AuthenticationError
+
+        text = " ".join(str(getattr(e, "message", e)).split())
+        if isinstance(e, AuthenticationError) or "InvalidAuthToken" in captured.get("text", ""):
+            raise LaunchError(f"the Ray cluster at {address} rejected the auth token ({text.split('. ')[0]}); "
+                              f"set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH to the cluster's token") from None
+        if local:
+            raise LaunchError(f"cannot start a local Ray: {text[:300]}") from None
+        raise LaunchError(f"cannot join the Ray cluster at {address} ({text[:200]}); check the address (the head's "
+                          f"GCS, HOST:6379) and that RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token "
+                          f"holds the cluster's token") from None
+    _restore_env(saved_env)  # the local Ray's processes already carry the pinned address
+    return local, (float(ray.cluster_resources().get("CPU", 0)) if local else None)
+
+
+@contextmanager
+def _held_stderr(box: dict):
+    """Redirect file descriptor 2 (C++ logs included) to a temp file; its text lands in `box["text"]`."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield box
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            box["text"] = tmp.read().decode(errors="replace")
+
+
+def _restore_env(saved: dict) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _restore_cwd(path: str) -> None:
+    """Re-enter `path` if it was replaced under us.
+
+    In a Ray Job driver, `ray.init()` can re-extract the job's working dir (the process' CWD) into a new
+    directory at the same path (seen with two nodes sharing one temp dir on one host); the old CWD is then
+    gone and anything calling os.getcwd() (MLflow's sqlite store does) raises FileNotFoundError.
+    """
+    try:
+        if os.path.samefile(os.getcwd(), path):
+            return
+    except (FileNotFoundError, OSError):
+        pass
+    if os.path.isdir(path):
+        os.chdir(path)
+
+
+def _pin_local_gcs_address() -> None:
+    """Choose the local GCS port up front and export RAY_ADDRESS before Ray starts.
+
+    Ray processes inherit this environment, so anything inside the cluster that looks the cluster up
+    (Train's PlacementGroupCleaner uses the State API with address auto-detection) finds *this* one even
+    when other Ray instances run on the host ("Found multiple active Ray instances" otherwise).
+    """
+    from ray._private.services import get_node_ip_address
+
+    from updetr.orchestration.local_cluster import free_port
+
+    port = free_port()
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = f"{get_node_ip_address()}:{port}"
+
+
+def _quiet_ray_data() -> None:
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = bool(sys.stderr.isatty())
+    ctx.print_on_execution_start = False
+
+
+# ------------------------------------------------------------------------------------------- run
+@dataclass
+class RunOutcome:
+    plan: RunPlan
+    step: Optional[int]
+    epoch: Optional[int]
+    checkpoint: Optional[str]
+    tracker: Tracker
+    seconds: float
+    resumed_from: Optional[int]
+
+
+def run(cfg: ExperimentConfig, address: Optional[str] = None, out: TextIO = sys.stdout,
+        run_name: Optional[str] = None) -> RunOutcome:
+    """`updetr run`: plan (fail fast), connect Ray, open tracking, fit, close tracking.
+
+    Raises:
+        LaunchError: before any work (storage, tracking, address, token) or when training failed.
+    """
+    t0 = time.monotonic()
+    plan = plan_run(cfg, run_name=run_name)
+    local, cluster_cpus = connect_ray(address, cfg)
+    previous = existing_checkpoints(plan.run_dir)
+    resumed_from = previous[-1][0] if previous else None
+    tracker = open_tracking(plan)
+    cpw = effective_cpus_per_worker(cfg, cluster_cpus)
+    where = f"local Ray ({cluster_cpus:g} CPUs)" if local else "the Ray cluster"
+    print(f"[{cfg.name}] run {plan.run_name}: {cfg.ray.num_workers} worker(s) x {cpw:g} CPU"
+          f"{' + 1 GPU' if cfg.ray.use_gpu else ''} on {where}", file=out, flush=True)
+    if cpw != cfg.ray.cpus_per_worker:
+        print(f"[{cfg.name}] note: ray.cpus_per_worker {cfg.ray.cpus_per_worker:g} -> {cpw:g} so one CPU stays "
+              f"free for Ray Data", file=out, flush=True)
+    if resumed_from is not None:
+        print(f"[{cfg.name}] resuming from checkpoint step {resumed_from} in {plan.run_dir}", file=out, flush=True)
+    print(f"[{cfg.name}] checkpoints -> {plan.run_dir}; tracking -> {tracker.describe()}", file=out, flush=True)
+    _quiet_ray_data()
+    status = "FAILED"
+    try:
+        trainer = build_trainer(plan, tracker, cluster_cpus=cluster_cpus)
+        result = trainer.fit()
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except LaunchError:
+        raise
+    except Exception as e:  # noqa: BLE001 - TrainingFailedError and friends: one line + where to look
+        raise LaunchError(f"training failed: {_first_line(e)} (checkpoints kept in {plan.run_dir}; re-run the "
+                          f"same command to resume)") from None
+    finally:
+        if status != "FINISHED":
+            tracker.end(status)
+    ckpt = result.checkpoint.path if result.checkpoint is not None else None
+    if ckpt and not is_uri(plan.run_dir) and not ckpt.startswith("/"):
+        ckpt = "/" + ckpt
+    if ckpt and is_uri(plan.run_dir) and "://" not in ckpt:
+        ckpt = plan.storage_path.split("://", 1)[0] + "://" + ckpt
+    ret = result.return_value if isinstance(getattr(result, "return_value", None), dict) else {}
+    step = ret.get("step", (result.metrics or {}).get("step"))
+    epoch = ret.get("epoch", (result.metrics or {}).get("epoch"))
+    if ckpt:
+        tracker.set_tags({TAG_LAST_CHECKPOINT: ckpt})
+    tracker.end("FINISHED")
+    return RunOutcome(plan, step, epoch, ckpt, tracker, time.monotonic() - t0, resumed_from)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # TrainingFailedError texts carry the worker traceback: keep the exception line at its end.
+    for ln in reversed(lines):
+        if ln and not ln.startswith(("File ", "^", "~", "Traceback")) and ":" in ln:
+            return ln[:300]
+    return (lines[0] if lines else type(err).__name__)[:300]
+
+
+def summary(outcome: RunOutcome) -> str:
+    """The closing lines of `updetr run`: what ran, and where to look."""
+    from updetr.tracking import ui_hint
+
+    p = outcome.plan
+    lines = [f"[{p.cfg.name}] run {p.run_name} finished at step {outcome.step} (epoch {outcome.epoch}) "
+             f"in {outcome.seconds:.0f} s" + (f", resumed from step {outcome.resumed_from}"
+                                              if outcome.resumed_from is not None else ""),
+             f"  checkpoint: {outcome.checkpoint or p.run_dir}"]
+    if outcome.tracker.run_id:
+        lines.append(f"  mlflow:     run {outcome.tracker.run_id} in experiment '{p.experiment}' at {p.tracking_uri}")
+        lines.append(f"  look:       {ui_hint(p.tracking_uri)}")
+    lines.append("  the same command resumes this run; set ray.run_name=NAME for a separate one")
+    return "\n".join(lines)
