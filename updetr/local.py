@@ -53,6 +53,18 @@ def format_progress(name: str, state: TrainState, metrics: dict[str, float], tot
             f"lr {metrics.get('lr', 0):.1e} | ETA {eta}")
 
 
+def format_epoch_line(name: str, epoch: int, metrics: dict[str, float], steps_label: str, images_per_s: float,
+                      speed_label: str) -> str:
+    """The end-of-epoch summary: steps, mean loss, speed, and bad items skipped by reason."""
+    skipped = {k.removeprefix("epoch/skipped_"): int(v) for k, v in metrics.items()
+               if k.startswith("epoch/skipped_") and k != "epoch/skipped_total"}
+    line = (f"[{name}] epoch {epoch} done: {int(metrics.get('epoch/steps', 0))} {steps_label}, "
+            f"mean loss {metrics.get('epoch/loss', float('nan')):.3f}, {images_per_s:.1f} {speed_label}")
+    if skipped:
+        line += ", skipped " + ", ".join(f"{n} {r}" for r, n in sorted(skipped.items()))
+    return line
+
+
 @dataclass
 class LocalCallbacks:
     """Progress lines and atomic checkpoints for a single-process run."""
@@ -79,14 +91,8 @@ class LocalCallbacks:
         save_checkpoint(ckpt, self.ckpt_path)
 
     def on_epoch_end(self, state: TrainState, metrics: dict[str, float]) -> None:
-        skipped = {k.removeprefix("epoch/skipped_"): int(v) for k, v in metrics.items()
-                   if k.startswith("epoch/skipped_")}
-        line = (f"[{self.cfg.name}] epoch {state.epoch - 1} done: {int(metrics['epoch/steps'])} steps, "
-                f"mean loss {metrics.get('epoch/loss', float('nan')):.3f}, "
-                f"{metrics['epoch/images_per_s']:.1f} img/s")
-        if skipped:
-            line += ", skipped " + ", ".join(f"{n} {r}" for r, n in sorted(skipped.items()))
-        print(line, file=self.out, flush=True)
+        print(format_epoch_line(self.cfg.name, state.epoch - 1, metrics, "steps", metrics["epoch/images_per_s"],
+                                "img/s"), file=self.out, flush=True)
 
 
 def run_debug(cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = False,

@@ -134,16 +134,14 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
 
 
 # ----------------------------------------------------------------------------- run metadata helpers
-def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+def flatten_params(config: Mapping[str, Any]) -> dict[str, str]:
     """Nested config dict -> `{"model.hidden_dim": "32", ...}` (lists and None as text, <= 6000 chars)."""
+    from updetr.config import flatten
+
     out: dict[str, str] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten_params(value, name + "."))
-        else:
-            text = "None" if value is None else str(value)
-            out[name] = text if len(text) <= 6000 else text[:5997] + "..."
+    for name, value in flatten(dict(config)).items():
+        text = "None" if value is None else str(value)
+        out[name] = text if len(text) <= 6000 else text[:5997] + "..."
     return out
 
 

@@ -144,13 +144,10 @@ class RayCallbacks:
         m["epoch/images_per_s_all_workers"] = total.get("images_per_s", 0.0)
         m["epoch/skipped_total"] = sum(v for k, v in total.items() if k.startswith("epoch/skipped_"))
         self.tracker.log_metrics(m, step=state.epoch - 1)
-        skipped_total = {k.removeprefix("epoch/skipped_"): int(v) for k, v in total.items()
-                         if k.startswith("epoch/skipped_")}
-        line = (f"[{self.cfg.name}] epoch {state.epoch - 1} done: {int(metrics.get('epoch/steps', 0))} steps/worker, "
-                f"mean loss {metrics.get('epoch/loss', float('nan')):.3f}, "
-                f"{m['epoch/images_per_s_all_workers']:.1f} img/s (all workers)")
-        if skipped_total:
-            line += ", skipped " + ", ".join(f"{n} {r}" for r, n in sorted(skipped_total.items()))
+        from updetr.local import format_epoch_line
+
+        line = format_epoch_line(self.cfg.name, state.epoch - 1, m, "steps/worker",
+                                 m["epoch/images_per_s_all_workers"], "img/s (all workers)")
         print(line, flush=True)
 
 
