@@ -203,13 +203,10 @@ def build_datasets(cfg: ExperimentConfig) -> dict:
                           "(no fine-tuning Ray Data pipeline yet); use `updetr debug` for fine-tuning")
     from updetr.data import ray_pipeline
 
-    # The pipeline's named EpochClock actor dies with its creator's last handle: create it here and
-    # keep the handle for as long as the datasets (the trainer) live, on this driver.
-    _KEEP_ALIVE.append(ray_pipeline.epoch_clock(cfg))
+    # Create the pipeline's named EpochClock actor here, so that the driver owns it (epoch_clock keeps the
+    # handle) and it outlives worker-group restarts; a worker-created clock would die with its worker.
+    ray_pipeline.epoch_clock(cfg)
     return {"train": ray_pipeline.build_pretrain_dataset(cfg)}
-
-
-_KEEP_ALIVE: list = []  # driver-owned actor handles that must outlive fit()
 
 
 def build_trainer(plan: RunPlan, tracker: Tracker, *, datasets: Optional[dict] = None,

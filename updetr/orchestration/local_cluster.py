@@ -89,7 +89,10 @@ def _ray_bin() -> str:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    # Job entrypoints run `python ...` from PATH: put this interpreter's folder (e.g. an unactivated
+    # venv's bin/) first, so jobs on the local cluster see the same packages as the updetr that started it.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def _node_ports(avoid: set[int]) -> dict:
