@@ -85,7 +85,7 @@ def move_targets(targets: list[dict], device: torch.device) -> list[dict]:
 
 def train_step(model: nn.Module, criterion: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, *,
                device: torch.device, clip_max_norm: float = 0.1, precision: str = "fp32") -> dict[str, float]:
-    """One optimizer step on one batch (the batch dict of docs/CONTRACTS.md).
+    """One optimizer step on one batch (the batch dict of updetr/CONTRACTS.md).
 
     Args:
         batch: images [B,3,H,W], mask [B,H,W] (True = padding), targets (B dicts), patches [B,M,3,P,P]

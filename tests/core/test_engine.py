@@ -15,7 +15,7 @@ def tiny_cfg(*extra):
 
 
 def make_batches(cfg, n_batches):
-    """epoch_batches(epoch, skip) over fixed random tensors, the batch dict of docs/CONTRACTS.md."""
+    """epoch_batches(epoch, skip) over fixed random tensors, the batch dict of updetr/CONTRACTS.md."""
     def epoch_batches(epoch, skip):
         for i in range(skip, n_batches):
             g = torch.Generator().manual_seed(1000 * epoch + i)

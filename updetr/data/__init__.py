@@ -1,6 +1,6 @@
 """Data for UP-DETR: query-patch sampling, synthetic / folder / shard / COCO / VOC sources, local and Ray paths.
 
-Entry points (docs/CONTRACTS.md): `local_pretrain_batches` here, `ray_pipeline.build_pretrain_dataset` and
+Entry points (updetr/CONTRACTS.md): `local_pretrain_batches` here, `ray_pipeline.build_pretrain_dataset` and
 `ray_pipeline.iter_worker_batches` (import `updetr.data.ray_pipeline` explicitly; it imports Ray).
 Names below are imported lazily so that torch-free modules (e.g. the Ray preprocessing UDF) stay torch-free.
 """
