@@ -14,14 +14,14 @@ from typing import Iterator, Optional
 
 import numpy as np
 from pycocotools.coco import COCO
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from updetr.data import skips
 from updetr.data.coco import coco_from_dict, coco_split_paths, coco_target, load_coco, num_classes_of
 from updetr.data.collate import collate_detection
 from updetr.data.detection_transforms import make_detection_transforms, normalize
 from updetr.data.image_io import BadImage, decode_rgb
-from updetr.data.local_loader import rank_batches
+from updetr.data.local_loader import iter_loader, rank_batches
 from updetr.data.seeding import numpy_rng
 from updetr.data.skips import SkipCounter
 from updetr.data.voc import TEST_SETS, TRAIN_SETS, available_sets, voc_to_coco
@@ -126,10 +126,6 @@ class _DetBatches(Dataset):
         return collate_detection_items([self.ds.load(int(i), self.epoch) for i in self.batches[j]])
 
 
-def _identity(x):
-    return x
-
-
 def detection_batches(cfg, dataset: DetectionDataset, epoch: int, skip: int = 0, rank: int = 0,
                       world_size: int = 1) -> Iterator[dict]:
     """Batch dicts (images, mask, targets, skipped; no patches) of one epoch for one rank.
@@ -148,14 +144,4 @@ def detection_batches(cfg, dataset: DetectionDataset, epoch: int, skip: int = 0,
     batches = batches[max(0, int(skip)):]
     if not batches:
         return
-    nw = cfg.data.num_workers
-    loader = DataLoader(_DetBatches(dataset, batches, epoch), batch_size=None, shuffle=False, num_workers=nw,
-                        collate_fn=_identity, prefetch_factor=max(1, cfg.data.prefetch_batches) if nw else None)
-    counter = SkipCounter()
-    try:
-        for batch in loader:
-            counter.update(batch["skipped"])
-            yield batch
-    finally:
-        if counter:
-            log.warning("%s (rank %d)", counter.summary(f"epoch {epoch}"), rank)
+    yield from iter_loader(_DetBatches(dataset, batches, epoch), cfg, epoch, rank)

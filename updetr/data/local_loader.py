@@ -92,16 +92,22 @@ def local_pretrain_batches(cfg, epoch: int, skip: int = 0, rank: int = 0, world_
     if cfg.schedule.steps_per_epoch is not None:
         batches = batches[: cfg.schedule.steps_per_epoch]
     batches = batches[max(0, int(skip)):]
-    counter = SkipCounter()
     if not batches:
         return
     ds = _BatchDataset(cfg, epoch, batches)
     ds._source = source  # workers inherit the listing (fork) instead of walking the folder again
+    yield from iter_loader(ds, cfg, epoch, rank)
+
+
+def iter_loader(batches: Dataset, cfg, epoch: int, rank: int) -> Iterator[dict]:
+    """Iterate a dataset whose items are whole batch dicts, in order, with `cfg.data.num_workers` processes;
+    sums their `skipped` counts and logs the epoch's bad-item summary at the end (pre-training and detection)."""
     nw = cfg.data.num_workers
-    loader = DataLoader(ds, batch_size=None, shuffle=False, num_workers=nw, collate_fn=_identity,
+    loader = DataLoader(batches, batch_size=None, shuffle=False, num_workers=nw, collate_fn=_identity,
                         worker_init_fn=_worker_init if nw else None,
                         prefetch_factor=max(1, cfg.data.prefetch_batches) if nw else None,
                         persistent_workers=False)
+    counter = SkipCounter()
     try:
         for batch in loader:
             counter.update(batch["skipped"])
