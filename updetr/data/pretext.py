@@ -14,9 +14,10 @@ A *record* (`make_pretrain_record`) is the compact, uint8 form that crosses proc
 uint8 is lossless here: the reference works on 8-bit PIL images until ToTensor, so normalising a record
 (`updetr.data.tensors.normalize_*`) gives torchvision's ToTensor + Normalize floats (to 1e-6).
 
-Fidelity to the reference transforms: the colour jitter / grayscale / blur ops reproduce torchvision's
-PIL code paths bit for bit (tested); resizes use torch's uint8 antialiased bilinear kernel, which is ~3x
-faster than PIL's and within one grey level of it.
+Fidelity to the reference transforms: the colour jitter / grayscale ops reproduce torchvision's PIL code
+paths bit for bit, the blur is within 2 grey levels of PIL's (`pretext.fast_blur`; exact when off), all
+rendered for the M patches together (`updetr.data.augment`); resizes use torch's uint8 antialiased bilinear
+kernel, which is ~3x faster than PIL's and within one grey level of it (all tested).
 """
 from __future__ import annotations
 
@@ -27,9 +28,11 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageEnhance, ImageFilter
+from PIL import Image
 
 from updetr.data import skips
+from updetr.data.augment import (adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation,  # noqa: F401
+                                  augment_patch, augment_patches, to_grayscale3)
 from updetr.data.image_io import BadImage, draft_reduced, load_pixels, open_image, to_rgb
 from updetr.data.seeding import numpy_rng
 from updetr.data.skips import SkipCounter
@@ -93,65 +96,6 @@ def draw_patch_aug(rng: np.random.Generator, m: int) -> PatchAug:
     return PatchAug(jitter, order, np.concatenate([bcs, hue], axis=1), gray, blur, sigma)
 
 
-_RAMP = np.arange(256, dtype=np.float32)
-
-
-def _blend_lut(base: float, f: float) -> list:
-    """768-entry `point` table of PIL's blend(constant base, img, f) = trunc(base + f * (x - base)), clipped.
-
-    float32 arithmetic like PIL's C loop, so the table reproduces ImageEnhance bit for bit at a fraction
-    of the cost (no constant image allocated, one lookup pass)."""
-    lut = np.trunc(np.float32(base) + np.float32(f) * (_RAMP - np.float32(base)))
-    return np.clip(lut, 0, 255).astype(np.uint8).tolist() * 3
-
-
-def adjust_brightness(img: Image.Image, f: float) -> Image.Image:
-    """= ImageEnhance.Brightness(img).enhance(f) (blend with black)."""
-    return img.point(_blend_lut(0.0, f))
-
-
-def adjust_contrast(img: Image.Image, f: float) -> Image.Image:
-    """= ImageEnhance.Contrast(img).enhance(f) (blend with the rounded mean grey level)."""
-    hist = np.asarray(img.convert("L").histogram(), dtype=np.float64)
-    mean = int(float(hist @ _RAMP.astype(np.float64)) / max(hist.sum(), 1.0) + 0.5)
-    return img.point(_blend_lut(float(mean), f))
-
-
-def adjust_saturation(img: Image.Image, f: float) -> Image.Image:
-    """= ImageEnhance.Color(img).enhance(f) (blend with the grey version)."""
-    return ImageEnhance.Color(img).enhance(f)
-
-
-def adjust_hue(img: Image.Image, f: float) -> Image.Image:
-    """Rotate hue by f (in [-0.5, 0.5] turns) in PIL's 8-bit HSV space (torchvision's PIL semantics:
-    H += uint8(f * 255) with wrap-around), the H shift done as a lookup table on the HSV image."""
-    hsv = np.array(img.convert("HSV"))
-    hsv[..., 0] += np.uint8(int(f * 255) % 256)  # uint8 wrap-around = modular hue rotation
-    return Image.fromarray(hsv, "HSV").convert("RGB")
-
-
-def to_grayscale3(img: Image.Image) -> Image.Image:
-    g = img.convert("L")
-    return Image.merge("RGB", (g, g, g))
-
-
-# The ColorJitter ops on 8-bit PIL images, as torchvision applies them (torchvision itself is not imported:
-# it adds seconds to every Ray preprocessing actor's start).
-_JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-
-
-def augment_patch(patch: Image.Image, aug: PatchAug, i: int) -> Image.Image:
-    """Apply patch i's ColorJitter / grayscale / blur to an RGB P x P PIL patch (torchvision semantics)."""
-    if aug.jitter[i]:
-        for op in aug.order[i]:
-            patch = _JITTER_OPS[op](patch, float(aug.factors[i, op]))
-    if aug.gray[i]:
-        patch = to_grayscale3(patch)
-    if aug.blur[i]:
-        patch = patch.filter(ImageFilter.GaussianBlur(radius=float(aug.sigma[i])))
-    return patch
-
-
 def normalized_boxes(boxes_xyxy: np.ndarray, w: int, h: int, ow: int, oh: int) -> np.ndarray:
     """int xyxy on the original (w, h) -> float32 `[M, 4]` cxcywh normalised by the resized (ow, oh),
     with DETR's op order (scale by the resize ratios, then convert, then divide)."""
@@ -211,21 +155,17 @@ def render_record(img: Image.Image, orig_w: int, orig_h: int, d: SampleDraws, pc
         image = np.asarray(img.resize((d.out_w, d.out_h), Image.BILINEAR, box=(0, 0, orig_w / sx, orig_h / sy)))
         patches = [np.asarray(img.resize((p, p), Image.BILINEAR, box=(b[0] / sx, b[1] / sy, b[2] / sx, b[3] / sy)))
                    for b in d.boxes.tolist()]
+    patches = np.stack(patches)
     if pcfg.augment:
-        patches = [np.asarray(augment_patch(Image.fromarray(pt), d.aug, i)) if _touched(d.aug, i) else pt
-                   for i, pt in enumerate(patches)]
+        augment_patches(patches, d.aug, pcfg.fast_blur)
     return {
         "image": image,
-        "patches": np.stack(patches),
+        "patches": patches,
         "boxes": normalized_boxes(d.boxes, orig_w, orig_h, d.out_w, d.out_h),
         "image_id": np.int64(image_id),
         "orig_size": np.array([orig_h, orig_w], dtype=np.int64),
         "size": np.array([d.out_h, d.out_w], dtype=np.int64),
     }
-
-
-def _touched(aug: PatchAug, i: int) -> bool:
-    return bool(aug.jitter[i] or aug.gray[i] or aug.blur[i])
 
 
 def make_pretrain_record(img: Image.Image, pcfg, seed_tuple: Sequence[int],
