@@ -1,25 +1,24 @@
-"""Throughput of the UP-DETR patch-cropping pipeline vs a plain torchvision Dataset + DataLoader, per CPU core.
+"""Per CPU core: the UP-DETR per-sample path vs the reference transforms (PIL + torchvision), in one run.
 
-Generates ImageNet-sized JPEGs (about 500x375, quality 90) in a temp dir, then measures in the same run:
-  baseline  : torch Dataset + DataLoader(num_workers=0) doing the transforms the straightforward way
-              (full-size PIL decode, numpy global RNG boxes, torchvision Compose with its global RNG,
-              per-patch ToTensor + Normalize, DETR-style padding collate);
-  ours      : the per-sample function the Ray stage runs (`record_from_bytes`) + the batch collate
-              (uint8 records -> normalised, padded float batch), single process;
-  ours/ray  : the same through Ray Data (`build_pretrain_dataset` + `iter_worker_batches`) on `--cpus`
-              CPUs, divided by that CPU count (reading, decode actors and the consuming collate included),
-              next to the baseline DataLoader with `--cpus` worker processes on the same CPUs (system level:
-              float tensors cross process boundaries there, uint8 records in ours).
-Single-process figures are images per CPU-second of the process (`time.process_time`, torch limited to
-one thread), which is what "per core" means and is robust to other load on a shared machine; rounds
-alternate baseline/ours and the best round of each is reported. The Ray figure is wall-clock based.
+On a varied set of real JPEG photographs (`photo_set.py`: cut from the public-domain / CC0 sample photos in
+`benchmarks/photos/`, 300-1400 px per side, quality 90) it measures, interleaved in chunks of 16 images:
+  reference : the official dataset's transforms, as `datasets/selfdet.py` does them: full PIL decode,
+              numpy global RNG boxes, per patch `crop` -> torchvision Resize((128, 128)) -> RandomApply(
+              ColorJitter(0.4, 0.4, 0.4, 0.1), 0.8) -> RandomGrayscale(0.2) -> RandomApply(GaussianBlur,
+              0.5) -> ToTensor -> Normalize, the image through DETR's RandomResize + ToTensor + Normalize,
+              DETR's padding collate; a DataLoader with num_workers=0;
+  updetr    : the per-sample function every data path runs (`record_from_bytes`: decode, resize, M crops,
+              query-patch augmentation) + the batch collate (uint8 records -> normalised, padded float
+              batch), with the default settings (full decode).
+Figures are images per CPU-second of this process (`time.process_time`, torch limited to one thread), which
+is what "per core" means and is robust to other load on a shared machine; the ratio is taken per round and
+the median over rounds is reported (and the range).
 
-    python benchmarks/bench_pipeline.py [--images 300] [--rounds 3] [--cpus 2] [--no-ray]
+    python benchmarks/bench_pipeline.py [--images 300] [--rounds 5] [--decode full|reduced]
 """
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import shutil
 import sys
@@ -34,41 +33,19 @@ from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from updetr.config import load_config  # noqa: E402
 from updetr.data.collate import collate_records  # noqa: E402
 from updetr.data.pretext import record_from_bytes, resized_size  # noqa: E402
 from updetr.data.seeding import sample_id_from_key  # noqa: E402
 from updetr.data.skips import SkipCounter  # noqa: E402
-from updetr.data.synthetic import _background  # noqa: E402
+from photo_set import make_photo_set  # noqa: E402
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-def make_images(root: Path, n: int, seed: int = 0) -> list[Path]:
-    """n photo-like JPEGs (gradient + texture + shapes + sensor noise), about 500x375 (some portrait), q=90."""
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(n):
-        w, h = (500, 375) if rng.random() < 0.75 else (375, 500)
-        w += int(rng.integers(-40, 41))
-        h += int(rng.integers(-30, 31))
-        arr = _background(rng, w, h)
-        for _ in range(int(rng.integers(3, 8))):  # soft blobs of colour, like objects
-            cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(20, 120)
-            yy, xx = np.ogrid[:h, :w]
-            m = np.exp(-(((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r)))[..., None]
-            arr = arr * (1 - m) + rng.uniform(0, 255, 3) * m
-        arr = arr + rng.normal(0, 10, arr.shape)  # sensor-like noise: ~100 KB files, as ImageNet's average
-        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
-        p = root / f"n{i % 10:08d}" / f"img_{i:05d}.JPEG"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        img.save(p, quality=90)
-        paths.append(p)
-    return paths
-
-
-# ---------------------------------------------------------------- baseline: the straightforward way
+# ---------------------------------------------------------------- reference: the official transforms
 class _GaussianBlur:
     def __init__(self, sigma=(0.1, 2.0)):
         self.sigma = sigma
@@ -78,7 +55,7 @@ class _GaussianBlur:
 
 
 class NaiveSelfDet(Dataset):
-    """What a direct port of the reference does: full decode, global RNGs, per-patch torchvision pipeline."""
+    """The official dataset's `__getitem__`: full decode, global RNGs, per-patch torchvision pipeline."""
 
     def __init__(self, paths, pcfg):
         self.paths, self.p = paths, pcfg
@@ -131,22 +108,6 @@ def baseline_chunk(ds: "NaiveSelfDet", idx, bs: int) -> tuple[int, float]:
     return n, time.process_time() - t0
 
 
-def _seed_worker(_):
-    torch.set_num_threads(1)
-
-
-def run_baseline_workers(paths, cfg, workers: int) -> float:
-    """Wall-clock images/s of the baseline DataLoader with `workers` processes (after the first batch)."""
-    loader = DataLoader(NaiveSelfDet(paths, cfg.pretext), batch_size=cfg.data.batch_size, num_workers=workers,
-                        collate_fn=naive_collate, worker_init_fn=_seed_worker, prefetch_factor=2)
-    n, t_first = 0, None
-    for b in loader:
-        if t_first is None:
-            t_first, n0 = time.perf_counter(), b[0].shape[0]
-        n += b[0].shape[0]
-    return (n - n0) / (time.perf_counter() - t_first)
-
-
 # ---------------------------------------------------------------- ours
 def ours_chunk(paths, root, cfg) -> tuple[int, float]:
     """(images, CPU seconds) of the per-sample Ray-stage function + batch collate, one process
@@ -179,49 +140,37 @@ def per_core_rates(paths, root, cfg, rounds: int, chunk: int = 16,
         base.append(nb / tb)
         ours.append(no / to)
         if verbose:
-            print(f"round {r}: baseline {base[-1]:6.1f} img/cpu-s   ours {ours[-1]:6.1f} img/cpu-s")
+            print(f"round {r}: reference {base[-1]:6.1f} img/cpu-s   updetr {ours[-1]:6.1f} img/cpu-s   "
+                  f"ratio {ours[-1] / base[-1]:.2f}")
     return base, ours
 
 
-def run_ray(root, cfg, cpus: int) -> tuple[float, float]:
-    """(images/s per CPU over the epoch after the first batch, seconds to the first batch)."""
-    import logging
+def full_decode_name() -> str:
+    """The config's name of the full JPEG decode ('full', or 'exact' in older configs)."""
+    from typing import get_args
 
-    import ray
+    from updetr.config import DataConfig
 
-    from updetr.data.ray_pipeline import build_pretrain_dataset, iter_worker_batches
+    names = get_args(DataConfig.model_fields["decode"].annotation)
+    return "full" if "full" in names else "exact"
 
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
-    try:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
-        ds = build_pretrain_dataset(cfg)
-        best, first = 0.0, 0.0
-        for epoch in range(2):  # epoch 0 warms the worker processes
-            t0 = time.perf_counter()
-            n, t_first = 0, None
-            for b in iter_worker_batches(ds.iterator(), cfg, epoch):
-                if t_first is None:
-                    t_first = time.perf_counter()
-                    n0 = b["images"].shape[0]
-                n += b["images"].shape[0]
-            rate = (n - n0) / max(time.perf_counter() - t_first, 1e-9)
-            best = max(best, rate)
-            first = t_first - t0
-        return best / cpus, first
-    finally:
-        ray.shutdown()
+
+def bench_config(root: Path, batch_size: int, decode: str | None, overrides=()):
+    """The default config pointed at the photo folder (decode: 'full' | 'reduced' | None = the default)."""
+    ov = ["data.source=folder", f"data.path={root}", f"data.batch_size={batch_size}", "data.shuffle=false"]
+    if decode is not None:
+        ov.append(f"data.decode={full_decode_name() if decode == 'full' else decode}")
+    return load_config(None, ov + list(overrides))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=300)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--cpus", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--decode", choices=("exact", "reduced"), default="reduced")
-    ap.add_argument("--no-ray", action="store_true")
+    ap.add_argument("--decode", choices=("full", "reduced"), default="full")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra config override for updetr's side, e.g. pretext.fast_blur=false")
     ap.add_argument("--keep", help="write the images here and keep them")
     args = ap.parse_args()
     torch.set_num_threads(1)  # per-core figures: no intra-op threads on either side
@@ -229,25 +178,22 @@ def main() -> int:
     tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="updetr_bench_"))
     try:
         t0 = time.time()
-        paths = sorted(tmp.rglob("*.JPEG")) if args.keep and any(tmp.rglob("*.JPEG")) else make_images(tmp, args.images)
-        mb = sum(p.stat().st_size for p in paths) / 1e6
-        print(f"{len(paths)} JPEGs, {mb / len(paths) * 1000:.0f} KB avg, made in {time.time() - t0:.1f}s")
-        cfg = load_config(None, ["data.source=folder", f"data.path={tmp}", f"data.batch_size={args.batch_size}",
-                                 f"data.num_workers={args.cpus}", f"data.decode={args.decode}", "data.shuffle=false"])
+        paths = sorted(tmp.rglob("*.JPEG")) if args.keep and any(tmp.rglob("*.JPEG")) \
+            else make_photo_set(tmp, args.images)
+        sizes = np.array([Image.open(p).size for p in paths])
+        kb = sum(p.stat().st_size for p in paths) / 1e3 / len(paths)
+        print(f"{len(paths)} JPEG photographs, mean {sizes[:, 0].mean():.0f}x{sizes[:, 1].mean():.0f} px "
+              f"(sides {sizes.min()}-{sizes.max()}), {kb:.0f} KB avg, made in {time.time() - t0:.1f}s")
+        cfg = bench_config(tmp, args.batch_size, args.decode, args.set)
+        print(f"updetr: data.decode={cfg.data.decode} pretext.fast_blur={cfg.pretext.fast_blur}")
         per_core_rates(paths[:16], tmp, cfg, 1, verbose=False)  # warm caches / lazy imports
         base, ours = per_core_rates(paths, tmp, cfg, args.rounds)
-        b, o = max(base), max(ours)
-        print(f"\nper CPU core (single process, best of {args.rounds}):")
-        print(f"  baseline torchvision Dataset+DataLoader : {b:6.1f} img/s/core")
-        print(f"  ours (per-sample fn + collate)          : {o:6.1f} img/s/core")
-        print(f"  ratio ours / baseline                   : {o / b:5.2f}x")
-        if not args.no_ray:
-            print(f"\nsystem level on {args.cpus} CPUs (wall clock, images/s divided by {args.cpus}):")
-            bw = run_baseline_workers(paths, cfg, args.cpus) / args.cpus
-            print(f"  baseline DataLoader({args.cpus} workers)          : {bw:6.1f} img/s/core")
-            r, first = run_ray(tmp, cfg, args.cpus)
-            print(f"  ours through Ray Data                   : {r:6.1f} img/s/core "
-                  f"({r / bw:4.2f}x; first batch after {first:.1f}s)")
+        ratios = [o / b for o, b in zip(ours, base)]
+        print(f"\nper CPU core (single process, median of {args.rounds} rounds):")
+        print(f"  reference transforms (PIL + torchvision) : {np.median(base):6.1f} img/s/core")
+        print(f"  updetr (per-sample fn + collate)         : {np.median(ours):6.1f} img/s/core")
+        print(f"  ratio updetr / reference                 : {np.median(ratios):5.2f}x "
+              f"(rounds {min(ratios):.2f}-{max(ratios):.2f})")
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,25 +1,20 @@
-"""Query-patch augmentation of the M patches of an image as one batch (torch, uint8 in / uint8 out).
+"""Query-patch augmentation of the M patches of an image together (uint8 numpy in, uint8 out).
 
 The reference applies, per patch and in this order, `RandomApply(ColorJitter(0.4, 0.4, 0.4, 0.1), p=0.8)`,
 `RandomGrayscale(p=0.2)` and `RandomApply(GaussianBlur(sigma), p=0.5)` to 8-bit PIL images. The parameters
-are drawn beforehand (`updetr.data.pretext.draw_patch_aug`); this module only renders them.
-
-What is exact and what is not (tests/data/test_augment.py checks both):
-    brightness, contrast, saturation  PIL's 8-bit `ImageEnhance` via per-patch lookup tables: bit for bit.
-    hue                               PIL's RGB -> HSV -> RGB re-done in torch with the C code's float /
-                                      double steps: bit for bit on all 2^24 colours, for the M patches at once.
-    grayscale                         PIL's integer RGB -> L: bit for bit.
-    blur (`pretext.fast_blur`)        PIL's GaussianBlur is three fixed-point box passes per axis, each
-                                      rounded to 8 bits; the fast path applies the same three boxes as one
-                                      13-tap kernel per axis (float32, rounded once). Differs from PIL by at
-                                      most 2 grey levels on a pixel, about 0.1 on average (bounds tested).
+are drawn beforehand (`updetr.data.pretext.draw_patch_aug`); this module only renders them, bit for bit
+as torchvision + PIL do (tests/data/test_augment.py):
+    hue                 PIL's RGB -> HSV -> RGB as table look-ups over the stack of patches whose hue is
+                        due (numpy, ~1.7x faster than PIL per patch); equal on all 2^24 colours.
+    grayscale           PIL's integer RGB -> L, for all grey patches at once.
+    brightness, contrast, saturation, blur
+                        PIL's own `ImageEnhance` / `GaussianBlur` per patch, as torchvision calls them:
+                        their C loops are already the fastest exact path (a batched torch blur that
+                        reproduces PIL's fixed-point box passes was no faster on CPU).
 """
 from __future__ import annotations
 
-import math
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageFilter
 
 # ------------------------------------------------------------------------------------------------ hue
@@ -32,14 +27,12 @@ from PIL import Image, ImageEnhance, ImageFilter
 #   brackets are tabulated over (S, H) with the C code's float32 / float64 steps, the multiply by v and the
 #   C round() are done here. Bit for bit on all 2^24 colours (tests/data/test_augment.py).
 _TABLES: dict = {}
-
-
-_FX = 44
+_FX = 23  # v (8 bit) x factor (23 bit) stays in int32; 22 bits would miss 6 of the 2^24 (v, s, h)
 _HALF = 1 << (_FX - 1)
 
 
 def _fixed(g: np.ndarray) -> np.ndarray:
-    return np.rint(g * float(1 << _FX)).astype(np.int64)
+    return np.rint(g * float(1 << _FX)).astype(np.int32)
 
 
 def _hue_tables() -> dict:
@@ -68,7 +61,7 @@ def _hue_tables() -> dict:
     # output channel -> candidate (0 v, 1 p, 2 q, 3 t) for i % 6, colorsys order
     sel = np.array([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]], dtype=np.int64)
     shift = 8 * sel[i_of_h.astype(np.int64) % 6].T  # [3, H]: bit offset of each channel's candidate
-    _TABLES.update(hue=hue, sat=sat, shift=np.ascontiguousarray(shift),
+    _TABLES.update(hue=hue, sat=sat, shift=np.ascontiguousarray(shift, dtype=np.int32),
                    fx_p=_fixed(g_p), fx_q=_fixed(g_q).reshape(-1), fx_t=_fixed(g_t).reshape(-1))
     return _TABLES
 
@@ -76,26 +69,31 @@ def _hue_tables() -> dict:
 def rgb_to_hsv_u8(rgb: np.ndarray) -> np.ndarray:
     """PIL's `convert("HSV")`: uint8 `[..., 3]` -> uint8 `[..., 3]`, bit for bit."""
     t = _hue_tables()
-    r, g, b = (rgb[..., c].astype(np.int32) for c in range(3))
+    flat = rgb.reshape(-1, 3)
+    r, g, b = flat[:, 0], flat[:, 1], flat[:, 2]  # uint8 throughout: every difference below is >= 0
     v = np.maximum(np.maximum(r, g), b)
-    cr = v - np.minimum(np.minimum(r, g), b)
     dr, dg, db = v - r, v - g, v - b
-    not_r = dr != 0
-    case = not_r.astype(np.int32) + (not_r & (dg != 0))  # 0: R is max, 1: G, 2: B (first max wins)
-    first = np.where(case == 1, dr, dg)
-    second = np.where(case == 2, dr, db)
-    h = t["hue"][(case << 16) | (first << 8) | second]
-    s = t["sat"][(v << 8) | cr]
-    return np.stack([h, s, v.astype(np.uint8)], -1)
+    cr = np.maximum(np.maximum(dr, dg), db)  # max - min
+    r_max = dr == 0
+    g_max = ~r_max & (dg == 0)
+    # case 0 (R is max): key (dG, dB); case 1 (G, R below): (dR, dB); case 2 (B, R and G below): (dG, dR)
+    first = np.where(g_max, dr, dg).astype(np.int32)
+    second = np.where(r_max | g_max, db, dr).astype(np.int32)
+    case = np.where(r_max, 0, np.where(g_max, 1 << 16, 2 << 16)).astype(np.int32)
+    out = np.empty(flat.shape, dtype=np.uint8)
+    out[:, 0] = t["hue"].take(case | (first << 8) | second)
+    out[:, 1] = t["sat"].take((v.astype(np.int32) << 8) | cr)
+    out[:, 2] = v
+    return out.reshape(rgb.shape)
 
 
 def hsv_to_rgb_u8(hsv: np.ndarray) -> np.ndarray:
     """PIL's `convert("RGB")` of an HSV image: uint8 `[..., 3]` -> uint8 `[..., 3]`, bit for bit."""
     t = _hue_tables()
     flat = hsv.reshape(-1, 3)
-    h, s, v = (flat[:, c].astype(np.int64) for c in range(3))
+    h, s, v = (flat[:, c].astype(np.int32) for c in range(3))
     sh = (s << 8) | h
-    # C round(v * factor) in fixed point (factor * 2^44, integer, v * factor < 2^52): equal to the double
+    # C round(v * factor) in fixed point (factor * 2^23, v * factor < 2^31): equal to the C double
     # computation on every (v, s, h) (checked exhaustively in the tests).
     p = (v * t["fx_p"].take(s) + _HALF) >> _FX
     q = (v * t["fx_q"].take(sh) + _HALF) >> _FX
@@ -116,99 +114,12 @@ def adjust_hue_u8(rgb: np.ndarray, factors) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------- blur
-def _box_radius(sigma: float, passes: int = 3) -> float:
-    """PIL's `_gaussian_blur_radius` (float32 C arithmetic): fractional box radius of one pass."""
-    f32 = np.float32
-    s = f32(sigma)  # PIL parses the radius as a C float
-    sigma2 = f32(s * s / f32(passes))
-    big_l = f32(math.sqrt(12.0 * float(sigma2) + 1.0))
-    small_l = f32(math.floor((float(big_l) - 1.0) / 2.0))
-    a = f32(f32(2) * small_l + f32(1)) * f32(small_l * f32(small_l + f32(1)) - f32(3) * sigma2)
-    a = f32(a / f32(f32(6) * f32(sigma2 - f32(small_l + f32(1)) * f32(small_l + f32(1)))))
-    return float(f32(small_l + a))
-
-
-def _box_weights(radius: float) -> np.ndarray:
-    """One PIL box pass as tap weights (fixed point / 2^24): `ww` on the 2r+1 centre taps, `fw` on the two
-    next ones (libImaging/BoxBlur.c)."""
-    r = int(radius)
-    ww = int(np.float32(1 << 24) / (np.float32(radius) * np.float32(2) + np.float32(1)))
-    fw = ((1 << 24) - (2 * r + 1) * ww) // 2
-    w = np.zeros(2 * r + 3)
-    w[1:-1] = ww
-    w[0] = w[-1] = fw
-    return w / float(1 << 24)
-
-
-def blur_kernel(sigma: float, taps: int = 13) -> np.ndarray:
-    """The three box passes of PIL's GaussianBlur(sigma) composed into one 1-D kernel, centred, `[taps]`."""
-    w = _box_weights(_box_radius(sigma))
-    k = np.convolve(np.convolve(w, w), w)
-    if len(k) > taps:
-        raise ValueError(f"sigma {sigma} needs {len(k)} taps > {taps}")
-    pad = (taps - len(k)) // 2
-    return np.pad(k, (pad, pad))
-
-
-def gaussian_blur_u8(x: torch.Tensor, sigmas) -> torch.Tensor:
-    """uint8 `[K, H, W, 3]`, sigmas `[K]` -> uint8 `[K, H, W, 3]`: separable 13-tap blur per patch,
-    edge pixels replicated (as PIL's box passes do), rounded once."""
-    k, h, w, c = x.shape
-    kern = torch.from_numpy(np.stack([blur_kernel(float(s)) for s in sigmas])).float()  # [K, 13]
-    kern = kern.repeat_interleave(c, 0)  # one filter per (patch, channel)
-    half = kern.shape[1] // 2
-    t = x.permute(0, 3, 1, 2).reshape(1, k * c, h, w).float()
-    t = F.pad(t, (half, half, half, half), mode="replicate")
-    t = F.conv2d(t, kern.view(k * c, 1, 1, -1), groups=k * c)
-    t = F.conv2d(t, kern.view(k * c, 1, -1, 1), groups=k * c)
-    return t.add_(0.5).floor_().clamp_(0, 255).to(torch.uint8).view(k, c, h, w).permute(0, 2, 3, 1)
-
-
 def gaussian_blur_pil(x: np.ndarray, sigma: float) -> np.ndarray:
     """The reference: PIL's GaussianBlur(radius=sigma) on one uint8 `[H, W, 3]` patch."""
     return np.asarray(Image.fromarray(x).filter(ImageFilter.GaussianBlur(radius=float(sigma))))
 
 
-# ------------------------------------------------------------------------- blend ops (PIL, per patch)
-_RAMP = np.arange(256, dtype=np.float32)
-
-
-def _blend_lut(base: float, f: float) -> list:
-    """768-entry `point` table of PIL's blend(constant base, img, f) = trunc(base + f * (x - base)), clipped.
-
-    float32 arithmetic like PIL's C loop, so the table reproduces ImageEnhance bit for bit at a fraction
-    of the cost (no constant image allocated, one lookup pass)."""
-    lut = np.trunc(np.float32(base) + np.float32(f) * (_RAMP - np.float32(base)))
-    return np.clip(lut, 0, 255).astype(np.uint8).tolist() * 3
-
-
-def adjust_brightness(img: Image.Image, f: float) -> Image.Image:
-    """= ImageEnhance.Brightness(img).enhance(f) (blend with black)."""
-    return img.point(_blend_lut(0.0, f))
-
-
-def adjust_contrast(img: Image.Image, f: float) -> Image.Image:
-    """= ImageEnhance.Contrast(img).enhance(f) (blend with the rounded mean grey level)."""
-    hist = np.asarray(img.convert("L").histogram(), dtype=np.float64)
-    mean = int(float(hist @ _RAMP.astype(np.float64)) / max(hist.sum(), 1.0) + 0.5)
-    return img.point(_blend_lut(float(mean), f))
-
-
-def adjust_saturation(img: Image.Image, f: float) -> Image.Image:
-    """= ImageEnhance.Color(img).enhance(f) (blend with the grey version)."""
-    return ImageEnhance.Color(img).enhance(f)
-
-
-def adjust_hue(img: Image.Image, f: float) -> Image.Image:
-    """One PIL patch through `adjust_hue_u8` (torchvision's PIL `adjust_hue`)."""
-    return Image.fromarray(adjust_hue_u8(np.asarray(img)[None], [f])[0])
-
-
-def to_grayscale3(img: Image.Image) -> Image.Image:
-    g = img.convert("L")
-    return Image.merge("RGB", (g, g, g))
-
-
+# ------------------------------------------------------------------------------------- grey, pipeline
 def gray3_u8(x: np.ndarray) -> np.ndarray:
     """PIL's `convert("L")` replicated to 3 channels on uint8 `[..., 3]`:
     L = (19595 R + 38470 G + 7471 B + 2^15) >> 16 (integer, bit for bit)."""
@@ -217,66 +128,20 @@ def gray3_u8(x: np.ndarray) -> np.ndarray:
     return np.repeat(lum[..., None], 3, axis=-1)
 
 
-# The ColorJitter ops on 8-bit PIL images, as torchvision applies them (torchvision itself is not imported:
-# it adds seconds to every Ray preprocessing actor's start).
-_JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+# ColorJitter's ops 0..2 as torchvision's PIL backend runs them (torchvision itself is not imported: it adds
+# seconds to every Ray preprocessing actor's start); op 3 is the hue.
+_ENHANCE = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
 HUE = 3
 
 
-def augment_patch(patch: Image.Image, aug, i: int) -> Image.Image:
-    """The reference, one PIL patch at a time: patch i's ColorJitter / grayscale / blur (torchvision
-    semantics, PIL's GaussianBlur). `aug` is a `pretext.PatchAug`."""
-    if aug.jitter[i]:
-        for op in aug.order[i]:
-            patch = _JITTER_OPS[op](patch, float(aug.factors[i, op]))
-    if aug.gray[i]:
-        patch = to_grayscale3(patch)
-    if aug.blur[i]:
-        patch = patch.filter(ImageFilter.GaussianBlur(radius=float(aug.sigma[i])))
-    return patch
-
-
-def _blend_table(base: float, f: float) -> np.ndarray:
-    """uint8 `[256]`: PIL's blend(constant base, x, f) = trunc(base + f * (x - base)), clipped, float32."""
-    t = np.trunc(np.float32(base) + np.float32(f) * (_RAMP - np.float32(base)))
-    return np.clip(t, 0, 255).astype(np.uint8)
-
-
-def _lum(x: np.ndarray) -> np.ndarray:
-    """PIL's RGB -> L on uint8 `[..., 3]` -> int32 `[...]`."""
-    xi = x.astype(np.int32)
-    return (xi[..., 0] * 19595 + xi[..., 1] * 38470 + xi[..., 2] * 7471 + 0x8000) >> 16
-
-
-def brightness_u8(x: np.ndarray, f: float) -> np.ndarray:
-    """`adjust_brightness` on uint8 `[P, P, 3]`, bit for bit."""
-    return _blend_table(0.0, f).take(x)
-
-
-def contrast_u8(x: np.ndarray, f: float) -> np.ndarray:
-    """`adjust_contrast` on uint8 `[P, P, 3]`: blend with the rounded mean of L, bit for bit."""
-    lum = _lum(x)
-    mean = int(float(lum.sum()) / max(lum.size, 1) + 0.5)
-    return _blend_table(float(mean), f).take(x)
-
-
-def saturation_u8(x: np.ndarray, f: float) -> np.ndarray:
-    """`adjust_saturation` on uint8 `[P, P, 3]`: float32 blend with L per pixel, bit for bit."""
-    lum = _lum(x)[..., None]
-    t = lum.astype(np.float32) + np.float32(f) * (x.astype(np.int32) - lum).astype(np.float32)
-    return np.clip(t, 0, 255).astype(np.uint8)
-
-
-_U8_OPS = (brightness_u8, contrast_u8, saturation_u8)
-
-
-def augment_patches(patches: np.ndarray, aug, fast_blur: bool = True) -> np.ndarray:
+def augment_patches(patches: np.ndarray, aug) -> np.ndarray:
     """All M patches of an image: uint8 `[M, P, P, 3]` (modified in place and returned).
 
-    Same ops, order and parameters as `augment_patch` on each patch. The jitter runs in four rounds (the
+    Per patch i, torchvision's order: if jitter[i], ColorJitter's four ops in order[i] with factors[i]; if
+    gray[i], grayscale; if blur[i], GaussianBlur(sigma[i]). The jitter runs in four rounds (the
     k-th op of every jittered patch in round k), so the patches whose k-th op is the hue share one batched
-    hue call; brightness / contrast / saturation are per patch (numpy lookup tables / float32 blends).
-    With `fast_blur` the blurred patches share one batched convolution (see the module docstring)."""
+    hue call; brightness / contrast / saturation / blur are per patch (PIL's own C code, as torchvision:
+    the fastest exact path for them)."""
     jit = np.flatnonzero(aug.jitter)
     for k in range(4):
         hue_rows = []
@@ -285,17 +150,14 @@ def augment_patches(patches: np.ndarray, aug, fast_blur: bool = True) -> np.ndar
             if op == HUE:
                 hue_rows.append(i)
             else:
-                patches[i] = _U8_OPS[op](patches[i], float(aug.factors[i, op]))
+                img = _ENHANCE[op](Image.fromarray(patches[i])).enhance(float(aug.factors[i, op]))
+                patches[i] = np.asarray(img)
         if hue_rows:
             patches[hue_rows] = adjust_hue_u8(patches[hue_rows], aug.factors[hue_rows, HUE])
     rows = np.flatnonzero(aug.gray)
     if len(rows):
         patches[rows] = gray3_u8(patches[rows])
     rows = np.flatnonzero(aug.blur)
-    if len(rows):
-        if fast_blur:
-            patches[rows] = gaussian_blur_u8(torch.from_numpy(patches[rows]), aug.sigma[rows]).numpy()
-        else:
-            for i in rows:
-                patches[i] = gaussian_blur_pil(patches[i], float(aug.sigma[i]))
+    for i in rows:
+        patches[i] = gaussian_blur_pil(patches[i], float(aug.sigma[i]))
     return patches

@@ -14,10 +14,9 @@ A *record* (`make_pretrain_record`) is the compact, uint8 form that crosses proc
 uint8 is lossless here: the reference works on 8-bit PIL images until ToTensor, so normalising a record
 (`updetr.data.tensors.normalize_*`) gives torchvision's ToTensor + Normalize floats (to 1e-6).
 
-Fidelity to the reference transforms: the colour jitter / grayscale ops reproduce torchvision's PIL code
-paths bit for bit, the blur is within 2 grey levels of PIL's (`pretext.fast_blur`; exact when off), all
-rendered for the M patches together (`updetr.data.augment`); resizes use torch's uint8 antialiased bilinear
-kernel, which is ~3x faster than PIL's and within one grey level of it (all tested).
+Fidelity to the reference transforms: the colour jitter / grayscale / blur ops reproduce torchvision's PIL
+code paths bit for bit, the hue for the M patches at once (`updetr.data.augment`); resizes use torch's
+uint8 antialiased bilinear kernel, which is ~3x faster than PIL's and within one grey level of it (tested).
 """
 from __future__ import annotations
 
@@ -31,8 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from updetr.data import skips
-from updetr.data.augment import (adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation,  # noqa: F401
-                                  augment_patch, augment_patches, to_grayscale3)
+from updetr.data.augment import augment_patches
 from updetr.data.image_io import BadImage, draft_reduced, load_pixels, open_image, to_rgb
 from updetr.data.seeding import numpy_rng
 from updetr.data.skips import SkipCounter
@@ -145,7 +143,11 @@ def render_record(img: Image.Image, orig_w: int, orig_h: int, d: SampleDraws, pc
     `scale` (orig px per decoded px; (1, 1) for a full decode). Returns a record (module docstring)."""
     p = pcfg.patch_size
     sx, sy = scale
-    if sx == 1.0 and sy == 1.0:
+    if sx == 1.0 and sy == 1.0 and pcfg.resize == "pil":
+        # The reference exactly: PIL resize of the image; crop at the integer box, then Resize((P, P)).
+        image = np.asarray(img.resize((d.out_w, d.out_h), Image.BILINEAR))
+        patches = [np.asarray(img.crop(tuple(b)).resize((p, p), Image.BILINEAR)) for b in d.boxes.tolist()]
+    elif sx == 1.0 and sy == 1.0:
         arr = np.asarray(img)
         image = resize_u8(arr, d.out_w, d.out_h)
         # Reference order: crop the original at the integer box, then Resize((P, P)).
@@ -157,7 +159,7 @@ def render_record(img: Image.Image, orig_w: int, orig_h: int, d: SampleDraws, pc
                    for b in d.boxes.tolist()]
     patches = np.stack(patches)
     if pcfg.augment:
-        augment_patches(patches, d.aug, pcfg.fast_blur)
+        augment_patches(patches, d.aug)
     return {
         "image": image,
         "patches": patches,

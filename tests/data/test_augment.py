@@ -1,0 +1,102 @@
+"""Query-patch augmentation (updetr.data.augment) against torchvision + PIL, and the resize bound."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageFilter
+
+from updetr.config import PretextConfig
+from updetr.data.augment import adjust_hue_u8, augment_patches, hsv_to_rgb_u8, rgb_to_hsv_u8
+from updetr.data.pretext import draw_patch_aug, draw_sample, make_pretrain_record
+from updetr.data.synthetic import synthetic_image
+
+
+def _all_colours(chunk: int, n_chunks: int = 4) -> np.ndarray:
+    """Chunk `chunk` of all 2^24 byte triples, as a uint8 `[1024, 4096, 3]` image."""
+    c = np.arange(chunk << 22, (chunk + 1) << 22, dtype=np.uint32)
+    return np.stack([(c >> 16) & 255, (c >> 8) & 255, c & 255], -1).astype(np.uint8).reshape(1024, 4096, 3)
+
+
+@pytest.mark.parametrize("chunk", range(4))
+def test_hsv_conversions_equal_pil_on_every_colour(chunk):
+    x = _all_colours(chunk)
+    assert np.array_equal(rgb_to_hsv_u8(x), np.asarray(Image.fromarray(x).convert("HSV")))
+    assert np.array_equal(hsv_to_rgb_u8(x), np.asarray(Image.fromarray(x, "HSV").convert("RGB")))
+
+
+def _patches(seed: int, m: int, p: int = 32) -> np.ndarray:
+    """m photo-like uint8 patches `[m, p, p, 3]` (crops of synthetic scenes, resized like the reference)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(m):
+        img = synthetic_image(seed * 100 + i, 0, (60, 120))
+        w, h = img.size
+        x0, y0 = int(rng.integers(0, w // 2)), int(rng.integers(0, h // 2))
+        out.append(np.asarray(img.crop((x0, y0, x0 + w // 2, y0 + h // 2)).resize((p, p), Image.BILINEAR)))
+    return np.stack(out)
+
+
+def test_hue_matches_torchvision_on_a_stack():
+    x = _patches(1, 6)
+    factors = [-0.1, -0.037, 0.0, 0.004, 0.071, 0.1]
+    ours = adjust_hue_u8(x.copy(), factors)
+    for i, f in enumerate(factors):
+        assert np.array_equal(ours[i], np.asarray(TF.adjust_hue(Image.fromarray(x[i]), f))), f
+
+
+def _reference(patch: np.ndarray, a, i: int) -> np.ndarray:
+    """torchvision's PIL path for patch i with the drawn parameters (the official query transform)."""
+    img = Image.fromarray(patch)
+    if a.jitter[i]:
+        ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+        for op in a.order[i]:
+            img = ops[op](img, float(a.factors[i, op]))
+    if a.gray[i]:
+        img = TF.rgb_to_grayscale(img, num_output_channels=3)
+    if a.blur[i]:
+        img = img.filter(ImageFilter.GaussianBlur(radius=float(a.sigma[i])))
+    return np.asarray(img)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_augment_patches_equals_torchvision_per_patch(seed):
+    m = 10
+    x = _patches(seed, m)
+    a = draw_patch_aug(np.random.default_rng(seed), m)
+    ours = augment_patches(x.copy(), a)
+    for i in range(m):
+        assert np.array_equal(ours[i], _reference(x[i], a, i)), i
+    untouched = ~(a.jitter | a.gray | a.blur)
+    assert np.array_equal(ours[untouched], x[untouched])
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_default_and_pil_resize_share_draws_and_stay_within_one_grey_level(augment):
+    """pretext.resize: 'torch' (default) vs 'pil' (the reference's pixels): same boxes / sizes / draws;
+    the resize itself (image, patches before augmentation) is within 1 grey level, mean far below it.
+    After augmentation the mean stays small; single pixels can move more (a 1-level input step can cross
+    an 8-bit HSV bin in the hue op, or be scaled by contrast / saturation up to 1.4x)."""
+    img = synthetic_image(11, 0, (180, 260)).resize((520, 390), Image.BICUBIC)
+    fast = make_pretrain_record(img, PretextConfig(augment=augment), (3, 0, 9))
+    ref = make_pretrain_record(img, PretextConfig(augment=augment, resize="pil"), (3, 0, 9))
+    for key in ("boxes", "size", "orig_size"):
+        assert np.array_equal(fast[key], ref[key])
+    d_img = np.abs(fast["image"].astype(np.int16) - ref["image"])
+    assert d_img.max() <= 1 and d_img.mean() < 0.05
+    d_p = np.abs(fast["patches"].astype(np.int16) - ref["patches"])
+    if augment:
+        assert d_p.mean() < 0.25, d_p.mean()
+    else:
+        assert d_p.max() <= 1 and d_p.mean() < 0.25, (d_p.max(), d_p.mean())
+
+
+def test_pil_resize_is_the_reference_pixels():
+    img = synthetic_image(12, 0, (90, 140))
+    pcfg = PretextConfig(resize="pil", scales=[64], max_size=100, patch_size=32, num_patches=5)
+    rec = make_pretrain_record(img, pcfg, (1, 2, 3))
+    d = draw_sample(img.width, img.height, pcfg, (1, 2, 3))
+    assert np.array_equal(rec["image"], np.asarray(img.resize((d.out_w, d.out_h), Image.BILINEAR)))
+    for i, box in enumerate(d.boxes.tolist()):
+        crop = np.asarray(img.crop(tuple(box)).resize((32, 32), Image.BILINEAR))
+        assert np.array_equal(rec["patches"][i], _reference(crop, d.aug, i)), i
