@@ -170,7 +170,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--decode", choices=("full", "reduced"), default="full")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra config override for updetr's side, e.g. pretext.fast_blur=false")
+                    help="extra config override for updetr's side, e.g. pretext.resize=pil")
     ap.add_argument("--keep", help="write the images here and keep them")
     args = ap.parse_args()
     torch.set_num_threads(1)  # per-core figures: no intra-op threads on either side
@@ -185,7 +185,7 @@ def main() -> int:
         print(f"{len(paths)} JPEG photographs, mean {sizes[:, 0].mean():.0f}x{sizes[:, 1].mean():.0f} px "
               f"(sides {sizes.min()}-{sizes.max()}), {kb:.0f} KB avg, made in {time.time() - t0:.1f}s")
         cfg = bench_config(tmp, args.batch_size, args.decode, args.set)
-        print(f"updetr: data.decode={cfg.data.decode} pretext.fast_blur={cfg.pretext.fast_blur}")
+        print(f"updetr: data.decode={cfg.data.decode} pretext.resize={cfg.pretext.resize}")
         per_core_rates(paths[:16], tmp, cfg, 1, verbose=False)  # warm caches / lazy imports
         base, ours = per_core_rates(paths, tmp, cfg, args.rounds)
         ratios = [o / b for o, b in zip(ours, base)]
