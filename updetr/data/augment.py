@@ -113,12 +113,6 @@ def adjust_hue_u8(rgb: np.ndarray, factors) -> np.ndarray:
     return hsv_to_rgb_u8(hsv)
 
 
-# ----------------------------------------------------------------------------------------------- blur
-def gaussian_blur_pil(x: np.ndarray, sigma: float) -> np.ndarray:
-    """The reference: PIL's GaussianBlur(radius=sigma) on one uint8 `[H, W, 3]` patch."""
-    return np.asarray(Image.fromarray(x).filter(ImageFilter.GaussianBlur(radius=float(sigma))))
-
-
 # ------------------------------------------------------------------------------------- grey, pipeline
 def gray3_u8(x: np.ndarray) -> np.ndarray:
     """PIL's `convert("L")` replicated to 3 channels on uint8 `[..., 3]`:
@@ -142,6 +136,16 @@ def augment_patches(patches: np.ndarray, aug) -> np.ndarray:
     k-th op of every jittered patch in round k), so the patches whose k-th op is the hue share one batched
     hue call; brightness / contrast / saturation / blur are per patch (PIL's own C code, as torchvision:
     the fastest exact path for them)."""
+    held: dict = {}  # patch index -> PIL image holding its current pixels (patches[i] is stale meanwhile)
+
+    def image(i: int) -> Image.Image:
+        return held.pop(i) if i in held else Image.fromarray(patches[i])
+
+    def sync(rows) -> None:  # consecutive PIL ops skip the round trip through numpy
+        for i in rows:
+            if i in held:
+                patches[i] = np.asarray(held.pop(i))
+
     jit = np.flatnonzero(aug.jitter)
     for k in range(4):
         hue_rows = []
@@ -150,14 +154,15 @@ def augment_patches(patches: np.ndarray, aug) -> np.ndarray:
             if op == HUE:
                 hue_rows.append(i)
             else:
-                img = _ENHANCE[op](Image.fromarray(patches[i])).enhance(float(aug.factors[i, op]))
-                patches[i] = np.asarray(img)
+                held[i] = _ENHANCE[op](image(i)).enhance(float(aug.factors[i, op]))
         if hue_rows:
+            sync(hue_rows)
             patches[hue_rows] = adjust_hue_u8(patches[hue_rows], aug.factors[hue_rows, HUE])
     rows = np.flatnonzero(aug.gray)
     if len(rows):
+        sync(rows)
         patches[rows] = gray3_u8(patches[rows])
-    rows = np.flatnonzero(aug.blur)
-    for i in rows:
-        patches[i] = gaussian_blur_pil(patches[i], float(aug.sigma[i]))
+    for i in np.flatnonzero(aug.blur):
+        patches[i] = np.asarray(image(i).filter(ImageFilter.GaussianBlur(radius=float(aug.sigma[i]))))
+    sync(list(held))
     return patches
