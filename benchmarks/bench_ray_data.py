@@ -13,8 +13,9 @@ DataLoader workers, the raylet and the Ray workers), so both sides get exactly t
               default settings (full decode).
 Both are timed over the middle of the epoch (25 % to 85 % of the images: steady state, start-up and the
 final drain left out; the Ray pass is the second one, the first warms Ray's worker processes), in wall
-clock per CPU and in images per CPU-second of every process involved (robust to other load). Runs are interleaved (reference, updetr, for 1 and
-2 CPUs, `--reps` times) and the medians are reported, since the machine may be shared.
+clock per CPU and in images per CPU-second of every process involved (robust to other load). Runs are
+interleaved (reference, updetr, for 1 and 2 CPUs, `--reps` times) and the medians are reported, since
+the machine may be shared.
 
     python benchmarks/bench_ray_data.py [--images 240] [--reps 3] [--batch-size 8]
 """
