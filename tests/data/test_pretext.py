@@ -184,3 +184,13 @@ def test_sample_id_stable():
     assert sample_id_from_key("a.jpg") != sample_id_from_key("b.jpg")
     assert 0 <= sample_id_from_key("x") < 2 ** 63
     assert numpy_rng((1, 2, 3)).random() == numpy_rng((1, 2, 3)).random()
+
+
+def test_full_is_the_exact_decode_and_unknown_modes_fail():
+    data = _jpeg(synthetic_image(8, 0, (90, 120)))
+    pcfg = _pcfg()
+    full = record_from_bytes(data, pcfg, (1, 0, 2), decode="full")
+    exact = record_from_bytes(data, pcfg, (1, 0, 2), decode="exact")
+    assert all(np.array_equal(full[k], exact[k]) for k in ("image", "patches", "boxes"))
+    with pytest.raises(ValueError, match="decode must be"):
+        record_from_bytes(data, pcfg, (1, 0, 2), decode="fast")

@@ -37,6 +37,7 @@ from updetr.data.skips import SkipCounter
 
 # Decode modes (DataConfig.decode): see `record_from_bytes`.
 DECODE_EXACT = "exact"
+DECODE_FULL = "full"  # the same full decode under the name the config may use
 DECODE_REDUCED = "reduced"
 
 
@@ -183,7 +184,7 @@ def record_from_bytes(data: bytes, pcfg, seed_tuple: Sequence[int], counter: Opt
                       decode: str = DECODE_EXACT) -> dict:
     """One sample from encoded bytes. Raises BadImage (empty, unreadable, truncated, too small, ...).
 
-    decode='exact' decodes the full image. decode='reduced' lets libjpeg decode at 1/2, 1/4 or 1/8
+    decode='exact' (or 'full') decodes the full image. decode='reduced' lets libjpeg decode at 1/2, 1/4 or 1/8
     scale (DCT domain, several times faster) when the result is still at least the *resized image*
     size; the box draws are made first on the original (w, h) from the header, so they are identical in
     both modes, and crops are taken from the reduced decode with scaled coordinates. Trade-off: the image
@@ -197,8 +198,8 @@ def record_from_bytes(data: bytes, pcfg, seed_tuple: Sequence[int], counter: Opt
     scale = (1.0, 1.0)
     if decode == DECODE_REDUCED:
         scale = draft_reduced(img, d.out_w, d.out_h)
-    elif decode != DECODE_EXACT:
-        raise ValueError(f"decode must be '{DECODE_EXACT}' or '{DECODE_REDUCED}', got {decode!r}")
+    elif decode not in (DECODE_EXACT, DECODE_FULL):
+        raise ValueError(f"decode must be '{DECODE_FULL}' or '{DECODE_REDUCED}', got {decode!r}")
     load_pixels(img)
     img = to_rgb(img, counter)
     return render_record(img, w, h, d, pcfg, image_id=int(seed_tuple[2]), scale=scale)
