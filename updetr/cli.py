@@ -43,15 +43,17 @@ def cmd_config_validate(args) -> int:
 
 def cmd_debug(args) -> int:
     from updetr.checkpoint import CheckpointError
-    from updetr.local import RunDirError, run_debug
+    from updetr.local import DebugInterrupted, RunDirError, run_debug
 
     try:
         cfg = load_config(args.experiment, args.overrides)
         run_debug(cfg, resume=args.resume, overwrite=args.overwrite)
     except (ConfigError, CheckpointError, RunDirError) as e:
         return fail(str(e))
+    except DebugInterrupted as e:
+        return fail(str(e), 130)
     except KeyboardInterrupt:
-        return fail("interrupted; the last checkpoint is kept (use --resume)", 130)
+        return fail("interrupted before training started; nothing to keep", 130)
     return 0
 
 
@@ -69,7 +71,10 @@ def cmd_checkpoint_convert(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from updetr import __version__
+
     parser = argparse.ArgumentParser(prog="updetr", description="UP-DETR experiment platform")
+    parser.add_argument("--version", action="version", version=f"updetr {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p_cfg = sub.add_parser("config", help="show or validate an experiment config")
@@ -83,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("debug", help="train in this process without Ray (CPU or one GPU)")
     _add_experiment_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from <output_dir>/<name>/checkpoints/last.pt")
-    p.add_argument("--overwrite", action="store_true", help="start again even if a checkpoint exists")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <output_dir>/<name>/checkpoints/last.pt (the default when it exists)")
+    p.add_argument("--overwrite", action="store_true", help="start again from step 0 even if a checkpoint exists")
     p.set_defaults(func=cmd_debug)
 
     p_ck = sub.add_parser("checkpoint", help="checkpoint tools")

@@ -36,17 +36,15 @@ def test_smoke_debug_runs_to_completion_and_loss_falls(tmp_path):
     assert (tmp_path / "smoke" / "config.yaml").exists()
 
 
-def test_debug_resume_continues_and_refuses_to_clobber(tmp_path):
+def test_debug_same_command_continues_overwrite_restarts(tmp_path):
+    """Like `updetr run`: the same command continues the run; --overwrite starts again (README)."""
     out = f"runtime.output_dir={tmp_path}"
     r = updetr("debug", SMOKE, out, "schedule.max_steps=3", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     first = load_checkpoint(tmp_path / "smoke" / "checkpoints" / "last.pt")
     assert first["step"] == 3
 
-    r = updetr("debug", SMOKE, out, "schedule.max_steps=5", cwd=tmp_path)  # no --resume: nothing is lost
-    assert r.returncode == 2 and "--resume" in r.stderr and "Traceback" not in r.stderr
-
-    r = updetr("debug", SMOKE, "--resume", out, "schedule.max_steps=5", cwd=tmp_path)
+    r = updetr("debug", SMOKE, out, "schedule.max_steps=5", cwd=tmp_path)  # no flag: continues, nothing lost
     assert r.returncode == 0, r.stderr
     assert "resumed from" in r.stdout and "at step 3" in r.stdout
     assert "step 1/" not in r.stdout  # the count went on from 3, not from 0
@@ -54,5 +52,10 @@ def test_debug_resume_continues_and_refuses_to_clobber(tmp_path):
     assert (second["step"], second["epoch"], second["step_in_epoch"]) == (5, 0, 5)
     assert not all(torch.equal(second["model"][k], first["model"][k]) for k in first["model"])
 
-    r = updetr("debug", SMOKE, "--resume", out, "model.hidden_dim=32", "model.nheads=2", cwd=tmp_path)
+    r = updetr("debug", SMOKE, out, "model.hidden_dim=32", "model.nheads=2", cwd=tmp_path)
     assert r.returncode == 2 and "architecture differs" in r.stderr and "model.hidden_dim" in r.stderr
+    assert "--overwrite" in r.stderr and "Traceback" not in r.stderr
+
+    r = updetr("debug", SMOKE, "--overwrite", out, "schedule.max_steps=2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" not in r.stdout and load_checkpoint(tmp_path / "smoke" / "checkpoints" / "last.pt")["step"] == 2

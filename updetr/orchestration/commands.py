@@ -28,7 +28,7 @@ def _experiment_args(p: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------------------------ run
 def cmd_run(args: argparse.Namespace) -> int:
-    from updetr.orchestration.launch import LaunchError, run, summary
+    from updetr.orchestration.launch import LaunchError, RunInterrupted, run, summary
 
     try:
         cfg = load_config(args.experiment, args.overrides)
@@ -37,11 +37,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     address = args.address or cfg.ray.address
     try:
         outcome = run(cfg, address=address)
+    except RunInterrupted as e:
+        _shutdown_ray()
+        return _fail(str(e), 130)
     except LaunchError as e:
         text = str(e)
+        _shutdown_ray()
         return _fail(text, 1 if text.startswith("training failed") else 2)
     except KeyboardInterrupt:
-        return _fail("interrupted; checkpoints are kept: re-run the same command to resume", 130)
+        _shutdown_ray()
+        return _fail("interrupted before training started; nothing to keep", 130)
     _shutdown_ray()  # flushes the workers' last log lines, so the summary below comes last
     print(summary(outcome), flush=True)
     return 0
