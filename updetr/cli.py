@@ -12,6 +12,21 @@ from updetr.config import ConfigError, config_to_yaml, load_config
 COMMAND_MODULES = ("updetr.data.commands", "updetr.orchestration.commands")
 
 
+def cli_command() -> str:
+    """How to call updetr in a printed hint: `updetr` when that is on PATH and is this installation, else
+    this interpreter's `python -m updetr` (e.g. an unactivated venv)."""
+    import os
+    import shutil
+
+    found = shutil.which("updetr")
+    mine = os.path.join(os.path.dirname(sys.executable), "updetr")
+    if found and (os.path.realpath(found) == os.path.realpath(mine) or not os.path.exists(mine)):
+        return "updetr"
+    if os.path.exists(mine):
+        return mine
+    return f"{sys.executable} -m updetr"
+
+
 def fail(message: str, code: int = 2) -> int:
     """Print a one-line-per-cause error (no traceback) and return the exit code."""
     print(f"updetr: error: {message}", file=sys.stderr)

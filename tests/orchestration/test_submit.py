@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from updetr.orchestration.local_cluster import load, own_processes
+from updetr.orchestration.local_cluster import cluster_processes, load
 from updetr.tracking import TAG_STORAGE
 
 from .conftest import SMOKE, cli_env, short_tmpdir, updetr
@@ -24,6 +24,7 @@ def test_submit_to_local_two_node_cluster(mlflow_server, tmp_path):
         assert r.returncode == 0, r.stdout + r.stderr
         url = cluster.dashboard_url
         assert url in r.stdout and cluster.address in r.stdout
+        assert "local-cluster down --dir" in r.stdout
 
         # a rejected token is one clear line, not a traceback
         bad = cli_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="f" * 32)
@@ -56,5 +57,5 @@ def test_submit_to_local_two_node_cluster(mlflow_server, tmp_path):
     finally:
         r = updetr("local-cluster", "down", "--dir", state, cwd=tmp_path, timeout=120)
         assert r.returncode == 0, r.stderr
-        assert not own_processes(state)
+        assert not cluster_processes(state)  # ray.util.client.server included (was left behind)
         shutil.rmtree(state, ignore_errors=True)

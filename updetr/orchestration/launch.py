@@ -446,6 +446,9 @@ def run(cfg: ExperimentConfig, address: Optional[str] = None, out: TextIO = sys.
     resumed_from = previous[-1][0] if previous else None
     _print_plan(cfg, plan, resources, local, out)
     _quiet_ray_data()
+    from updetr.orchestration import console
+
+    console.install([f"[{cfg.name}] "])
     try:
         datasets = build_datasets(cfg, resources)
     except LaunchError:
@@ -529,6 +532,11 @@ def summary(outcome: RunOutcome) -> str:
              f"  checkpoint: {outcome.checkpoint or p.run_dir}"]
     if outcome.tracker.run_id:
         lines.append(f"  mlflow:     run {outcome.tracker.run_id} in experiment '{p.experiment}' at {p.tracking_uri}")
-        lines.append(f"  look:       {ui_hint(p.tracking_uri)}")
+        from updetr.cli import cli_command
+
+        hint = ui_hint(p.tracking_uri)
+        if hint.startswith("updetr "):  # a command that works from here (updetr may not be on PATH)
+            hint = cli_command() + hint[len("updetr"):]
+        lines.append(f"  look:       {hint}")
     lines.append("  the same command resumes this run; set ray.run_name=NAME for a separate one")
     return "\n".join(lines)
