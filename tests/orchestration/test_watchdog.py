@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from updetr.orchestration.watchdog import StallError, StallWatchdog, _progress_blocks
+from updetr.orchestration.watchdog import StallError, StallWatchdog, last_progress_report
 
 
 def slow_items(delays):
@@ -48,16 +48,21 @@ def test_errors_pass_through_and_disabled_watchdog_is_transparent():
     assert list(StallWatchdog(iter([1, 2]), warn_s=0, fail_s=0)) == [1, 2]
 
 
-def test_progress_dump_parsing():
-    log = "\n".join([
-        "2026-11-25 10:00:00,000\tDEBUG streaming_executor.py:752 -- Execution Progress:",
-        "2026-11-25 10:00:00,001\tDEBUG streaming_executor.py:755 -- 0: ReadBinary - Tasks: 0 "
-        "[backpressured:tasks(ResourceBudget)]; Actors: 0; Queued blocks: 0 (0.0B); Resources: 0.0 CPU, 0.0B "
-        "object store: budget=(cpu=0.0,gpu=0.0), Blocks Outputted: 0/None",
-        "2026-11-25 10:00:00,002\tDEBUG streaming_executor.py:755 -- 1: MapBatches(PretrainPreprocessor) - "
-        "Tasks: 0; Actors: 1; Queued blocks: 0 (0.0B); Resources: 1.0 CPU, Blocks Outputted: 0/None",
-        "2026-11-25 10:00:00,003\tDEBUG streaming_executor.py:771 -- Operator Metrics:",
-    ])
-    blocks = _progress_blocks(log)
-    assert len(blocks) == 1 and blocks[0][0].startswith("ReadBinary: Tasks: 0 [backpressured:tasks(ResourceBudget)]")
-    assert blocks[0][1].startswith("MapBatches(PretrainPreprocessor): Tasks: 0")
+# Lines as Ray Data 2.60 writes them to logs/ray-data/ray-data*.log (from the hang of issue 12).
+DUMP = """\
+2026-11-25 16:56:38,261\tDEBUG streaming_executor.py:752 -- Execution Progress:
+2026-11-25 16:56:38,261\tDEBUG streaming_executor.py:755 -- 0: Input - Tasks: 0; Actors: 0; Queued blocks: 0 (0.0B); Resources: 0.0 CPU, 0.0B object store (in=0.0B,out=0.0B), Blocks Outputted: 4/4
+2026-11-25 16:56:38,261\tDEBUG streaming_executor.py:755 -- 1: ReadBinary - Tasks: 0 [backpressured:tasks(ResourceBudget)]; Actors: 0; Queued blocks: 3 (0.0B); Resources: 0.0 CPU, 0.0B object store (in=0.0B,out=0.0B), alloc=(cpu=0.0,mem=0.0B,gpu=0.0,obj_store=0.0B), budget=(cpu=0.0,mem=0.0B,gpu=0.0,obj_store=0.0B,out=1.0B), Blocks Outputted: 0/None
+2026-11-25 16:56:38,261\tDEBUG streaming_executor.py:755 -- 2: MapBatches(PretrainPreprocessor) - Tasks: 0; Actors: 1 (running=1, restarting=0, pending=0, active=0, idle=1, util=0.000, tasks_in_flight=0); Queued blocks: 0 (0.0B); Resources: 1.0 CPU, 0.0B object store (in=0.0B,out=0.0B), alloc=(cpu=1.0,mem=0.0B,gpu=0.0,obj_store=0.0B), budget=(cpu=0.0,mem=0.0B,gpu=0.0,obj_store=0.0B,out=1.0B); [all objects local], Blocks Outputted: 0/None
+2026-11-25 16:56:38,262\tDEBUG streaming_executor.py:771 -- Operator Metrics:
+"""
+
+
+def test_progress_dump_names_the_waiting_operator_and_its_budget(tmp_path):
+    (tmp_path / "ray-data").mkdir()
+    (tmp_path / "ray-data" / "ray-data.log").write_text(DUMP)
+    ops = last_progress_report(str(tmp_path))
+    assert len(ops) == 2  # the finished Input operator is left out
+    assert ops[0] == ("ReadBinary: tasks 0 [backpressured:tasks(ResourceBudget)], queued blocks: 3, "
+                      "using 0.0 CPU, budget cpu=0.0 gpu=0.0")
+    assert ops[1].startswith("MapBatches(PretrainPreprocessor): tasks 0, actors 1 (running 1, pending 0), using 1.0 CPU")

@@ -8,7 +8,7 @@ consumer gets `StallError(message)`. 0 disables either limit.
 
 `ray_data_report()` is that account on a Ray worker: the last "Execution Progress" dump Ray Data wrote to
 this node's `ray-data*.log` (one entry per operator: active tasks, backpressure and its policy, queued
-blocks, resources), plus the CPUs / GPUs the cluster has free right now.
+blocks, its CPU use and resource budget), plus the CPUs / GPUs the cluster has free right now.
 """
 from __future__ import annotations
 
@@ -128,22 +128,45 @@ def _progress_blocks(text: str) -> list[list[str]]:
         body = line.split(" -- ", 1)[-1]
         m = _OP_LINE.match(body)
         if current is not None and m:
-            current.append(f"{m['op']}: {_short_state(m['state'])}")
+            if not _finished(m["state"]):  # e.g. the Input operator, done at once
+                current.append(f"{m['op']}: {_short_state(m['state'])}")
         elif current is not None and current:
             current = None
     return [b for b in blocks if b]
 
 
 def _short_state(state: str) -> str:
-    """Keep what says why an operator waits: tasks, backpressure, actors, queue, resources."""
-    keep = [p.strip() for p in state.split(";")
-            if p.strip().startswith(("Tasks", "Actors", "Queued", "Resources", "Blocks Outputted"))]
-    return "; ".join(keep)[:400]
+    """Keep what says why an operator waits: tasks and backpressure, actors, queued blocks, its CPU / GPU
+    usage and the budget Ray Data's resource manager gives it."""
+    parts = [p.strip() for p in state.split(";")]
+    out = []
+    for p in parts:
+        if p.startswith("Tasks"):
+            out.append(p.replace("Tasks: ", "tasks ", 1))
+        elif p.startswith("Actors") and not p.startswith("Actors: 0"):
+            m = re.match(r"Actors: (\d+)(?: \(running=(\d+)[^)]*?pending=(\d+))?", p)
+            out.append(f"actors {m[1]} (running {m[2]}, pending {m[3]})" if m and m[2] is not None else p)
+        elif p.startswith("Queued blocks") and not p.startswith("Queued blocks: 0 "):
+            out.append(p.split(" (")[0].lower())
+        elif p.startswith("Resources"):
+            used = re.match(r"Resources: ([\d.]+ CPU)", p)
+            budget = re.search(r"budget=\(cpu=([\d.]+),mem=[^,]*,gpu=([\d.]+)", p)
+            if used:
+                out.append(f"using {used[1]}")
+            if budget:
+                out.append(f"budget cpu={budget[1]} gpu={budget[2]}")
+    return ", ".join(out)[:400]
+
+
+def _finished(line: str) -> bool:
+    m = re.search(r"Blocks Outputted: (\d+)/(\d+)", line)
+    return bool(m) and m[1] == m[2]
 
 
 def last_progress_report(log_dir: str) -> Optional[list[str]]:
     """Operator lines of the newest "Execution Progress" dump in `log_dir/ray-data*.log`, or None."""
-    files = sorted(glob.glob(os.path.join(log_dir, "ray-data*.log")), key=os.path.getmtime, reverse=True)
+    files = glob.glob(os.path.join(log_dir, "ray-data*.log")) + glob.glob(os.path.join(log_dir, "ray-data", "*.log"))
+    files.sort(key=os.path.getmtime, reverse=True)
     for path in files:
         try:
             with open(path, "rb") as f:
@@ -167,7 +190,7 @@ def ray_data_report() -> str:
 
         log_dir = global_worker.node.get_logs_dir_path()
         ops = last_progress_report(log_dir)
-        parts.append("Ray Data: " + (" | ".join(ops) if ops else f"no progress report in {log_dir}/ray-data*.log"))
+        parts.append("Ray Data reports " + (" | ".join(ops) if ops else f"nothing yet (no progress in {log_dir}/ray-data)"))
     except Exception as e:  # noqa: BLE001
         parts.append(f"Ray Data: no report ({type(e).__name__})")
     try:
