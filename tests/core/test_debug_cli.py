@@ -59,3 +59,28 @@ def test_debug_same_command_continues_overwrite_restarts(tmp_path):
     r = updetr("debug", SMOKE, "--overwrite", out, "schedule.max_steps=2", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "resumed from" not in r.stdout and load_checkpoint(tmp_path / "smoke" / "checkpoints" / "last.pt")["step"] == 2
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_debug_keeps_a_checkpoint_at_the_last_finished_step(tmp_path):
+    import os
+    import signal
+    import time
+
+    log = tmp_path / "debug.log"
+    proc = subprocess.Popen([sys.executable, "-m", "updetr", "debug", SMOKE, f"runtime.output_dir={tmp_path}",
+                             "schedule.log_every=1", "schedule.checkpoint_every=1000"],
+                            cwd=tmp_path, stdout=open(log, "w"), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while "step 3/" not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text() + proc.stderr.read()
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    steps = [int(s) for s in re.findall(r"step (\d+)/40", log.read_text())]
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "interrupted: checkpoint at step" in lines[0] and "Traceback" not in err, err
+    ckpt = load_checkpoint(tmp_path / "smoke" / "checkpoints" / "last.pt")
+    assert ckpt["step"] == steps[-1] >= 3  # no periodic checkpoint was due: this one was written on Ctrl-C
+    assert f"checkpoint at step {ckpt['step']} " in lines[0]

@@ -145,7 +145,8 @@ def _short_state(state: str) -> str:
             out.append(p.replace("Tasks: ", "tasks ", 1))
         elif p.startswith("Actors") and not p.startswith("Actors: 0"):
             m = re.match(r"Actors: (\d+)(?: \(running=(\d+)[^)]*?pending=(\d+))?", p)
-            out.append(f"actors {m[1]} (running {m[2]}, pending {m[3]})" if m and m[2] is not None else p)
+            out.append(f"actors {m[1]} (running {m[2]}, pending {m[3]})" if m and m[2] is not None
+                       else p.replace("Actors: ", "actors ", 1))
         elif p.startswith("Queued blocks") and not p.startswith("Queued blocks: 0 "):
             out.append(p.split(" (")[0].lower())
         elif p.startswith("Resources"):
