@@ -5,7 +5,8 @@ Ray forwards every worker's stdout/stderr to the driver (`log_to_driver`), prefi
 placement, Ray Data's per-pass "execution finished", deprecation warnings, the C++ note about actor
 constructor arguments). `install()` swaps Ray's printer for one that drops those lines and prints
 updetr's own lines (`[<experiment>] ...`) without the Ray prefix; everything else — errors, retries,
-tracebacks of real failures — passes through unchanged. `UPDETR_RAY_LOGS=all` turns the filter off.
+warnings — passes through unchanged, except Ray's tracebacks of a failed training function, which
+`updetr run` replaces with its one `training failed: <reason>` line (they stay in Ray's session logs). `UPDETR_RAY_LOGS=all` turns the filter off.
 
 This hooks Ray's driver-side log dispatcher (`ray._private.ray_logging.global_worker_stdstream_dispatcher`,
 an internal API, checked in the test of `updetr run`); if the hook is absent nothing is filtered.
@@ -41,11 +42,27 @@ NOISE = tuple(re.compile(p) for p in (
 ))
 
 
+# Ray's own reports of a training failure (the worker's traceback, repeated by the controller). The driver
+# ends with one `updetr: error: training failed: <reason>` line; the tracebacks stay in Ray's session logs.
+FAILURE_REPORT = tuple(re.compile(p) for p in (
+    r"Traceback \(most recent call last\)",
+    r"Error in training function",
+    r"Training failed due to worker errors",
+    r"\[Rank \d+ Error Snippet\]",
+))
+
+
 def is_noise(line: str) -> bool:
     return any(p.search(line) for p in NOISE)
 
 
+def is_failure_report(lines: Sequence[str]) -> bool:
+    return any(p.search(ln) for ln in lines for p in FAILURE_REPORT)
+
+
 def _filtered(original, own_prefixes: Sequence[str], data: dict) -> None:
+    if data.get("is_err") and is_failure_report(data.get("lines", [])):
+        return
     lines = [ln for ln in data.get("lines", []) if not is_noise(ln)]
     own = [ln for ln in lines if ln.startswith(tuple(own_prefixes))]
     rest = [ln for ln in lines if not ln.startswith(tuple(own_prefixes))]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -290,6 +291,10 @@ def connect_ray(address: Optional[str], cfg: ExperimentConfig,
     kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
     saved_env = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
     if local:
+        import logging
+
+        # Our own Ray on this machine: its token note is for people sharing a cluster, not for this run.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         cpus = int(num_cpus) if num_cpus else (os.cpu_count() or 1)
         kwargs.update(address="local", num_cpus=cpus)
         _pin_local_gcs_address()
@@ -517,7 +522,8 @@ def _first_line(err: BaseException) -> str:
     # TrainingFailedError texts carry the worker traceback: keep the exception line at its end.
     for ln in reversed(lines):
         if ln and not ln.startswith(("File ", "^", "~", "Traceback")) and ":" in ln:
-            return ln[:300]
+            # "updetr.orchestration.watchdog.StallError: ..." -> "StallError: ..."
+            return re.sub(r"^(?:[A-Za-z_]\w*\.)+(?=\w*(?:Error|Exception|Interrupt)\b)", "", ln)[:600]
     return (lines[0] if lines else type(err).__name__)[:300]
 
 
