@@ -199,10 +199,15 @@ def train_loop_config(plan: RunPlan, tracking_run_id: Optional[str]) -> dict:
             "experiment": plan.experiment, "num_items": plan.extra.get("num_items")}
 
 
-def build_datasets(cfg: ExperimentConfig, resources=None) -> dict:
+def check_supported(cfg: ExperimentConfig) -> None:
+    """Combinations `updetr run` cannot run yet: refused before Ray starts (LaunchError, one line)."""
     if cfg.stage != "pretrain":
         raise LaunchError("updetr run: only pre-training runs through Ray Train so far "
                           "(no fine-tuning Ray Data pipeline yet); use `updetr debug` for fine-tuning")
+
+
+def build_datasets(cfg: ExperimentConfig, resources=None) -> dict:
+    check_supported(cfg)
     from updetr.data import ray_pipeline
 
     # Create the pipeline's named EpochClock actor here, so that the driver owns it (epoch_clock keeps the
@@ -415,6 +420,7 @@ def preflight(cfg: ExperimentConfig, address: Optional[str] = None):
     start its own Ray, the resource plan against this machine. Returns `(num_items, plan or None)`."""
     from updetr.data.preflight import DataSourceError, check_source
 
+    check_supported(cfg)
     try:
         num_items = check_source(cfg)
     except DataSourceError as e:
