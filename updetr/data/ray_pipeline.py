@@ -42,13 +42,12 @@ from updetr.data.image_io import IMAGE_EXTENSIONS
 from updetr.data.ray_preprocess import CLOCK_NAMESPACE, PretrainPreprocessor, count_events, strip_scheme
 from updetr.data.shards import read_manifest
 from updetr.data.skips import SkipCounter
+from updetr.orchestration.resources import READ_CPUS
 
 log = logging.getLogger("updetr.data")
 
-# Reading is I/O bound; a small CPU request keeps read tasks schedulable when training workers and the
-# preprocessing actors hold the node's CPUs (a whole-CPU read task can starve and hang the pipeline).
-# The resource planner (updetr.orchestration.resources) keeps this much free for them.
-READ_CPUS = 0.25
+# Reading is I/O bound; a small CPU request (READ_CPUS, 0.25) keeps read tasks schedulable when training
+# workers and the preprocessing actors hold the node's CPUs; the resource planner keeps that much free.
 # Drill (tests only): with this env var set on the driver, every preprocessing call blocks, so the stall
 # watchdog can be shown a pipeline that never delivers a batch.
 STALL_DRILL_ENV = "UPDETR_DRILL_STALL_PREPROCESS"
