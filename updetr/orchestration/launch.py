@@ -473,9 +473,10 @@ def run(cfg: ExperimentConfig, address: Optional[str] = None, out: TextIO = sys.
     status = "FAILED"
     try:
         trainer = build_trainer(plan, tracker, datasets=datasets, resources=resources)
+        _interrupt_on_sigint(trainer)
         result = trainer.fit()
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # SystemExit: Ray Train's own SIGINT handler, if ours is not in
         status = "KILLED"
         raise RunInterrupted(interrupted_message(plan, tracker)) from None
     except LaunchError:
@@ -499,6 +500,34 @@ def run(cfg: ExperimentConfig, address: Optional[str] = None, out: TextIO = sys.
         tracker.set_tags({TAG_LAST_CHECKPOINT: ckpt})
     tracker.end("FINISHED")
     return RunOutcome(plan, step, epoch, ckpt, tracker, time.monotonic() - t0, resumed_from)
+
+
+def _interrupt_on_sigint(trainer) -> None:
+    """Ctrl-C during `fit()`: ask the Train controller to abort and raise KeyboardInterrupt at once.
+
+    Ray Train V2 installs its own SIGINT handler in `fit()` (`_register_sigint_handler`) that aborts and
+    then calls `sys.exit(0)` or returns normally, so the driver cannot tell an interrupt from a finished
+    or failed run (the issue: exit 1, no message, MLflow FAILED). Replacing that hook keeps the abort and
+    makes the interrupt explicit, so `run` can report what was kept and mark the MLflow run KILLED.
+    """
+    import signal
+    import threading
+
+    if not hasattr(trainer, "_register_sigint_handler") or threading.current_thread() is not threading.main_thread():
+        return
+
+    def register(controller) -> None:
+        def handler(signum, frame):
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C is immediate
+            try:
+                controller.abort.remote()
+            except Exception:  # noqa: BLE001 - the controller may already be gone
+                pass
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, handler)
+
+    trainer._register_sigint_handler = register
 
 
 # Failures a re-run cannot fix: the same input gives the same error.
