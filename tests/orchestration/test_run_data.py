@@ -2,11 +2,13 @@
 watchdog. Local Ray on this machine (2 cores in CI): before the resource planner, the folder and shard
 runs never reached a step (the read tasks found no free CPU) and waited in silence.
 
-Three Ray runs in all (each ~60-100 s on 2 cores); assertions are grouped into them.
+Four Ray runs in all (each ~60-100 s on 2 cores); assertions are grouped into them.
 """
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 
 from updetr.data.synthetic import write_bad_files, write_image_folder
 
-from .conftest import SMOKE, cli_env, reap, short_tmpdir, updetr
+from .conftest import SMOKE, cli_env, reap, short_tmpdir, stop_session, updetr, updetr_bg, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -83,14 +85,37 @@ def test_run_on_image_folder_with_defaults(image_folder, tmp_path):
         assert [m.value for m in client.get_metric_history(run.info.run_id, key)] == [value, value], key
 
 
-@pytest.mark.timeout(500)
-def test_run_on_shards_with_defaults(image_folder, tmp_path):
+@pytest.mark.timeout(600)
+def test_run_on_shards_ctrl_c_then_same_command_finishes(image_folder, tmp_path):
     r = updetr("data", "shard", str(image_folder), str(tmp_path / "shards"), "--shard-size", "10", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    r = run_smoke(tmp_path, "data.source=shards", f"data.path={tmp_path / 'shards'}", "schedule.max_steps=6",
-                  "schedule.checkpoint_every=3", "schedule.log_every=3")
+    args = ["run", SMOKE, "data.source=shards", f"data.path={tmp_path / 'shards'}", "schedule.max_steps=8",
+            "schedule.checkpoint_every=3", "schedule.log_every=1", f"ray.storage_path={tmp_path}/ckpt",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
+    # Ctrl-C as a terminal sends it: SIGINT to the whole process group
+    ray_tmp = short_tmpdir("urf")
+    log = tmp_path / "first.log"
+    proc = updetr_bg(*args, cwd=tmp_path, env=cli_env(ray_tmp), log=log)
+    try:
+        wait_for(lambda: proc.poll() is not None or "step 4/8" in log.read_text(), 300, what="step 4")
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        stop_session(proc)
+        reap(ray_tmp)
+    out = log.read_text()
+    assert proc.returncode == 130, out[-3000:]
+    errors = [ln for ln in out.splitlines() if ln.startswith("updetr: error:")]
+    assert len(errors) == 1 and "interrupted: last checkpoint" in errors[0] and "marked KILLED" in errors[0], out[-3000:]
+    assert "Traceback" not in out
+    _, run = mlflow_run(tmp_path / "mlflow.db")
+    assert run.info.status == "KILLED"
+    # the same command continues from the kept checkpoint and finishes on shards
+    r = run_smoke(tmp_path, *args[2:])
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
-    assert "finished at step 6" in r.stdout and "step 6/6" in r.stdout
+    assert "resuming from checkpoint step" in r.stdout and "finished at step 8" in r.stdout
+    _, run = mlflow_run(tmp_path / "mlflow.db")
+    assert run.info.status == "FINISHED"
 
 
 @pytest.mark.timeout(400)
