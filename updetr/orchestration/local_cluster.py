@@ -247,12 +247,15 @@ def cluster_processes(dir: str | Path = DEFAULT_DIR) -> list:
     procs = {p.pid: p for p in own_processes(folder)}
     cluster = load(dir)
     if cluster is not None:
-        markers = [f"127.0.0.1:{cluster.gcs_port}"]
-        markers += [f"--port={n['ray-client-server-port']}" for n in cluster.node_ports if "ray-client-server-port" in n]
+        import re
+
+        # the GCS address as any host:port (Ray may report the node IP instead of 127.0.0.1)
+        gcs = re.compile(rf"(?:address|gcs-address)=\S+:{cluster.gcs_port}\b")
+        markers = [f"--port={n['ray-client-server-port']}" for n in cluster.node_ports if "ray-client-server-port" in n]
         for proc in psutil.process_iter(["pid", "cmdline"]):
             try:
                 cmd = " ".join(proc.info["cmdline"] or [])
-                if proc.pid != os.getpid() and "ray" in cmd and any(m in cmd for m in markers):
+                if proc.pid != os.getpid() and "ray" in cmd and (gcs.search(cmd) or any(m in cmd for m in markers)):
                     procs.setdefault(proc.pid, proc)
                     for child in proc.children(recursive=True):
                         procs.setdefault(child.pid, child)
