@@ -1,6 +1,7 @@
 """`updetr submit` to a local two-node Ray cluster (head + worker node, 1 CPU each), Jobs API wrappers."""
 from __future__ import annotations
 
+import re
 import shutil
 import time
 
@@ -44,6 +45,8 @@ def test_submit_to_local_two_node_cluster(mlflow_server, tmp_path):
 
         r = updetr("jobs", "status", job_id, "--address", url, cwd=tmp_path)
         assert r.returncode == 0 and f"{job_id}: SUCCEEDED" in r.stdout
+        r = updetr("jobs", "list", "--address", url, cwd=tmp_path)
+        assert r.returncode == 0 and re.search(rf"^{job_id}\s+SUCCEEDED\s+started ", r.stdout, re.M), r.stdout
         r = updetr("jobs", "logs", job_id, "--address", url, cwd=tmp_path)
         assert r.returncode == 0 and "finished at step 8" in r.stdout
         r = updetr("jobs", "stop", job_id, "--address", url, cwd=tmp_path)

@@ -25,7 +25,7 @@ def _cmd_shard(args: argparse.Namespace) -> int:
     if next(iter(iter_image_files(args.src_dir)), None) is None:
         print(f"updetr data shard: error: {args.src_dir}: no image files under it; nothing written",
               file=sys.stderr)
-        return 2
+        return 1
     try:
         manifest = write_shards(args.src_dir, args.out_dir, shard_size=args.shard_size, counter=counter,
                                 progress_every=args.progress_every)
