@@ -25,4 +25,6 @@ def test_failure_tracebacks_dropped_but_retry_decision_kept():
                  "Traceback (most recent call last):", '  File "w.py", line 1, in f', "StallError: stalled"],
                 is_err=True)
     assert rest == ["[FailurePolicy] RETRY", "  Error count: 1 (max allowed: 2)"]
+    assert feed(["[FailurePolicy] RAISE", "  Error count: 1 (max allowed: 0)", "Traceback (most recent call last):"],
+                is_err=True) == []  # the final failure is the driver's one line
     assert feed(["a warning that is not a failure"], is_err=True) == ["a warning that is not a failure"]

@@ -63,8 +63,10 @@ def is_failure_report(lines: Sequence[str]) -> bool:
 def _filtered(original, own_prefixes: Sequence[str], data: dict) -> None:
     lines = [ln for ln in data.get("lines", []) if not is_noise(ln)]
     if data.get("is_err") and is_failure_report(lines):
-        # keep the controller's decision (e.g. "[FailurePolicy] RETRY ..."), drop the tracebacks
-        lines = [ln for ln in lines if "[FailurePolicy]" in ln or ln.startswith("  Error count:")]
+        # keep a retry decision ("[FailurePolicy] RETRY" + its error count), drop the tracebacks; a final
+        # failure (RAISE) is the driver's own one line
+        retry = any("[FailurePolicy] RETRY" in ln for ln in lines)
+        lines = [ln for ln in lines if retry and ("[FailurePolicy] RETRY" in ln or ln.startswith("  Error count:"))]
     own = [ln for ln in lines if ln.startswith(tuple(own_prefixes))]
     rest = [ln for ln in lines if not ln.startswith(tuple(own_prefixes))]
     if own:
