@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 
 from updetr.config import ExperimentConfig, config_from_dict
+from updetr.data.skips import split_counts
 from updetr.engine import TrainState, Trainer, total_steps
 from updetr.tracking import TAG_LAST_CHECKPOINT, MlflowTracker, NullTracker, Tracker, environment_info
 
@@ -58,12 +59,14 @@ def restore(trainer: Trainer, cfg: ExperimentConfig) -> Optional[int]:
     return trainer.state.step
 
 
-def batches_per_epoch(cfg: ExperimentConfig, world_size: int) -> Optional[int]:
-    """Batches per rank per epoch when the source size is known without listing it (synthetic), for ETA."""
-    if cfg.data.source != "synthetic":
+def batches_per_epoch(cfg: ExperimentConfig, world_size: int, num_items: Optional[int] = None) -> Optional[int]:
+    """Batches per rank per epoch when the source size is known (synthetic: configured; folder / shards:
+    counted by the driver's preflight), for the ETA. Bad items still take their row, so they count."""
+    n = cfg.data.synthetic_images if cfg.data.source == "synthetic" else num_items
+    if not n:
         return None
-    per_rank = cfg.data.synthetic_images // world_size  # streaming_split(equal=True) drops the remainder
-    return -(-per_rank // cfg.data.batch_size)
+    per_rank = n // world_size  # streaming_split(equal=True) drops the remainder
+    return max(1, -(-per_rank // cfg.data.batch_size))
 
 
 def _all_ranks_sum(counts: dict[str, float], world_size: int) -> dict[str, float]:
@@ -91,6 +94,7 @@ class RayCallbacks:
         self.last: dict[str, float] = {}
         self._t0: Optional[float] = None
         self._step0 = 0
+        self._reported_step: Optional[int] = None
 
     def on_step(self, state: TrainState, metrics: dict[str, float]) -> None:
         self.last = dict(metrics)
@@ -101,7 +105,11 @@ class RayCallbacks:
         if "images_per_s" in m:
             m["images_per_s_all_workers"] = m["images_per_s"] * self.world_size
         m["epoch"] = float(state.epoch)
-        m["data/skipped_total"] = sum(v for k, v in metrics.items() if k.startswith("data/skipped_"))
+        # rank 0's own counts so far this epoch (the epoch metrics below are summed over all ranks)
+        dropped, kept = split_counts({k.removeprefix("data/skipped_"): v for k, v in metrics.items()
+                                      if k.startswith("data/skipped_")})
+        m["data/skipped_total"] = float(sum(dropped.values()))
+        m["data/converted_total"] = float(sum(kept.values()))
         self.tracker.log_metrics(m, step=state.step)
         self._progress(state, metrics)
 
@@ -125,6 +133,13 @@ class RayCallbacks:
         metrics = {"step": state.step, "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
                    **{k: v for k, v in self.last.items() if k.startswith("loss")}}
         name = checkpoint_dir_name(state.step)
+        if state.step == self._reported_step:
+            # The engine saves again at the end when the last periodic checkpoint closed an epoch (same step,
+            # epoch + 1). Registering the same directory twice made Ray count it twice and delete the previous
+            # checkpoint (num_to_keep=2 kept one). Every rank skips it alike, so report calls stay matched.
+            ray.train.report(metrics, checkpoint=None)
+            return
+        self._reported_step = state.step
         if self.rank != 0:
             ray.train.report(metrics, checkpoint=None)
             return
@@ -142,13 +157,30 @@ class RayCallbacks:
         m = dict(metrics)
         m.update({k: v for k, v in total.items() if k.startswith("epoch/skipped_")})
         m["epoch/images_per_s_all_workers"] = total.get("images_per_s", 0.0)
-        m["epoch/skipped_total"] = sum(v for k, v in total.items() if k.startswith("epoch/skipped_"))
+        dropped, kept = split_counts({k.removeprefix("epoch/skipped_"): v for k, v in total.items()
+                                      if k.startswith("epoch/skipped_")})
+        m["epoch/skipped_total"] = float(sum(dropped.values()))    # items dropped, all ranks
+        m["epoch/converted_total"] = float(sum(kept.values()))     # items converted / fixed and used, all ranks
         self.tracker.log_metrics(m, step=state.epoch - 1)
         from updetr.local import format_epoch_line
 
         line = format_epoch_line(self.cfg.name, state.epoch - 1, m, "steps/worker",
                                  m["epoch/images_per_s_all_workers"], "img/s (all workers)")
         print(line, flush=True)
+
+
+def watched(batches, cfg: ExperimentConfig, rank: int, tracker: Tracker):
+    """`batches` behind the stall watchdog: rank 0 says so on the terminal and in MLflow, every rank fails
+    after `ray.stall_fail_s` (StallError: the run fails, checkpoints stay)."""
+    from updetr.orchestration.watchdog import StallWatchdog, ray_data_report
+
+    def on_warn(message: str) -> None:
+        print(f"[{cfg.name}] rank {rank}: {message}", flush=True)
+        if rank == 0:
+            tracker.set_tags({"updetr.stall": message[:4000]})
+
+    return StallWatchdog(batches, cfg.ray.stall_warn_s, cfg.ray.stall_fail_s, describe=ray_data_report,
+                         on_warn=on_warn)
 
 
 def _tracker(config: dict, rank: int) -> Tracker:
@@ -191,9 +223,9 @@ def train_fn_per_worker(config: dict) -> dict:
     shard = ray.train.get_dataset_shard("train")
 
     def epoch_batches(epoch: int, skip: int):
-        return iter_worker_batches(shard, cfg, epoch, skip=skip)
+        return watched(iter_worker_batches(shard, cfg, epoch, skip=skip), cfg, rank, tracker)
 
     callbacks = RayCallbacks(cfg, rank, world_size, tracker, config["run_dir"],
-                             total_steps(cfg, batches_per_epoch(cfg, world_size)))
+                             total_steps(cfg, batches_per_epoch(cfg, world_size, config.get("num_items"))))
     state = trainer.fit(epoch_batches, callbacks)
     return {"step": state.step, "epoch": state.epoch, "resumed_from": resumed_from}
