@@ -44,7 +44,8 @@ class ModelConfig(_Strict):
     aux_loss: bool = Field(True, description="Auxiliary decoding losses on every decoder layer.")
     num_classes: Optional[int] = Field(
         None, gt=0, description="Detection classes (max category id + 1). None: 2 for pre-training "
-                                "(index 1 = patch), taken from the dataset for fine-tuning.")
+                                "(index 1 = patch; pre-training needs >= 2), taken from the dataset "
+                                "for fine-tuning.")
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "ModelConfig":
@@ -110,11 +111,13 @@ class DataConfig(_Strict):
     num_workers: int = Field(2, ge=0, description="Local mode: DataLoader processes; Ray: preprocessing actors.")
     preprocess_cpus: float = Field(1.0, gt=0, description="CPUs reserved per Ray Data preprocessing actor.")
     shuffle: bool = Field(True, description="Shuffle sample order each epoch (seeded).")
-    decode: Literal["exact", "reduced"] = Field(
-        "reduced", description="JPEG decode for pre-training: 'reduced' lets libjpeg decode at 1/2-1/8 scale "
-                               "when the result still covers the resized image (only images >= 2x the target "
-                               "size; small query patches of those are then cut from fewer pixels); "
-                               "'exact' always decodes the full image (reference behaviour).")
+    decode: Literal["full", "reduced"] = Field(
+        "full", description="JPEG decode for pre-training: 'full' decodes the whole image (reference "
+                            "behaviour); 'reduced' (faster, a listed departure) lets libjpeg decode at 1/2-1/8 "
+                            "scale when the result still covers the resized image (only images >= 2x the "
+                            "target size; small query patches of those are then cut from fewer pixels).")
+    drop_last: bool = Field(True, description="Drop each rank's last short batch of an epoch, as the official "
+                                              "loader does (batch sampler drop_last=True).")
     prefetch_batches: int = Field(2, ge=0, description="Batches prepared ahead per consumer (Ray iterator "
                                                         "prefetch; DataLoader prefetch per worker).")
     preprocess_batch_size: int = Field(8, gt=0, description="Ray Data: images per decode + patch-crop call "
@@ -199,6 +202,10 @@ class ExperimentConfig(_Strict):
             n, m = self.model.num_queries, self.pretext.num_patches
             if n % m:
                 raise ValueError(f"model.num_queries ({n}) must be divisible by pretext.num_patches ({m})")
+            if self.model.num_classes is not None and self.model.num_classes < 2:
+                # Index num_classes is no-object: with 1 class, the patch label 1 would be no-object.
+                raise ValueError(f"model.num_classes ({self.model.num_classes}) must be >= 2 for pre-training "
+                                 "(label 1 = patch; index num_classes is no-object)")
             if self.data.source in ("coco", "voc"):
                 raise ValueError(f"data.source '{self.data.source}' is a detection dataset; pre-training "
                                  "reads synthetic | folder | shards")

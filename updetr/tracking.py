@@ -209,6 +209,10 @@ class Tracker:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set run tags (overwrites)."""
 
+    def get_tag(self, key: str) -> Optional[str]:
+        """A run tag's current value (None when unset or tracking is off)."""
+        return None
+
     def log_text(self, text: str, artifact_file: str) -> None:
         """Store a text file (e.g. the resolved YAML) as a run artifact."""
 
@@ -365,6 +369,15 @@ class MlflowTracker(Tracker):
         items = [RunTag(k, str(v)) for k, v in tags.items()]
         for i in range(0, len(items), 100):
             self._call("set_tags", self.client.log_batch, self.run_id, tags=items[i:i + 100])
+
+    def get_tag(self, key: str) -> Optional[str]:
+        """Read from the server; raises MarkerUnavailable when it cannot be read (see metric_ledger)."""
+        from updetr.metric_ledger import MarkerUnavailable
+
+        run = self._call("get_run", self.client.get_run, self.run_id)
+        if run is _DROPPED:
+            raise MarkerUnavailable(f"MLflow run {self.run_id} cannot be read at {self.uri}")
+        return run.data.tags.get(key)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self._call("log_text", self.client.log_text, self.run_id, text, artifact_file)

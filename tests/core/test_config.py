@@ -106,3 +106,21 @@ def test_cli_validate_and_show(tmp_path, capsys):
     assert main(["config", "validate", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "schedule.epochs" in err and str(bad) in err
+
+
+def test_defaults_and_paper_recipe_follow_the_reference():
+    cfg = load_config(None)
+    assert cfg.data.decode == "full" and cfg.data.drop_last and cfg.runtime.precision == "fp32"
+    assert load_config(None, ["data.decode=reduced"]).data.decode == "reduced"  # kept as an option
+    for path in sorted((REPO / "experiments").glob("pretrain_*.yaml")):
+        paper = load_config(path)
+        assert paper.runtime.precision == "fp32", path.name  # the official code trains in fp32
+        assert paper.data.decode == "full" and paper.data.drop_last, path.name
+    assert load_config(path, ["runtime.precision=bf16"]).runtime.precision == "bf16"  # documented override
+
+
+def test_pretraining_needs_two_classes():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.num_classes=1"])
+    assert "model.num_classes (1) must be >= 2 for pre-training" in str(e.value)
+    assert load_config(None, ["model.num_classes=2"]).num_classes == 2

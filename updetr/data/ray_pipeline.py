@@ -182,7 +182,7 @@ def iter_worker_batches(shard, cfg, epoch: int, skip: int = 0) -> Iterator[dict]
     """
     set_epoch(cfg, epoch)
     d, pcfg = cfg.data, cfg.pretext
-    kwargs = dict(batch_size=d.batch_size, prefetch_batches=d.prefetch_batches, drop_last=False)
+    kwargs = dict(batch_size=d.batch_size, prefetch_batches=d.prefetch_batches, drop_last=d.drop_last)
     if d.shuffle:
         kwargs.update(local_shuffle_buffer_size=max(4 * d.batch_size, 16),
                       local_shuffle_seed=(cfg.seed * 1000003 + epoch) % (2 ** 31))

@@ -419,7 +419,9 @@ def run(cfg: ExperimentConfig, address: Optional[str] = None, out: TextIO = sys.
     _quiet_ray_data()
     status = "FAILED"
     try:
-        trainer = build_trainer(plan, tracker, cluster_cpus=cluster_cpus)
+        from updetr.orchestration.metrics_commit import commit_callbacks
+
+        trainer = build_trainer(plan, tracker, cluster_cpus=cluster_cpus, callbacks=commit_callbacks(tracker))
         result = trainer.fit()
         status = "FINISHED"
     except KeyboardInterrupt:

@@ -7,8 +7,9 @@ steps and at the end (the engine's `on_checkpoint`) all ranks call `ray.train.re
 so the number of calls must match — and only rank 0 passes the checkpoint. Rank 0 alone owns the tracker:
 per-step metrics every `schedule.log_every` steps, per-epoch metrics, the last checkpoint as a tag.
 
-Drill hook: with `UPDETR_WORKER_PID_DIR` set, each worker writes its pid to `<dir>/rank<r>.pid` at start
-(tests SIGKILL a real worker process by that pid).
+Drill hooks: with `UPDETR_WORKER_PID_DIR` set, each worker writes its pid to `<dir>/rank<r>.pid` at start
+(tests SIGKILL a real worker process by that pid); `UPDETR_DRILL_KILL=after_report:<rank>:<step>` makes
+that worker kill itself right after reporting that step's checkpoint (written, possibly not registered).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 
 from updetr.config import ExperimentConfig, config_from_dict
 from updetr.engine import TrainState, Trainer, total_steps
+from updetr.metric_ledger import MetricLedger, write_ledger
 from updetr.tracking import TAG_LAST_CHECKPOINT, MlflowTracker, NullTracker, Tracker, environment_info
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -34,6 +36,19 @@ def _write_pid(rank: int) -> None:
         tmp = Path(folder) / f".rank{rank}.pid.tmp"
         tmp.write_text(str(os.getpid()))
         tmp.replace(Path(folder) / f"rank{rank}.pid")
+
+
+def _drill_kill(point: str, rank: int, step: int) -> None:
+    """Drill hook: `UPDETR_DRILL_KILL=<point>:<rank>:<step>` (with `UPDETR_WORKER_PID_DIR`) SIGKILLs this
+    worker there, once (a flag file in the pid dir stops the restarted worker from dying again)."""
+    folder = os.environ.get("UPDETR_WORKER_PID_DIR")
+    if not folder or os.environ.get("UPDETR_DRILL_KILL") != f"{point}:{rank}:{step}":
+        return
+    flag = Path(folder) / f"drill-{point}-{rank}-{step}.done"
+    if flag.exists():
+        return
+    flag.write_text(str(os.getpid()))
+    os.kill(os.getpid(), 9)
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -89,6 +104,8 @@ class RayCallbacks:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.tracker, self.run_dir, self.total = tracker, run_dir, total
         self.last: dict[str, float] = {}
+        # Rank 0's metrics wait here until a checkpoint covers them (exactly-once, updetr/metric_ledger.py).
+        self.ledger = MetricLedger()
         self._t0: Optional[float] = None
         self._step0 = 0
 
@@ -102,7 +119,7 @@ class RayCallbacks:
             m["images_per_s_all_workers"] = m["images_per_s"] * self.world_size
         m["epoch"] = float(state.epoch)
         m["data/skipped_total"] = sum(v for k, v in metrics.items() if k.startswith("data/skipped_"))
-        self.tracker.log_metrics(m, step=state.step)
+        self.ledger.add((state.step, state.epoch), m)
         self._progress(state, metrics)
 
     def _progress(self, state: TrainState, metrics: dict[str, float]) -> None:
@@ -130,7 +147,9 @@ class RayCallbacks:
             return
         with tempfile.TemporaryDirectory(prefix="updetr-ckpt-") as tmp:
             save_checkpoint(ckpt, Path(tmp) / CHECKPOINT_FILE)
+            write_ledger(tmp, self.ledger.take(upto=(state.step, state.epoch)))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+        _drill_kill("after_report", self.rank, state.step)  # written to storage, maybe not yet registered
         self.tracker.set_tags({TAG_LAST_CHECKPOINT: f"{self.run_dir}/{name}", "updetr.last_checkpoint_step": state.step})
 
     def on_epoch_end(self, state: TrainState, metrics: dict[str, float]) -> None:
@@ -143,7 +162,7 @@ class RayCallbacks:
         m.update({k: v for k, v in total.items() if k.startswith("epoch/skipped_")})
         m["epoch/images_per_s_all_workers"] = total.get("images_per_s", 0.0)
         m["epoch/skipped_total"] = sum(v for k, v in total.items() if k.startswith("epoch/skipped_"))
-        self.tracker.log_metrics(m, step=state.epoch - 1)
+        self.ledger.add((state.step, state.epoch), m, step=state.epoch - 1)
         from updetr.local import format_epoch_line
 
         line = format_epoch_line(self.cfg.name, state.epoch - 1, m, "steps/worker",
@@ -186,6 +205,9 @@ def train_fn_per_worker(config: dict) -> dict:
         where = f"resumed from step {resumed_from}" if resumed_from is not None else "from step 0"
         print(f"[{cfg.name}] rank 0/{world_size} on {device}: training {where}", flush=True)
         if resumed_from is not None:
+            from updetr.orchestration.metrics_commit import catch_up
+
+            catch_up(tracker)
             tracker.log_metrics({"resume/from_step": resumed_from}, step=resumed_from)
 
     shard = ray.train.get_dataset_shard("train")
