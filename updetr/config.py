@@ -97,6 +97,12 @@ class LossConfig(_Strict):
     set_cost_bbox: float = Field(5.0, ge=0, description="Matcher cost of the L1 box distance.")
     set_cost_giou: float = Field(2.0, ge=0, description="Matcher cost of the GIoU.")
 
+    @model_validator(mode="after")
+    def _something_trains(self) -> "LossConfig":
+        if self.ce == 0 and self.bbox == 0 and self.giou == 0 and self.feature == 0:
+            raise ValueError("every loss weight (ce, bbox, giou, feature) is 0: nothing would train")
+        return self
+
 
 class DataConfig(_Strict):
     """Where images come from and how they are batched (owner: `updetr.data`)."""

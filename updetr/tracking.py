@@ -14,7 +14,6 @@ Opening the run, in contrast, is strict: `TrackingError` (one line) before any w
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 import urllib.error
@@ -22,6 +21,8 @@ import urllib.request
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping, Optional
+
+from updetr.provenance import git_info  # noqa: F401 - the one SHA lookup (re-exported for callers)
 
 TAG_RUN_NAME = "updetr.run_name"
 TAG_STORAGE = "updetr.storage"
@@ -143,25 +144,6 @@ def flatten_params(config: Mapping[str, Any]) -> dict[str, str]:
         text = "None" if value is None else str(value)
         out[name] = text if len(text) <= 6000 else text[:5997] + "..."
     return out
-
-
-def git_info(path: str | Path | None = None) -> dict[str, str]:
-    """`{"sha": ..., "dirty": "true"|"false"}` of the repo holding `path` (default: this package).
-
-    Falls back to `$UPDETR_GIT_SHA` (set by `updetr submit`: the cluster copy has no .git), else "unknown".
-    """
-    where = str(Path(path or Path(__file__).resolve().parent))
-    try:
-        sha = subprocess.run(["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5).stdout.strip()
-        if sha:
-            dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, timeout=5).stdout.strip()
-            return {"sha": sha, "dirty": "true" if dirty else "false"}
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"sha": os.environ.get("UPDETR_GIT_SHA", "unknown"),
-            "dirty": os.environ.get("UPDETR_GIT_DIRTY", "unknown")}
 
 
 def _version(dist: str) -> str:
