@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from updetr.cli import main
-from updetr.config import ConfigError, ExperimentConfig, flatten, load_config
+from updetr.config import ConfigError, ExperimentConfig, config_to_dict, flatten, load_config, resume_note
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -124,3 +124,27 @@ def test_pretraining_needs_two_classes():
         load_config(None, ["model.num_classes=1"])
     assert "model.num_classes (1) must be >= 2 for pre-training" in str(e.value)
     assert load_config(None, ["model.num_classes=2"]).num_classes == 2
+
+
+def test_run_identity_covers_the_arithmetic_not_worker_counts(tmp_path):
+    """A change that alters the numbers is a new run (Ray: a new run name; debug: --resume refused);
+    a change of worker count or logging resumes, and the global batch size change is stated."""
+    from updetr.checkpoint import CheckpointError
+    from updetr.local import check_compatible
+    from updetr.orchestration.launch import config_hash
+
+    smoke = REPO / "experiments" / "smoke.yaml"
+    base = load_config(smoke)
+    for change in ("runtime.precision=bf16", "data.decode=reduced", "data.drop_last=false", "loss.feature=0.5",
+                   "seed=1", "ray.use_gpu=true"):
+        assert config_hash(load_config(smoke, [change])) != config_hash(base), change
+    for change in ("ray.num_workers=4", "data.num_workers=3", "schedule.log_every=1", "ray.max_failures=5",
+                   "runtime.output_dir=elsewhere", "tracking.enabled=false"):
+        assert config_hash(load_config(smoke, [change])) == config_hash(base), change
+    ckpt = {"config": config_to_dict(base)}
+    with pytest.raises(CheckpointError) as e:
+        check_compatible(load_config(smoke, ["runtime.precision=bf16"]), ckpt, tmp_path / "last.pt")
+    assert "runtime.precision: checkpoint 'fp32' vs config 'bf16'" in str(e.value)
+    check_compatible(load_config(smoke, ["schedule.max_steps=99", "ray.num_workers=4"]), ckpt, tmp_path / "x")
+    note = resume_note(config_to_dict(base), base, 4)
+    assert "global batch size changes from 4 to 8" in note and resume_note(config_to_dict(base), base, 2) is None

@@ -70,3 +70,33 @@ def test_ddp_trains_with_any_loss_weight_zero(tmp_path):
             assert torch.equal(v, r1[name]["weights"][k]), k  # ranks in sync
             if k.startswith(head + "."):
                 assert torch.equal(v, fresh[k]), k  # a head whose loss is off is not trained
+
+
+def _rng_worker(rank, world, init_file, out_dir, ckpt_path):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        cfg = tiny_cfg("schedule.max_steps=2")
+        torch.manual_seed(cfg.seed)  # what the drivers used to do on every rank
+        trainer = Trainer(cfg, torch.device("cpu"))
+        first_draw = torch.rand(4)  # what dropout / patch dropout would draw on this rank
+        ckpt = trainer.checkpoint()  # a collective: gathers every rank's RNG state
+        after_ckpt = torch.rand(4)
+        if rank == 0:
+            torch.save(ckpt, ckpt_path)
+        dist.barrier()
+        resumed = Trainer(cfg, torch.device("cpu"))
+        resumed.load_checkpoint(torch.load(ckpt_path, weights_only=True))
+        torch.save({"first": first_draw, "after": after_ckpt, "resumed": torch.rand(4)}, f"{out_dir}/rng{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_seed_seed_plus_rank_and_resume_their_own_rng(tmp_path):
+    ckpt_path = str(tmp_path / "ckpt.pt")
+    mp.spawn(_rng_worker, args=(2, str(tmp_path / "init"), str(tmp_path), ckpt_path), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rng{r}.pt", weights_only=True) for r in (0, 1))
+    assert not torch.equal(r0["first"], r1["first"])  # dropout draws differ between ranks (reference: seed + rank)
+    assert torch.equal(r0["resumed"], r0["after"]) and torch.equal(r1["resumed"], r1["after"])  # each its own
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert len(ckpt["rng"]["per_rank"]) == 2

@@ -70,6 +70,11 @@ def restore(trainer: Trainer, cfg: ExperimentConfig) -> Optional[int]:
         ckpt = load_checkpoint(path, map_location="cpu")  # weights_only=True inside
         check_compatible(cfg, ckpt, path)
         trainer.load_checkpoint(ckpt)
+    from updetr.config import resume_note
+
+    note = resume_note(ckpt.get("config"), cfg, ray.train.get_context().get_world_size())
+    if note and ray.train.get_context().get_world_rank() == 0:
+        print(f"[{cfg.name}] note: {note}", flush=True)
     return trainer.state.step
 
 
@@ -193,8 +198,7 @@ def train_fn_per_worker(config: dict) -> dict:
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    torch.manual_seed(cfg.seed)
-    trainer = Trainer(cfg, device)
+    trainer = Trainer(cfg, device)  # seeds torch / numpy / random with cfg.seed + rank
     resumed_from = restore(trainer, cfg)
 
     tracker = _tracker(config, rank)
