@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from updetr.cli import main
-from updetr.config import ConfigError, ExperimentConfig, config_to_dict, flatten, load_config, resume_note
+from updetr.config import ConfigError, ExperimentConfig, config_to_dict, flatten, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -146,5 +146,7 @@ def test_run_identity_covers_the_arithmetic_not_worker_counts(tmp_path):
         check_compatible(load_config(smoke, ["runtime.precision=bf16"]), ckpt, tmp_path / "last.pt")
     assert "runtime.precision: checkpoint 'fp32' vs config 'bf16'" in str(e.value)
     check_compatible(load_config(smoke, ["schedule.max_steps=99", "ray.num_workers=4"]), ckpt, tmp_path / "x")
+    from updetr.config import resume_note
+
     note = resume_note(config_to_dict(base), base, 4)
     assert "global batch size changes from 4 to 8" in note and resume_note(config_to_dict(base), base, 2) is None
