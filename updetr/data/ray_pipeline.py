@@ -106,6 +106,10 @@ def _read(cfg):
         paths: list[str] | str = path
         if "://" not in path:
             manifest = read_manifest(path)  # local: read exactly the listed (complete) shards
+            if d.shuffle and not (manifest.get("order") or {}).get("shuffled"):
+                log.warning("data: %s was written in path order; batches of a class-sorted folder will hold "
+                            "few classes (re-shard with `updetr data shard`, which now writes a random order)",
+                            path)
             paths = [f"{path.rstrip('/')}/{s['name']}" for s in manifest["shards"]]
         ds = ray.data.read_webdataset(paths, decoder=None, file_extensions=["tar"], shuffle=shuffle,
                                       num_cpus=READ_CPUS)
