@@ -5,7 +5,9 @@ Per worker: build the `Trainer` on the worker's device (DDP when world_size > 1)
 and train on `get_dataset_shard("train")` through `iter_worker_batches`. Every `schedule.checkpoint_every`
 steps and at the end (the engine's `on_checkpoint`) all ranks call `ray.train.report` — it is a barrier,
 so the number of calls must match — and only rank 0 passes the checkpoint. Rank 0 alone owns the tracker:
-per-step metrics every `schedule.log_every` steps, per-epoch metrics, the last checkpoint as a tag.
+per-step metrics every `schedule.log_every` steps and per-epoch metrics go to a `MetricLedger` and travel in
+the checkpoint that covers them (committed once registered: orchestration/metrics_commit.py); the last
+checkpoint is a tag.
 
 Drill hooks: with `UPDETR_WORKER_PID_DIR` set, each worker writes its pid to `<dir>/rank<r>.pid` at start
 (tests SIGKILL a real worker process by that pid); `UPDETR_DRILL_KILL=after_report:<rank>:<step>` makes
