@@ -6,7 +6,9 @@ Schema (a plain dict of tensors and primitives, so `torch.load(weights_only=True
     model: state_dict, optimizer: state_dict | None, lr_scheduler: state_dict | None,
     step: int, epoch: int, step_in_epoch: int,
     config: resolved experiment config as a nested dict | None, git_sha: str | None,
-    rng: {"torch": ByteTensor} | None, source: "updetr" | "official"
+    rng: {"torch": ByteTensor (rank 0), "per_rank": [{"torch": ByteTensor, "cuda": [ByteTensor]}]} | None,
+    epoch_tally: [{"sums", "steps", "skipped"} per rank] (running sums of the current epoch; engine),
+    source: "updetr" | "official"
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import math
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Protocol
 
 import numpy as np
@@ -40,6 +40,23 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     step_in_epoch: int = 0
+
+
+@dataclass
+class EpochTally:
+    """Running sums of the current epoch on this rank: per-step metric sums, optimizer steps, bad items by
+    reason. Saved in checkpoints, so the summary of an epoch resumed mid-way still covers all of it."""
+
+    sums: dict = field(default_factory=dict)
+    steps: int = 0
+    skipped: dict = field(default_factory=dict)
+
+    def state_dict(self) -> dict:
+        return {"sums": dict(self.sums), "steps": int(self.steps), "skipped": dict(self.skipped)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "EpochTally":
+        return cls(dict(state.get("sums", {})), int(state.get("steps", 0)), dict(state.get("skipped", {})))
 
 
 class Callbacks(Protocol):
@@ -236,6 +253,7 @@ class Trainer:
         # StepLR is stepped once per epoch, as the official main.py does (lr_drop in epochs).
         self.lr_scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.schedule.lr_drop)
         self.state = TrainState()
+        self.epoch_tally = EpochTally()
         self.train_model: nn.Module = self.model
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # A head whose every loss weighs 0 is frozen by build_model, so each trainable parameter gets a
@@ -260,16 +278,19 @@ class Trainer:
         Under DDP this is a collective (every rank must call it): each rank's RNG state is gathered, so that
         `rng["per_rank"][r]` restores rank r. `rng["torch"]` (rank 0's) keeps single-process files readable.
         """
-        mine = rng_state()
+        mine = {"rng": rng_state(), "epoch_tally": self.epoch_tally.state_dict()}
         per_rank = [mine]
         if self.world_size > 1 and dist.is_available() and dist.is_initialized():
             per_rank = [None] * self.world_size
             dist.all_gather_object(per_rank, mine)
-        return make_checkpoint(
+        rngs = [r["rng"] for r in per_rank]
+        ckpt = make_checkpoint(
             self.model.state_dict(), optimizer=self.optimizer.state_dict(),
             lr_scheduler=self.lr_scheduler.state_dict(), step=self.state.step, epoch=self.state.epoch,
             step_in_epoch=self.state.step_in_epoch, config=config_to_dict(self.cfg),
-            rng={"torch": per_rank[0]["torch"], "per_rank": per_rank}, sha=self.git_sha)
+            rng={"torch": rngs[0]["torch"], "per_rank": rngs}, sha=self.git_sha)
+        ckpt["epoch_tally"] = [r["epoch_tally"] for r in per_rank]
+        return ckpt
 
     def load_checkpoint(self, ckpt: dict, *, weights_only: bool = False) -> None:
         """Restore from `ckpt`. With `weights_only`, only the model weights (strict) are taken."""
@@ -290,6 +311,8 @@ class Trainer:
         elif per_rank:
             # More ranks than the checkpoint saved (the worker count grew): a fresh, distinct stream.
             seed_process(self.cfg.seed + 1_000_003 * self.state.step, self.rank)
+        tallies = ckpt.get("epoch_tally") or []
+        self.epoch_tally = EpochTally.from_state(tallies[self.rank]) if self.rank < len(tallies) else EpochTally()
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -310,9 +333,11 @@ class Trainer:
         # (step, epoch) last handed to on_checkpoint: the end state is saved unless it is exactly that one.
         last_ckpt = (self.state.step, self.state.epoch) if self.state.step > 0 else None
         while not self.finished():
-            epoch_sums: dict[str, float] = {}
-            epoch_steps = epoch_images = 0
-            skipped_epoch: dict[str, int] = {}
+            if self.state.step_in_epoch == 0:
+                self.epoch_tally = EpochTally()  # a new epoch; a mid-epoch resume keeps the restored sums
+            tally = self.epoch_tally
+            epoch_sums, skipped_epoch = tally.sums, tally.skipped
+            epoch_images = 0  # this process's images since the (re)start: with epoch_t0, a rate
             throughput = _Throughput()
             epoch_t0 = time.perf_counter()
             skip = self.state.step_in_epoch
@@ -329,7 +354,7 @@ class Trainer:
                                      precision=self.cfg.runtime.precision)
                 self.state.step += 1
                 self.state.step_in_epoch += 1
-                epoch_steps += 1
+                tally.steps += 1
                 epoch_images += n_img
                 throughput.add(n_img)
                 for k, v in metrics.items():
@@ -351,12 +376,12 @@ class Trainer:
                 self.lr_scheduler.step()
                 self.state.epoch += 1
                 self.state.step_in_epoch = 0
-                if epoch_steps == 0 and skip == 0 and not skipped_epoch:
+                if tally.steps == 0 and skip == 0 and not skipped_epoch:
                     raise RuntimeError(f"epoch {self.state.epoch - 1} yielded no batches: the data source is empty")
                 if cb is not None:
-                    em = {f"epoch/{k}": v / max(epoch_steps, 1) for k, v in epoch_sums.items()}
+                    em = {f"epoch/{k}": v / max(tally.steps, 1) for k, v in epoch_sums.items()}
                     dt = max(time.perf_counter() - epoch_t0, 1e-9)
-                    em.update({"epoch/images_per_s": epoch_images / dt, "epoch/steps": float(epoch_steps),
+                    em.update({"epoch/images_per_s": epoch_images / dt, "epoch/steps": float(tally.steps),
                                "epoch/lr": self.lr()})
                     em.update({f"epoch/skipped_{r}": float(n) for r, n in skipped_epoch.items()})
                     cb.on_epoch_end(self.state, em)
