@@ -209,4 +209,5 @@ def test_tracking_server_lost_mid_run_training_continues(tmp_path):
     out = (tmp_path / "run.log").read_text()
     assert proc.returncode == 0, out[-4000:]
     assert "finished at step 16" in out
-    assert 1 <= out.count("training continues and tracking calls are dropped") <= 2  # once per process
+    # once per process that tracks: the driver, rank 0 and the Train controller (it commits the metrics)
+    assert 1 <= out.count("training continues and tracking calls are dropped") <= 3
