@@ -145,21 +145,11 @@ def per_core_rates(paths, root, cfg, rounds: int, chunk: int = 16,
     return base, ours
 
 
-def full_decode_name() -> str:
-    """The config's name of the full JPEG decode ('full', or 'exact' in older configs)."""
-    from typing import get_args
-
-    from updetr.config import DataConfig
-
-    names = get_args(DataConfig.model_fields["decode"].annotation)
-    return "full" if "full" in names else "exact"
-
-
 def bench_config(root: Path, batch_size: int, decode: str | None, overrides=()):
     """The default config pointed at the photo folder (decode: 'full' | 'reduced' | None = the default)."""
     ov = ["data.source=folder", f"data.path={root}", f"data.batch_size={batch_size}", "data.shuffle=false"]
     if decode is not None:
-        ov.append(f"data.decode={full_decode_name() if decode == 'full' else decode}")
+        ov.append(f"data.decode={decode}")
     return load_config(None, ov + list(overrides))
 
 

@@ -15,7 +15,7 @@ from typing import Optional, TextIO
 import torch
 
 from updetr.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from updetr.config import ExperimentConfig, config_to_dict, config_to_yaml
+from updetr.config import RUN_LENGTH_FIELDS, ExperimentConfig, config_to_yaml, identity_diff
 from updetr.engine import Trainer, TrainState, format_eta, resolve_device, total_steps
 
 # Sections that change the network's shape or the pretext; resuming across a change is refused.
@@ -31,14 +31,13 @@ def run_dir(cfg: ExperimentConfig) -> Path:
 
 
 def check_compatible(cfg: ExperimentConfig, ckpt: dict, path: Path) -> None:
-    """Fail loudly when a checkpoint was trained with another architecture (nothing is forced)."""
-    saved = ckpt.get("config") or {}
-    now = config_to_dict(cfg)
-    diffs = [f"{sec}.{k}: checkpoint {saved[sec][k]!r} vs config {v!r}"
-             for sec in ARCH_SECTIONS if sec in saved
-             for k, v in now[sec].items() if k in saved[sec] and saved[sec][k] != v]
+    """Fail loudly when a checkpoint was trained with other settings that change the arithmetic
+    (architecture, precision, data, loss, ...: `config.identity_fields`); only the run length may grow."""
+    diffs = identity_diff(ckpt.get("config"), cfg, ignore=RUN_LENGTH_FIELDS)
     if diffs:
-        raise CheckpointError(f"{path}: cannot resume, the architecture differs:\n  " + "\n  ".join(diffs))
+        what = ("the architecture differs" if any(d.startswith(ARCH_SECTIONS) for d in diffs)
+                else "settings that change the arithmetic differ")
+        raise CheckpointError(f"{path}: cannot resume, {what}:\n  " + "\n  ".join(diffs))
 
 
 def format_progress(name: str, state: TrainState, metrics: dict[str, float], total: Optional[int],
@@ -176,8 +175,7 @@ def run_debug(cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(config_to_yaml(cfg))
 
-    torch.manual_seed(cfg.seed)
-    trainer = Trainer(cfg, device)
+    trainer = Trainer(cfg, device)  # seeds torch / numpy / random with cfg.seed (+ rank 0)
     if ckpt is not None:
         trainer.load_checkpoint(ckpt)
         print(f"[{cfg.name}] resumed from {ckpt_path} at step {trainer.state.step} "

@@ -169,7 +169,7 @@ def test_reduced_decode_same_draws_close_pixels():
     big = synthetic_image(6, 0, (420, 440)).resize((880, 860), Image.BILINEAR)
     pcfg = _pcfg(scales=[200], max_size=400, patch_size=32, augment=False)
     data = _jpeg(big)
-    ex = record_from_bytes(data, pcfg, (1, 0, 3), decode="exact")
+    ex = record_from_bytes(data, pcfg, (1, 0, 3), decode="full")
     rd = record_from_bytes(data, pcfg, (1, 0, 3), decode="reduced")
     assert np.array_equal(ex["boxes"], rd["boxes"]) and np.array_equal(ex["size"], rd["size"])
     assert np.array_equal(ex["orig_size"], rd["orig_size"])
@@ -186,11 +186,9 @@ def test_sample_id_stable():
     assert numpy_rng((1, 2, 3)).random() == numpy_rng((1, 2, 3)).random()
 
 
-def test_full_is_the_exact_decode_and_unknown_modes_fail():
+def test_unknown_decode_modes_fail():
     data = _jpeg(synthetic_image(8, 0, (90, 120)))
     pcfg = _pcfg()
-    full = record_from_bytes(data, pcfg, (1, 0, 2), decode="full")
-    exact = record_from_bytes(data, pcfg, (1, 0, 2), decode="exact")
-    assert all(np.array_equal(full[k], exact[k]) for k in ("image", "patches", "boxes"))
-    with pytest.raises(ValueError, match="decode must be"):
-        record_from_bytes(data, pcfg, (1, 0, 2), decode="fast")
+    for mode in ("exact", "fast"):  # 'exact' was the full decode's old name: now an error like any other
+        with pytest.raises(ValueError, match="decode must be"):
+            record_from_bytes(data, pcfg, (1, 0, 2), decode=mode)

@@ -36,8 +36,7 @@ from updetr.data.seeding import numpy_rng
 from updetr.data.skips import SkipCounter
 
 # Decode modes (DataConfig.decode): see `record_from_bytes`.
-DECODE_EXACT = "exact"
-DECODE_FULL = "full"  # the same full decode under the name the config may use
+DECODE_FULL = "full"  # the whole image at full resolution (reference behaviour)
 DECODE_REDUCED = "reduced"
 
 
@@ -181,15 +180,15 @@ def make_pretrain_record(img: Image.Image, pcfg, seed_tuple: Sequence[int],
 
 
 def record_from_bytes(data: bytes, pcfg, seed_tuple: Sequence[int], counter: Optional[SkipCounter] = None,
-                      decode: str = DECODE_EXACT) -> dict:
+                      decode: str = DECODE_FULL) -> dict:
     """One sample from encoded bytes. Raises BadImage (empty, unreadable, truncated, too small, ...).
 
-    decode='exact' (or 'full') decodes the full image. decode='reduced' lets libjpeg decode at 1/2, 1/4 or 1/8
+    decode='full' decodes the full image. decode='reduced' lets libjpeg decode at 1/2, 1/4 or 1/8
     scale (DCT domain, several times faster) when the result is still at least the *resized image*
     size; the box draws are made first on the original (w, h) from the header, so they are identical in
     both modes, and crops are taken from the reduced decode with scaled coordinates. Trade-off: the image
     is unchanged up to resampling, but a query patch whose original side is below P * factor is resampled
-    from fewer pixels than in 'exact' (it never has less detail than the same region in the resized
+    from fewer pixels than in 'full' (it never has less detail than the same region in the resized
     input image). Only images at least twice the target size are affected (most ImageNet images are not).
     """
     img = open_image(data)
@@ -198,7 +197,7 @@ def record_from_bytes(data: bytes, pcfg, seed_tuple: Sequence[int], counter: Opt
     scale = (1.0, 1.0)
     if decode == DECODE_REDUCED:
         scale = draft_reduced(img, d.out_w, d.out_h)
-    elif decode not in (DECODE_EXACT, DECODE_FULL):
+    elif decode != DECODE_FULL:
         raise ValueError(f"decode must be '{DECODE_FULL}' or '{DECODE_REDUCED}', got {decode!r}")
     load_pixels(img)
     img = to_rgb(img, counter)
@@ -228,7 +227,7 @@ def make_pretrain_sample(img: Image.Image, pcfg, seed_tuple: Sequence[int],
 
 
 def safe_record(item, pcfg, seed_tuple: Sequence[int], counter: SkipCounter,
-                decode: str = DECODE_EXACT) -> Optional[dict]:
+                decode: str = DECODE_FULL) -> Optional[dict]:
     """`record_from_bytes` / `make_pretrain_record` for bytes or a PIL image; a bad item is counted in
     `counter` by reason and gives None instead of raising (the one entry point of every data path)."""
     try:

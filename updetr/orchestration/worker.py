@@ -5,10 +5,13 @@ Per worker: build the `Trainer` on the worker's device (DDP when world_size > 1)
 and train on `get_dataset_shard("train")` through `iter_worker_batches`. Every `schedule.checkpoint_every`
 steps and at the end (the engine's `on_checkpoint`) all ranks call `ray.train.report` — it is a barrier,
 so the number of calls must match — and only rank 0 passes the checkpoint. Rank 0 alone owns the tracker:
-per-step metrics every `schedule.log_every` steps, per-epoch metrics, the last checkpoint as a tag.
+per-step metrics every `schedule.log_every` steps and per-epoch metrics go to a `MetricLedger` and travel in
+the checkpoint that covers them (committed once registered: orchestration/metrics_commit.py); the last
+checkpoint is a tag.
 
-Drill hook: with `UPDETR_WORKER_PID_DIR` set, each worker writes its pid to `<dir>/rank<r>.pid` at start
-(tests SIGKILL a real worker process by that pid).
+Drill hooks: with `UPDETR_WORKER_PID_DIR` set, each worker writes its pid to `<dir>/rank<r>.pid` at start
+(tests SIGKILL a real worker process by that pid); `UPDETR_DRILL_KILL=after_report:<rank>:<step>` makes
+that worker kill itself right after reporting that step's checkpoint (written, possibly not registered).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import torch
 from updetr.config import ExperimentConfig, config_from_dict
 from updetr.data.skips import split_counts
 from updetr.engine import TrainState, Trainer, total_steps
+from updetr.metric_ledger import MetricLedger, write_ledger
 from updetr.tracking import TAG_LAST_CHECKPOINT, MlflowTracker, NullTracker, Tracker, environment_info
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -35,6 +39,19 @@ def _write_pid(rank: int) -> None:
         tmp = Path(folder) / f".rank{rank}.pid.tmp"
         tmp.write_text(str(os.getpid()))
         tmp.replace(Path(folder) / f"rank{rank}.pid")
+
+
+def _drill_kill(point: str, rank: int, step: int) -> None:
+    """Drill hook: `UPDETR_DRILL_KILL=<point>:<rank>:<step>` (with `UPDETR_WORKER_PID_DIR`) SIGKILLs this
+    worker there, once (a flag file in the pid dir stops the restarted worker from dying again)."""
+    folder = os.environ.get("UPDETR_WORKER_PID_DIR")
+    if not folder or os.environ.get("UPDETR_DRILL_KILL") != f"{point}:{rank}:{step}":
+        return
+    flag = Path(folder) / f"drill-{point}-{rank}-{step}.done"
+    if flag.exists():
+        return
+    flag.write_text(str(os.getpid()))
+    os.kill(os.getpid(), 9)
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -56,6 +73,11 @@ def restore(trainer: Trainer, cfg: ExperimentConfig) -> Optional[int]:
         ckpt = load_checkpoint(path, map_location="cpu")  # weights_only=True inside
         check_compatible(cfg, ckpt, path)
         trainer.load_checkpoint(ckpt)
+    from updetr.config import resume_note
+
+    note = resume_note(ckpt.get("config"), cfg, ray.train.get_context().get_world_size())
+    if note and ray.train.get_context().get_world_rank() == 0:
+        print(f"[{cfg.name}] note: {note}", flush=True)
     return trainer.state.step
 
 
@@ -92,6 +114,8 @@ class RayCallbacks:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.tracker, self.run_dir, self.total = tracker, run_dir, total
         self.last: dict[str, float] = {}
+        # Rank 0's metrics wait here until a checkpoint covers them (exactly-once, updetr/metric_ledger.py).
+        self.ledger = MetricLedger()
         self._t0: Optional[float] = None
         self._step0 = 0
         self._reported_step: Optional[int] = None
@@ -110,7 +134,7 @@ class RayCallbacks:
                                       if k.startswith("data/skipped_")})
         m["data/skipped_total"] = float(sum(dropped.values()))
         m["data/converted_total"] = float(sum(kept.values()))
-        self.tracker.log_metrics(m, step=state.step)
+        self.ledger.add((state.step, state.epoch), m)
         self._progress(state, metrics)
 
     def _progress(self, state: TrainState, metrics: dict[str, float]) -> None:
@@ -145,7 +169,9 @@ class RayCallbacks:
             return
         with tempfile.TemporaryDirectory(prefix="updetr-ckpt-") as tmp:
             save_checkpoint(ckpt, Path(tmp) / CHECKPOINT_FILE)
+            write_ledger(tmp, self.ledger.take(upto=(state.step, state.epoch)))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+        _drill_kill("after_report", self.rank, state.step)  # written to storage, maybe not yet registered
         self.tracker.set_tags({TAG_LAST_CHECKPOINT: f"{self.run_dir}/{name}", "updetr.last_checkpoint_step": state.step})
 
     def on_epoch_end(self, state: TrainState, metrics: dict[str, float]) -> None:
@@ -161,7 +187,7 @@ class RayCallbacks:
                                       if k.startswith("epoch/skipped_")})
         m["epoch/skipped_total"] = float(sum(dropped.values()))    # items dropped, all ranks
         m["epoch/converted_total"] = float(sum(kept.values()))     # items converted / fixed and used, all ranks
-        self.tracker.log_metrics(m, step=state.epoch - 1)
+        self.ledger.add((state.step, state.epoch), m, step=state.epoch - 1)
         from updetr.local import format_epoch_line
 
         line = format_epoch_line(self.cfg.name, state.epoch - 1, m, "steps/worker",
@@ -206,8 +232,7 @@ def train_fn_per_worker(config: dict) -> dict:
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    torch.manual_seed(cfg.seed)
-    trainer = Trainer(cfg, device)
+    trainer = Trainer(cfg, device)  # seeds torch / numpy / random with cfg.seed + rank
     resumed_from = restore(trainer, cfg)
 
     tracker = _tracker(config, rank)
@@ -218,6 +243,9 @@ def train_fn_per_worker(config: dict) -> dict:
         where = f"resumed from step {resumed_from}" if resumed_from is not None else "from step 0"
         print(f"[{cfg.name}] rank 0/{world_size} on {device}: training {where}", flush=True)
         if resumed_from is not None:
+            from updetr.orchestration.metrics_commit import catch_up
+
+            catch_up(tracker)
             tracker.log_metrics({"resume/from_step": resumed_from}, step=resumed_from)
 
     shard = ray.train.get_dataset_shard("train")
