@@ -332,6 +332,7 @@ class Trainer:
         sched = self.cfg.schedule
         # (step, epoch) last handed to on_checkpoint: the end state is saved unless it is exactly that one.
         last_ckpt = (self.state.step, self.state.epoch) if self.state.step > 0 else None
+        ckpt_due = False  # a periodic checkpoint fell due on the last step
         while not self.finished():
             if self.state.step_in_epoch == 0:
                 self.epoch_tally = EpochTally()  # a new epoch; a mid-epoch resume keeps the restored sums
@@ -342,6 +343,10 @@ class Trainer:
             epoch_t0 = time.perf_counter()
             skip = self.state.step_in_epoch
             for batch in epoch_batches(self.state.epoch, skip):
+                if ckpt_due:
+                    # The periodic checkpoint of the previous step, taken now that the epoch goes on (see below).
+                    ckpt_due = False
+                    last_ckpt = self._save(cb)
                 skipped = batch.get("skipped") or {}
                 for reason, n in skipped.items():
                     skipped_epoch[reason] = skipped_epoch.get(reason, 0) + int(n)
@@ -365,10 +370,10 @@ class Trainer:
                     metrics["lr"] = self.lr()
                     metrics["images"] = float(n_img)
                     cb.on_step(self.state, metrics)
-                if self.state.step % sched.checkpoint_every == 0:
-                    last_ckpt = (self.state.step, self.state.epoch)
-                    if cb is not None:
-                        cb.on_checkpoint(self.state, self.checkpoint())
+                # Due now, taken when the next batch arrives or after the epoch closed: a checkpoint on an
+                # epoch's last step then holds the closed epoch (its summary metrics included), so that state
+                # is saved once, never as two checkpoints of the same step.
+                ckpt_due = self.state.step % sched.checkpoint_every == 0
                 if self.finished():
                     break
             else:
@@ -385,11 +390,20 @@ class Trainer:
                                "epoch/lr": self.lr()})
                     em.update({f"epoch/skipped_{r}": float(n) for r, n in skipped_epoch.items()})
                     cb.on_epoch_end(self.state, em)
+                if ckpt_due:
+                    ckpt_due = False
+                    last_ckpt = self._save(cb)
                 continue
             break
-        if (self.state.step, self.state.epoch) != last_ckpt and cb is not None:
-            cb.on_checkpoint(self.state, self.checkpoint())
+        if (self.state.step, self.state.epoch) != last_ckpt:
+            self._save(cb)
         return self.state
+
+    def _save(self, cb: Optional[Callbacks]) -> tuple[int, int]:
+        """Hand the current state to `on_checkpoint`; returns the (step, epoch) it saved."""
+        if cb is not None:
+            cb.on_checkpoint(self.state, self.checkpoint())
+        return self.state.step, self.state.epoch
 
 
 def total_steps(cfg: ExperimentConfig, batches_per_epoch: Optional[int]) -> Optional[int]:
