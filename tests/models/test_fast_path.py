@@ -96,8 +96,7 @@ def _assert_close(fast, ref) -> None:
         assert rel(fg[k], rg[k]) <= RTOL, f"grad {k}: rel diff {rel(fg[k], rg[k]):.2e}"
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
-@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("name,channels_last", [("resnet18", False), ("resnet18", True), ("resnet50", True)])
 def test_folded_backbone_matches_conv_then_frozen_bn(name, channels_last):
     torch.manual_seed(0)
     ref = Backbone(name, train_backbone=False)
