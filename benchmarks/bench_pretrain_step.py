@@ -209,6 +209,7 @@ def main() -> None:
     for _ in range(a.repeats):
         for n in names:
             runs[n].append(_run_child(["--child", n] + common))
+            print(f"  ({n}: {runs[n][-1]['step_s']:.3f} s/step, CPU {runs[n][-1]['cpu_s']:.3f} s)", flush=True)
     _report(names, runs, "reference")
     if not a.no_parity:
         p = _run_child(["--child", "parity", "--threads", str(a.threads)])
