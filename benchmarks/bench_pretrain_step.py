@@ -1,47 +1,56 @@
-"""Benchmark: one UP-DETR pre-training step (forward + backward + AdamW step) at the paper's shapes.
+"""Benchmark: one UP-DETR pre-training step (forward + loss + backward + clip + AdamW) against the reference path.
 
-ResNet-50, N=100 queries, M=10 patches of 128x128, a batch of 2 images with shorter side in
-320-480 and longer side <= 600. Compares, in the same run and each in its own fresh process:
+Paper shapes: ResNet-50 (frozen), N=100 queries, M=10 patches of 128x128, a batch of 2 images of 400x533 and
+448x597 (padded to 448x597), fp32. Variants, each in its own fresh process, run interleaved `--repeats` times
+(the machine may be shared: the figure per variant is the median over repeats of each process's median step):
 
-  frozen   - updetr's frozen backbone: the CNN runs under no_grad (no graph, no gradient memory)
-  naive    - the same model with the frozen CNN run under autograd (requires_grad on, lr 0),
-             i.e. frozen by the optimizer rather than by the graph
+  reference  - every speed-up off (runtime.fold_frozen_bn=false channels_last=false fused_adamw=false
+               compile=false, fp32): the official arithmetic op for op
+  default    - updetr's defaults for the device (on CPU: FrozenBatchNorm folded into the convs, channels-last)
+  --extra adds: fold (fold only), channels_last (channels-last only), compile (defaults + torch.compile,
+               first-step compile time reported)
 
-and prints time per step, peak RSS growth during the steps, and the ratios naive / frozen.
+Prints time per step (wall, and process CPU time), peak RSS of the process, and ratios against the reference.
+A parity check in its own process runs one step of both paths from the same weights and the same seed and
+prints the largest relative difference (tensor norm) of outputs, losses and gradients.
+With a CUDA device it also times gpu-reference (fp32, speed-ups off), gpu-default (channels-last, fused AdamW,
+torch.compile) and gpu-bf16 (defaults + bf16 autocast) and prints their ratios against gpu-reference;
+without one it says so and skips.
 
-    python benchmarks/bench_pretrain_step.py [--steps 5] [--warmup 2] [--threads N]
+    python benchmarks/bench_pretrain_step.py [--steps 5] [--warmup 2] [--threads 2] [--repeats 3] [--extra]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
 
+REFERENCE = ["runtime.fold_frozen_bn=false", "runtime.channels_last=false", "runtime.fused_adamw=false",
+             "runtime.compile=false", "runtime.precision=fp32"]
+VARIANTS = {
+    "reference": REFERENCE,
+    "default": [],
+    "fold": REFERENCE + ["runtime.fold_frozen_bn=true"],
+    "channels_last": REFERENCE + ["runtime.channels_last=true"],
+    "compile": ["runtime.compile=true"],
+    "gpu-reference": REFERENCE,
+    "gpu-default": [],
+    "gpu-bf16": ["runtime.precision=bf16"],
+}
+SHAPE = ["model.backbone=resnet50", "model.num_queries=100", "pretext.num_patches=10",
+         "model.freeze_backbone=true", "tracking.enabled=false"]
 
-def child(variant: str, steps: int, warmup: int, threads: int | None) -> dict:
-    import psutil
+
+def make_batch(device_type: str = "cpu") -> dict:
+    """Two images (400x533, 448x597) padded to 448x597, 10 patches each, 10 targets each (seeded)."""
     import torch
 
-    from updetr.config import load_config
-    from updetr.engine import Trainer, train_step
-
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    cfg = load_config(None, ["model.backbone=resnet50", "model.num_queries=100", "pretext.num_patches=10",
-                             "model.freeze_backbone=true", "runtime.device=cpu"])
-    trainer = Trainer(cfg, torch.device("cpu"))
-    model = trainer.model
-    if variant == "naive":
-        # Frozen "by the optimizer": the CNN takes part in autograd but no step ever updates it.
-        model.freeze_backbone = False
-        for p in model.backbone.parameters():
-            p.requires_grad_(True)
     g = torch.Generator().manual_seed(1)
-    sizes = [(400, 533), (448, 597)]  # (h, w): shorter side from the paper's scales, longer <= 600
+    sizes = [(400, 533), (448, 597)]
     hmax, wmax = max(h for h, _ in sizes), max(w for _, w in sizes)
     images = torch.zeros(2, 3, hmax, wmax)
     mask = torch.ones(2, hmax, wmax, dtype=torch.bool)
@@ -54,51 +63,171 @@ def child(variant: str, steps: int, warmup: int, threads: int | None) -> dict:
         c = torch.rand(10, 2, generator=g) * 0.5 + 0.25
         wh = torch.rand(10, 2, generator=g) * 0.3 + 0.1
         targets.append({"labels": torch.ones(10, dtype=torch.int64), "boxes": torch.cat([c, wh], 1)})
-    batch = {"images": images, "mask": mask, "patches": patches, "targets": targets}
+    return {"images": images, "mask": mask, "patches": patches, "targets": targets}
+
+
+def _trainer(overrides: list[str], device: str):
+    from updetr.config import load_config
+    from updetr.engine import Trainer
+
+    import torch
+
+    cfg = load_config(None, SHAPE + [f"runtime.device={device}"] + overrides)
+    return Trainer(cfg, torch.device(device)), cfg
+
+
+def child(variant: str, steps: int, warmup: int, threads: int) -> dict:
+    import torch
+
+    from updetr.engine import train_step
+
+    torch.set_num_threads(threads)
+    device = "cuda" if variant.startswith("gpu-") else "cpu"
+    torch.manual_seed(0)
+    trainer, cfg = _trainer(VARIANTS[variant], device)
+    batch = make_batch()
+    dev = torch.device(device)
 
     def step():
-        return train_step(model, trainer.criterion, batch, trainer.optimizer, device=torch.device("cpu"),
-                          clip_max_norm=0.1)
+        out = train_step(trainer.train_model, trainer.criterion, batch, trainer.optimizer, device=dev,
+                         clip_max_norm=0.1, precision=cfg.runtime.precision)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
 
-    for _ in range(warmup):
+    t = time.perf_counter()
+    step()
+    first_s = time.perf_counter() - t  # includes torch.compile's compilation where on
+    for _ in range(max(warmup - 1, 0)):
         step()
-    rss0 = psutil.Process().memory_info().rss
-    peak0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    times = []
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, cpu_times = [], []
     for _ in range(steps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    grads = sum(p.grad.numel() for p in model.parameters() if p.grad is not None)
-    return {"variant": variant, "step_s": sorted(times)[len(times) // 2], "mean_s": sum(times) / len(times),
-            "peak_rss_mb": peak / 2**20, "peak_over_steady_mb": (max(peak, peak0) - rss0) / 2**20,
-            "grad_values": grads, "threads": torch.get_num_threads()}
+        cpu_times.append(time.process_time() - c)
+    out = {"variant": variant, "step_s": statistics.median(times), "cpu_s": statistics.median(cpu_times),
+           "first_step_s": first_s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "threads": torch.get_num_threads()}
+    if device == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+def parity(threads: int) -> dict:
+    """One step's outputs, losses and gradients: default path vs reference path, same weights, same seed."""
+    import torch
+
+    from updetr.util.nested_tensor import NestedTensor
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    fast, _ = _trainer(VARIANTS["default"], "cpu")
+    ref, _ = _trainer(VARIANTS["reference"], "cpu")
+    ref.model.load_state_dict(fast.model.state_dict(), strict=True)
+    batch = make_batch()
+    results = []
+    # The third run is the reference path again at 1 thread: other reduction orders in the GEMMs give the
+    # rounding noise floor of the reference itself, against which the fast path's difference is judged.
+    for t, n_threads in ((fast, threads), (ref, threads), (ref, 1)):
+        torch.set_num_threads(n_threads)
+        t.model.train()
+        t.model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        out = t.model(NestedTensor(batch["images"], batch["mask"]), batch["patches"])
+        losses = t.criterion(out, batch["targets"])
+        total = sum(losses[k] * t.criterion.weight_dict[k] for k in losses if k in t.criterion.weight_dict)
+        total.backward()
+        flat = {k: v.detach() for k, v in out.items() if torch.is_tensor(v)}
+        flat.update({f"loss/{k}": v.detach() for k, v in losses.items()})
+        flat.update({f"grad/{n}": p.grad for n, p in t.model.named_parameters() if p.grad is not None})
+        results.append(flat)
+
+    def rel(a, b):
+        a, b = a.double(), b.double()
+        return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+    report: dict[str, dict] = {}
+    for k, v in results[1].items():
+        kind = k.split("/")[0] if "/" in k else "output"
+        r, floor = rel(results[0][k], v), rel(results[2][k], v)
+        entry = report.setdefault(kind, {"max_rel": -1.0, "at": "", "floor": 0.0})
+        if r > entry["max_rel"]:
+            entry.update(max_rel=r, at=k)
+        entry["floor"] = max(entry["floor"], floor)
+    return report
+
+
+def _run_child(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__] + args, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _report(names: list[str], runs: dict[str, list[dict]], base: str) -> None:
+    med = {n: {k: statistics.median(r[k] for r in runs[n]) for k in ("step_s", "cpu_s", "peak_rss_mb")}
+           for n in names}
+    for n in names:
+        m = med[n]
+        per = ", ".join(f"{r['step_s']:.3f}" for r in runs[n])
+        line = (f"{n:14s} {m['step_s']:.3f} s/step (per process: {per}), CPU {m['cpu_s']:.3f} s/step, "
+                f"peak RSS {m['peak_rss_mb']:.0f} MB, first step {runs[n][0]['first_step_s']:.1f} s")
+        if "peak_gpu_mb" in runs[n][0]:
+            line += f", peak GPU {runs[n][0]['peak_gpu_mb']:.0f} MB on {runs[n][0]['gpu']}"
+        print(line)
+    b = med[base]
+    for n in names:
+        if n != base:
+            m = med[n]
+            print(f"{n}/{base}: time x{m['step_s'] / b['step_s']:.2f}, CPU time x{m['cpu_s'] / b['cpu_s']:.2f}, "
+                  f"peak RSS x{m['peak_rss_mb'] / b['peak_rss_mb']:.3f} ({m['peak_rss_mb'] - b['peak_rss_mb']:+.0f} MB)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--child", choices=["frozen", "naive"], help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved fresh processes per variant")
+    ap.add_argument("--extra", action="store_true", help="also time fold-only, channels-last-only, compile")
+    ap.add_argument("--no-parity", action="store_true")
+    ap.add_argument("--child", choices=sorted(VARIANTS) + ["parity"], help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.child == "parity":
+        print(json.dumps(parity(a.threads)))
+        return
     if a.child:
         print(json.dumps(child(a.child, a.steps, a.warmup, a.threads)))
         return
-    results = {}
-    for variant in ("frozen", "naive"):
-        cmd = [sys.executable, __file__, "--child", variant, "--steps", str(a.steps), "--warmup", str(a.warmup)]
-        if a.threads:
-            cmd += ["--threads", str(a.threads)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results[variant] = json.loads(out.strip().splitlines()[-1])
-        r = results[variant]
-        print(f"{variant:7s} median {r['step_s']:.3f} s/step (mean {r['mean_s']:.3f}), peak RSS {r['peak_rss_mb']:.0f} MB, "
-              f"grad values {r['grad_values']:,}, threads {r['threads']}")
-    f, n = results["frozen"], results["naive"]
-    print(f"naive/frozen: time x{n['step_s'] / f['step_s']:.2f}, peak RSS x{n['peak_rss_mb'] / f['peak_rss_mb']:.2f} "
-          f"(+{n['peak_rss_mb'] - f['peak_rss_mb']:.0f} MB), gradient values x{n['grad_values'] / f['grad_values']:.2f}")
+    common = ["--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads)]
+    names = ["reference", "default"] + (["fold", "channels_last", "compile"] if a.extra else [])
+    print(f"CPU, {a.threads} threads, {a.steps} timed steps after {a.warmup} warm-up, {a.repeats} interleaved "
+          f"processes per variant")
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for _ in range(a.repeats):
+        for n in names:
+            runs[n].append(_run_child(["--child", n] + common))
+            print(f"  ({n}: {runs[n][-1]['step_s']:.3f} s/step, CPU {runs[n][-1]['cpu_s']:.3f} s)", flush=True)
+    _report(names, runs, "reference")
+    if not a.no_parity:
+        p = _run_child(["--child", "parity", "--threads", str(a.threads)])
+        print("parity, default vs reference path, largest relative difference (tensor norm) "
+              "[reference at 1 thread vs itself, the rounding floor]:")
+        for k, v in p.items():
+            print(f"  {k:7s} {v['max_rel']:.1e} ({v['at']}) [floor {v['floor']:.1e}]")
+    import torch
+
+    if not torch.cuda.is_available():
+        print("GPU: no CUDA device, skipped (gpu-reference / gpu-default / gpu-bf16 need one)")
+        return
+    gpu = ["gpu-reference", "gpu-default", "gpu-bf16"]
+    gruns: dict[str, list[dict]] = {n: [] for n in gpu}
+    for _ in range(a.repeats):
+        for n in gpu:
+            gruns[n].append(_run_child(["--child", n] + common))
+    _report(gpu, gruns, "gpu-reference")
 
 
 if __name__ == "__main__":

@@ -134,10 +134,11 @@ def freeze_heads_without_loss(model: nn.Module, cfg: ExperimentConfig) -> list[s
     return frozen
 
 
-def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, optim: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
     """AdamW with two groups: transformer + heads at `lr`, trainable backbone params at `lr_backbone`.
 
     Frozen parameters (requires_grad False) are left out, so a frozen backbone has no optimizer state.
+    `fused`: one fused kernel for every parameter (same update rule; rounding-level differences only).
     """
     main, backbone = [], []
     for name, p in model.named_parameters():
@@ -146,7 +147,32 @@ def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
     groups = [{"params": main, "lr": optim.lr}]
     if backbone:
         groups.append({"params": backbone, "lr": optim.lr_backbone})
-    return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+    extra = {"fused": True} if fused else {}
+    return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay, **extra)
+
+
+def use_fused_adamw(cfg: ExperimentConfig, device: torch.device) -> bool:
+    """`runtime.fused_adamw`, where None means: on for CUDA, off on CPU."""
+    flag = cfg.runtime.fused_adamw
+    return device.type == "cuda" if flag is None else flag
+
+
+def use_compile(cfg: ExperimentConfig, device: torch.device) -> bool:
+    """`runtime.compile`, where None means: on for CUDA, off on CPU."""
+    flag = cfg.runtime.compile
+    return device.type == "cuda" if flag is None else flag
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """`torch.compile` (inductor) for training; the uncompiled module keeps the state dict and its keys.
+
+    Dropout keeps eager's random-number generator (`fallback_random`): inductor's own generator would draw
+    other masks than the reference path for the same seed.
+    """
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fallback_random = True
+    return torch.compile(model)
 
 
 def move_targets(targets: list[dict], device: torch.device) -> list[dict]:
@@ -249,7 +275,7 @@ class Trainer:
         self.model = model.to(device)
         self.frozen_heads = freeze_heads_without_loss(self.model, cfg)
         self.criterion = criterion.to(device)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.optimizer = build_optimizer(self.model, cfg.optim, fused=use_fused_adamw(cfg, device))
         # StepLR is stepped once per epoch, as the official main.py does (lr_drop in epochs).
         self.lr_scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.schedule.lr_drop)
         self.state = TrainState()
@@ -261,11 +287,13 @@ class Trainer:
             ids = [device.index] if device.type == "cuda" else None
             self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids,
                                                                    find_unused_parameters=False)
+        if use_compile(cfg, device):
+            self.train_model = compile_model(self.train_model)
 
     def _any_rank_empty(self, n_img: int) -> bool:
         """True when this batch is empty on any rank (all items bad). All ranks then skip the step together:
         a rank that stepped alone would wait forever in DDP's gradient all-reduce."""
-        if self.train_model is self.model:  # single process: no agreement needed
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):  # single process
             return n_img == 0
         flag = torch.tensor([1.0 if n_img == 0 else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)

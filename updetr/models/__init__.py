@@ -44,7 +44,8 @@ def build_model(cfg: ExperimentConfig) -> tuple[nn.Module, SetCriterion, dict[st
     pretrain = cfg.stage == "pretrain"
     freeze = m.freeze_backbone or cfg.optim.lr_backbone == 0
     backbone = build_backbone(m.backbone, m.hidden_dim, m.position_embedding, train_backbone=not freeze,
-                              dilation=m.dilation, weights=m.backbone_weights)
+                              dilation=m.dilation, weights=m.backbone_weights,
+                              fold_bn=cfg.runtime.fold_frozen_bn, channels_last=cfg.runtime.channels_last)
     transformer = build_transformer(m.hidden_dim, m.nheads, m.enc_layers, m.dec_layers, m.dim_feedforward,
                                     m.dropout, m.pre_norm)
     num_classes = cfg.num_classes

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from updetr.models.position_encoding import build_position_encoding
 from updetr.util.nested_tensor import NestedTensor, to_nested_tensor
@@ -53,6 +54,62 @@ class FrozenBatchNorm2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def folded_conv_bn(x: Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> Tensor:
+    """`bn(conv(x))` as one convolution: weight scaled per output channel, BN shift as the bias.
+
+    bn(y) = y * s + (b - m * s) with s = w / sqrt(v + eps) (the same `scale` FrozenBatchNorm2d computes), so
+    conv(x, W) * s + t = conv(x, W * s) + t. The folded weight is built per call (a few MB per layer, freed at
+    once) rather than cached: the module keeps its official keys and no second copy of the CNN stays in
+    memory. Under autograd the gradient reaches `conv.weight` through the product, so trainable convs fold
+    too. fp32 results differ from the two-step form by rounding only (~1e-6 relative).
+    """
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+    shift = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        shift = shift + conv.bias * scale
+    weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+    if x.is_contiguous(memory_format=torch.channels_last):
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    return F.conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _folded_block(block: nn.Module, x: Tensor) -> Tensor:
+    """torchvision's BasicBlock / Bottleneck forward with every conv+FrozenBN pair folded."""
+    out = F.relu(folded_conv_bn(x, block.conv1, block.bn1), inplace=True)
+    if isinstance(block, Bottleneck):
+        out = F.relu(folded_conv_bn(out, block.conv2, block.bn2), inplace=True)
+        out = folded_conv_bn(out, block.conv3, block.bn3)
+    else:
+        out = folded_conv_bn(out, block.conv2, block.bn2)
+    identity = x if block.downsample is None else folded_conv_bn(x, block.downsample[0], block.downsample[1])
+    out += identity
+    return F.relu(out, inplace=True)
+
+
+def folded_resnet_forward(body: nn.Module, x: Tensor) -> Tensor:
+    """`body(x)['0']` (ResNet stem + layer1-4) with FrozenBatchNorm folded into the convolutions.
+
+    `x [B, 3, H, W]` -> `[B, Cb, H/32, W/32]`; keeps x's memory format (channels-last in, channels-last out).
+    """
+    x = F.relu(folded_conv_bn(x, body.conv1, body.bn1), inplace=True)
+    x = body.maxpool(x)
+    for layer in (body.layer1, body.layer2, body.layer3, body.layer4):
+        for block in layer:
+            x = _folded_block(block, x)
+    return x
+
+
+def _foldable(body: nn.Module) -> bool:
+    """True when the body is the torchvision ResNet layout `folded_resnet_forward` walks, FrozenBN throughout."""
+    names = [n for n, _ in body.named_children()]
+    if names != ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]:
+        return False
+    blocks = [b for layer in (body.layer1, body.layer2, body.layer3, body.layer4) for b in layer]
+    norms = [m for m in body.modules() if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d))]
+    return (all(isinstance(b, (BasicBlock, Bottleneck)) for b in blocks)
+            and all(isinstance(m, FrozenBatchNorm2d) for m in norms))
 
 
 @dataclass
@@ -134,10 +191,17 @@ class Backbone(nn.Module):
 
     `train_backbone=False` freezes every parameter; otherwise DETR's rule: only layer2-4 train. When no body
     parameter requires grad the forward runs under `torch.no_grad()` so it records no autograd graph.
+
+    Speed-ups (run time only; parameters, buffers and state-dict keys are the official ones):
+    `fold_bn` folds each FrozenBatchNorm2d into the convolution before it (`folded_conv_bn`), and
+    `channels_last` runs the CNN in NHWC, the layout oneDNN / cuDNN convolutions prefer. The output map is
+    returned contiguous (NCHW) either way, so everything after the CNN sees the same layout. Both off = the
+    official arithmetic (conv, then `x * scale + bias`).
     """
 
     def __init__(self, name: str, train_backbone: bool, dilation: bool = False,
-                 weights: Optional[Union[str, Path]] = None):
+                 weights: Optional[Union[str, Path]] = None, fold_bn: bool = False,
+                 channels_last: bool = False):
         super().__init__()
         if name not in RESNET_CHANNELS:
             raise ValueError(f"unknown backbone '{name}' (expected one of {sorted(RESNET_CHANNELS)})")
@@ -154,6 +218,10 @@ class Backbone(nn.Module):
                 p.requires_grad_(False)
         self.body = IntermediateLayerGetter(resnet, return_layers={"layer4": "0"})
         self.num_channels = RESNET_CHANNELS[name]
+        self.fold_bn = fold_bn
+        self.channels_last = channels_last
+        if fold_bn and not _foldable(self.body):
+            raise ValueError(f"fold_bn: backbone '{name}' is not a plain torchvision ResNet with FrozenBatchNorm2d")
 
     def freeze(self) -> None:
         """Freeze every parameter (forward then runs without autograd)."""
@@ -164,11 +232,23 @@ class Backbone(nn.Module):
     def frozen(self) -> bool:
         return not any(p.requires_grad for p in self.body.parameters())
 
+    def _body(self, x: Tensor) -> dict[str, Tensor]:
+        if not (self.fold_bn or self.channels_last):
+            return self.body(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.fold_bn:
+            out = folded_resnet_forward(self.body, x)
+        else:
+            # Weights follow the input's layout per call; the module's own tensors stay as loaded.
+            out = self.body(x)["0"]
+        return {"0": out.contiguous()}
+
     def forward(self, x: Union[NestedTensor, Tensor]) -> Union[dict[str, NestedTensor], dict[str, Tensor]]:
         """NestedTensor -> {'0': NestedTensor([B, Cb, H/32, W/32], mask)}; Tensor `[B,3,H,W]` -> {'0': map}."""
         tensors = x.tensors if isinstance(x, NestedTensor) else x
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            xs = self.body(tensors)
+            xs = self._body(tensors)
         if not isinstance(x, NestedTensor):
             return xs
         out: dict[str, NestedTensor] = {}
@@ -205,7 +285,8 @@ class Joiner(nn.Sequential):
 
 
 def build_backbone(name: str, hidden_dim: int, position_embedding: str = "sine", train_backbone: bool = False,
-                   dilation: bool = False, weights: Optional[Union[str, Path]] = None) -> Joiner:
+                   dilation: bool = False, weights: Optional[Union[str, Path]] = None, fold_bn: bool = False,
+                   channels_last: bool = False) -> Joiner:
     """Backbone + position encoding joined; `.num_channels` is 512 (r18/34) or 2048 (r50/101)."""
-    body = Backbone(name, train_backbone, dilation, weights)
+    body = Backbone(name, train_backbone, dilation, weights, fold_bn=fold_bn, channels_last=channels_last)
     return Joiner(body, build_position_encoding(position_embedding, hidden_dim))

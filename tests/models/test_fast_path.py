@@ -1,0 +1,193 @@
+"""The default (fast) path computes what the reference path computes: the official arithmetic, op for op.
+
+Reference path = every speed-up off (`runtime.fold_frozen_bn=false runtime.channels_last=false
+runtime.fused_adamw=false runtime.compile=false`). The two must agree to 1e-5 relative (tensor norm of the
+difference over the norm of the reference) in outputs, losses, gradients and the stepped weights, for
+pre-training (frozen CNN) and detection (layers 2-4 of the CNN train).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.models.conftest import make_targets, tiny_cfg, tiny_finetune_cfg
+from updetr.engine import Trainer, build_optimizer, train_step
+from updetr.models import FrozenBatchNorm2d, build_model
+from updetr.models.backbone import Backbone
+from updetr.util.nested_tensor import NestedTensor, nested_tensor_from_tensor_list
+
+REFERENCE = ["runtime.fold_frozen_bn=false", "runtime.channels_last=false", "runtime.fused_adamw=false",
+             "runtime.compile=false"]
+RTOL = 1e-5
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| (0 when both are 0)."""
+    a, b = a.detach().double(), b.detach().double()
+    denom = b.norm().item()
+    return (a - b).norm().item() / denom if denom > 0 else (a - b).norm().item()
+
+
+def _randomise_frozen_bn(model: torch.nn.Module, seed: int = 3) -> None:
+    """Non-trivial BN statistics (fresh init has scale ~1, shift 0, which would hide a wrong fold)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            n = m.weight.numel()
+            m.weight.copy_(torch.rand(n, generator=g) * 1.5 + 0.25)
+            m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+
+
+def _pair(cfg_fn, *overrides):
+    """(fast, reference) model bundles holding identical weights."""
+    torch.manual_seed(0)
+    fast = build_model(cfg_fn(*overrides))
+    _randomise_frozen_bn(fast[0])
+    ref = build_model(cfg_fn(*overrides, *REFERENCE))
+    ref[0].load_state_dict(fast[0].state_dict(), strict=True)
+    return fast, ref
+
+
+def _batch(pretrain: bool, seed: int = 5) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    imgs = [torch.randn(3, 96, 128, generator=g), torch.randn(3, 112, 100, generator=g)]
+    nt = nested_tensor_from_tensor_list(imgs)
+    batch = {"images": nt.tensors, "mask": nt.mask, "targets": make_targets(2, 4 if pretrain else 3, seed=seed)}
+    if pretrain:
+        batch["patches"] = torch.randn(2, 4, 3, 64, 64, generator=g)
+    return batch
+
+
+def _run(bundle, batch: dict, seed: int = 11):
+    """One forward + loss + backward under a fixed RNG seed (same dropout masks for both paths)."""
+    model, criterion, _ = bundle
+    model.train()
+    torch.manual_seed(seed)
+    samples = NestedTensor(batch["images"], batch["mask"])
+    out = model(samples, batch["patches"]) if "patches" in batch else model(samples)
+    losses = criterion(out, batch["targets"])
+    total = sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict)
+    model.zero_grad(set_to_none=True)
+    total.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, losses, grads
+
+
+def _flat_outputs(out: dict) -> dict[str, torch.Tensor]:
+    flat = {k: v for k, v in out.items() if torch.is_tensor(v)}
+    for i, aux in enumerate(out.get("aux_outputs", [])):
+        flat.update({f"{k}_{i}": v for k, v in aux.items()})
+    return flat
+
+
+def _assert_close(fast, ref) -> None:
+    (fo, fl, fg), (ro, rl, rg) = fast, ref
+    fo, ro = _flat_outputs(fo), _flat_outputs(ro)
+    assert fo.keys() == ro.keys()
+    for k in ro:
+        assert rel(fo[k], ro[k]) <= RTOL, f"output {k}: rel diff {rel(fo[k], ro[k]):.2e}"
+    assert fl.keys() == rl.keys()
+    for k in rl:
+        assert rel(fl[k], rl[k]) <= RTOL, f"loss {k}: {fl[k].item()} vs {rl[k].item()}"
+    assert fg.keys() == rg.keys() and rg
+    for k in rg:
+        assert rel(fg[k], rg[k]) <= RTOL, f"grad {k}: rel diff {rel(fg[k], rg[k]):.2e}"
+
+
+@pytest.mark.parametrize("name,channels_last", [("resnet18", False), ("resnet18", True), ("resnet50", True)])
+def test_folded_backbone_matches_conv_then_frozen_bn(name, channels_last):
+    torch.manual_seed(0)
+    ref = Backbone(name, train_backbone=False)
+    _randomise_frozen_bn(ref)
+    fast = Backbone(name, train_backbone=False, fold_bn=True, channels_last=channels_last)
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 3, 70, 90)
+    with torch.no_grad():
+        a, b = fast(x)["0"], ref(x)["0"]
+    assert a.is_contiguous() and a.shape == b.shape
+    assert rel(a, b) <= RTOL
+    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+
+
+def test_fast_path_is_the_default_and_keeps_official_keys():
+    fast, ref = _pair(tiny_cfg)
+    bb = fast[0].backbone[0]
+    assert bb.fold_bn and bb.channels_last
+    assert not ref[0].backbone[0].fold_bn and not ref[0].backbone[0].channels_last
+    assert list(fast[0].state_dict()) == list(ref[0].state_dict())
+    assert any(k.endswith("bn1.running_var") for k in fast[0].state_dict())
+
+
+def test_pretrain_fast_path_matches_reference():
+    fast, ref = _pair(tiny_cfg)
+    batch = _batch(pretrain=True)
+    _assert_close(_run(fast, batch), _run(ref, batch))
+
+
+def test_detection_fast_path_matches_reference_with_trainable_backbone():
+    fast, ref = _pair(tiny_finetune_cfg, "model.freeze_backbone=false", "optim.lr_backbone=1e-5")
+    assert not fast[0].backbone[0].frozen
+    batch = _batch(pretrain=False)
+    f, r = _run(fast, batch), _run(ref, batch)
+    _assert_close(f, r)
+    # The fold is differentiated through: trainable conv weights get the same gradients.
+    assert any(k.startswith("backbone.0.body.layer2") for k in r[2])
+
+
+def test_train_step_and_fused_adamw_match_reference_weights():
+    """Two full steps (forward, loss, backward, clip, AdamW) leave the same weights on both paths."""
+    fast, ref = _pair(tiny_cfg, "runtime.fused_adamw=true")
+    cpu = torch.device("cpu")
+    t_fast = Trainer(tiny_cfg("runtime.fused_adamw=true"), cpu, model_bundle=fast)
+    t_ref = Trainer(tiny_cfg(*REFERENCE), cpu, model_bundle=ref)
+    assert t_fast.optimizer.defaults.get("fused") and not t_ref.optimizer.defaults.get("fused")
+    for step in range(2):
+        batch = _batch(pretrain=True, seed=20 + step)
+        metrics = []
+        for t in (t_fast, t_ref):
+            torch.manual_seed(100 + step)
+            metrics.append(train_step(t.model, t.criterion, batch, t.optimizer, device=cpu))
+        for k in metrics[1]:
+            assert abs(metrics[0][k] - metrics[1][k]) <= RTOL * max(abs(metrics[1][k]), 1e-8), k
+    sd_f, sd_r = t_fast.model.state_dict(), t_ref.model.state_dict()
+    for k in sd_r:
+        if not sd_r[k].is_floating_point():
+            continue
+        f, r = sd_f[k], sd_r[k]
+        if k.endswith("in_proj_bias"):
+            # The key bias cancels in the softmax: its true gradient is 0 and both paths hold only rounding
+            # noise there, which AdamW's g / sqrt(v) scales up to a full +-lr step. Compare q and v biases.
+            d = r.numel() // 3
+            f, r = torch.cat([f[:d], f[2 * d:]]), torch.cat([r[:d], r[2 * d:]])
+        assert rel(f, r) <= RTOL, k
+
+
+def test_fused_adamw_defaults_off_on_cpu():
+    model = build_model(tiny_cfg())[0]
+    assert not build_optimizer(model, tiny_cfg().optim).defaults.get("fused")
+    assert not Trainer(tiny_cfg(), torch.device("cpu")).optimizer.defaults.get("fused")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_fast_defaults_step_and_match_reference():
+    """CUDA defaults (channels-last, fused AdamW, torch.compile) stay within 1e-5 of the fp32 reference path
+    on losses; bf16 autocast (an option) steps with finite losses."""
+    cuda = torch.device("cuda")
+    fast, ref = _pair(tiny_cfg)
+    t_fast = Trainer(tiny_cfg(), cuda, model_bundle=fast)
+    t_ref = Trainer(tiny_cfg(*REFERENCE), cuda, model_bundle=ref)
+    assert t_fast.optimizer.defaults.get("fused") and t_fast.train_model is not t_fast.model
+    batch = _batch(pretrain=True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    out = []
+    for t in (t_fast, t_ref):
+        torch.manual_seed(7)
+        out.append(train_step(t.train_model, t.criterion, batch, t.optimizer, device=cuda))
+    for k in out[1]:  # inductor fuses and reorders fp32 sums: 1e-4, not the CPU path's 1e-5
+        assert abs(out[0][k] - out[1][k]) <= 1e-4 * max(abs(out[1][k]), 1e-6), k
+    t_bf16 = Trainer(tiny_cfg("runtime.precision=bf16"), cuda)
+    m = train_step(t_bf16.train_model, t_bf16.criterion, batch, t_bf16.optimizer, device=cuda, precision="bf16")
+    assert all(torch.isfinite(torch.tensor(v)) for v in m.values())
