@@ -1,25 +1,28 @@
-"""`updetr debug`: the training engine in one process, no Ray: CPU or one GPU, pdb-friendly.
+"""`updetr debug` / local `updetr eval`: one stage in this process, no Ray (CPU or one GPU, pdb-friendly).
 
 Writes `<runtime.output_dir>/<name>/config.yaml` and `checkpoints/last.pt` (atomic, every
-`schedule.checkpoint_every` steps and at the end); `--resume` continues from that checkpoint.
+`schedule.checkpoint_every` steps and at the end); `--resume` continues from that checkpoint. Tracked in
+MLflow like `updetr run` (tracking.enabled=false turns it off).
 """
 from __future__ import annotations
 
-import math
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, TextIO
 
 import torch
 
-from updetr.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from updetr.checkpoint import load_checkpoint
 from updetr.config import ExperimentConfig, config_to_dict, config_to_yaml
-from updetr.engine import Trainer, TrainState, format_eta, resolve_device, total_steps
+from updetr.engine import TrainState, resolve_device
+from updetr.runner import (AllWorkers, CallbackList, LocalCheckpoint, Progress, Tracking, check_compatible,
+                           evaluate_weights, expected_total, format_epoch_line, format_progress, setup, train)
+from updetr.tasks import get_task
+from updetr.tracking import NullTracker, Tracker
 
-# Sections that change the network's shape or the pretext; resuming across a change is refused.
-ARCH_SECTIONS = ("model", "pretext")
+__all__ = ["RunDirError", "run_dir", "run_debug", "eval_local", "check_compatible", "format_progress",
+           "format_epoch_line", "open_local_tracking"]
 
 
 class RunDirError(RuntimeError):
@@ -30,81 +33,40 @@ def run_dir(cfg: ExperimentConfig) -> Path:
     return (Path(cfg.runtime.output_dir) / cfg.name).resolve()
 
 
-def check_compatible(cfg: ExperimentConfig, ckpt: dict, path: Path) -> None:
-    """Fail loudly when a checkpoint was trained with another architecture (nothing is forced)."""
-    saved = ckpt.get("config") or {}
-    now = config_to_dict(cfg)
-    diffs = [f"{sec}.{k}: checkpoint {saved[sec][k]!r} vs config {v!r}"
-             for sec in ARCH_SECTIONS if sec in saved
-             for k, v in now[sec].items() if k in saved[sec] and saved[sec][k] != v]
-    if diffs:
-        raise CheckpointError(f"{path}: cannot resume, the architecture differs:\n  " + "\n  ".join(diffs))
+def open_local_tracking(cfg: ExperimentConfig, folder: Path, parent_run_id: Optional[str] = None,
+                        extra_tags: Optional[dict] = None) -> Tracker:
+    """The stage's MLflow run (found again by name + folder on a re-run); NullTracker when disabled."""
+    if not cfg.tracking.enabled:
+        return NullTracker()
+    from updetr.tracking import resolve_tracking_uri, start_tracking
 
-
-def format_progress(name: str, state: TrainState, metrics: dict[str, float], total: Optional[int],
-                    eta_s: Optional[float]) -> str:
-    """One progress line: step, loss parts, speed, lr, ETA."""
-    parts = [f"{k.removeprefix('loss_')} {metrics[k]:.3f}"
-             for k in ("loss_ce", "loss_bbox", "loss_giou", "loss_feature") if k in metrics]
-    step = f"{state.step}/{total}" if total else str(state.step)
-    eta = format_eta(eta_s) if eta_s is not None else "?"
-    return (f"[{name}] step {step} ep {state.epoch} | loss {metrics['loss']:.3f} ({' '.join(parts)}) | "
-            f"{metrics.get('steps_per_s', 0):.2f} step/s {metrics.get('images_per_s', 0):.1f} img/s | "
-            f"lr {metrics.get('lr', 0):.1e} | ETA {eta}")
-
-
-def format_epoch_line(name: str, epoch: int, metrics: dict[str, float], steps_label: str, images_per_s: float,
-                      speed_label: str) -> str:
-    """The end-of-epoch summary: steps, mean loss, speed, and bad items skipped by reason."""
-    skipped = {k.removeprefix("epoch/skipped_"): int(v) for k, v in metrics.items()
-               if k.startswith("epoch/skipped_") and k != "epoch/skipped_total"}
-    line = (f"[{name}] epoch {epoch} done: {int(metrics.get('epoch/steps', 0))} {steps_label}, "
-            f"mean loss {metrics.get('epoch/loss', float('nan')):.3f}, {images_per_s:.1f} {speed_label}")
-    if skipped:
-        line += ", skipped " + ", ".join(f"{n} {r}" for r, n in sorted(skipped.items()))
-    return line
+    tags = dict(extra_tags or {})
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    return start_tracking(True, resolve_tracking_uri(cfg.tracking.uri), cfg.tracking.experiment or cfg.name,
+                          cfg.name, str(folder), config_to_dict(cfg), config_to_yaml(cfg), extra_tags=tags)
 
 
 @dataclass
-class LocalCallbacks:
-    """Progress lines and atomic checkpoints for a single-process run."""
+class DebugOutcome:
+    state: TrainState
+    progress: Progress
+    checkpoint: Path
+    eval_metrics: Optional[dict] = None
+    tracker: Tracker = field(default_factory=NullTracker)
 
-    cfg: ExperimentConfig
-    ckpt_path: Path
-    total: Optional[int]
-    out: TextIO = sys.stdout
-    history: list = field(default_factory=list)  # (step, loss) pairs, for the final summary
-    _t0: float = field(default_factory=time.perf_counter)
-    _step0: Optional[int] = None
-
-    def on_step(self, state: TrainState, metrics: dict[str, float]) -> None:
-        if self._step0 is None:
-            self._step0, self._t0 = state.step, time.perf_counter()
-        self.history.append((state.step, metrics["loss"]))
-        eta = None
-        done = state.step - self._step0
-        if self.total and done > 0:
-            eta = (time.perf_counter() - self._t0) / done * (self.total - state.step)
-        print(format_progress(self.cfg.name, state, metrics, self.total, eta), file=self.out, flush=True)
-
-    def on_checkpoint(self, state: TrainState, ckpt: dict) -> None:
-        save_checkpoint(ckpt, self.ckpt_path)
-
-    def on_epoch_end(self, state: TrainState, metrics: dict[str, float]) -> None:
-        print(format_epoch_line(self.cfg.name, state.epoch - 1, metrics, "steps", metrics["epoch/images_per_s"],
-                                "img/s"), file=self.out, flush=True)
+    # (state, callbacks) unpacking, as before the runner existed
+    def __iter__(self):
+        return iter((self.state, self.progress))
 
 
-def run_debug(cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = False,
-              out: TextIO = sys.stdout) -> tuple[TrainState, LocalCallbacks]:
-    """Train `cfg` in this process. Returns the final state and the callbacks (loss history)."""
-    from updetr.data import local_pretrain_batches
-    from updetr.data.sources import open_source
-
-    if cfg.stage != "pretrain":
-        raise NotImplementedError("updetr debug runs pre-training; fine-tuning lands with the detection engine")
+def run_debug(cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = False, out: TextIO = sys.stdout,
+              parent_run_id: Optional[str] = None, tracker: Optional[Tracker] = None) -> DebugOutcome:
+    """Train `cfg` in this process (its task decides model and data). `init.checkpoint` must be a path here
+    (the pipeline resolves `previous`)."""
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
+    task = get_task(cfg)
     device = resolve_device(cfg.runtime.device)
     folder = run_dir(cfg)
     ckpt_path = folder / "checkpoints" / "last.pt"
@@ -112,31 +74,61 @@ def run_debug(cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = 
     if ckpt_path.exists():
         if resume:
             ckpt = load_checkpoint(ckpt_path)
-            check_compatible(cfg, ckpt, ckpt_path)
         elif not overwrite:
             raise RunDirError(f"{ckpt_path} already holds a checkpoint of '{cfg.name}'; pass --resume to continue "
                               "it or --overwrite to start again (set name=... for a separate run)")
     elif resume:
         print(f"[{cfg.name}] --resume: no checkpoint at {ckpt_path}, starting from step 0", file=out)
+    cfg = task.prepare()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(config_to_yaml(cfg))
 
-    torch.manual_seed(cfg.seed)
-    trainer = Trainer(cfg, device)
+    trainer, report = setup(cfg, task, device, resume=ckpt, resume_path=str(ckpt_path),
+                            init_path=cfg.init.checkpoint)
     if ckpt is not None:
-        trainer.load_checkpoint(ckpt)
         print(f"[{cfg.name}] resumed from {ckpt_path} at step {trainer.state.step} "
               f"(epoch {trainer.state.epoch}, {trainer.state.step_in_epoch} steps into it)", file=out)
-
-    def epoch_batches(epoch: int, skip: int):
-        return local_pretrain_batches(cfg, epoch, skip=skip)
-
-    total = total_steps(cfg, math.ceil(len(open_source(cfg)) / cfg.data.batch_size))
+    if report is not None:
+        print(f"[{cfg.name}] {report.describe()}", file=out, flush=True)
+    tracker = tracker or open_local_tracking(cfg, folder, parent_run_id)
+    total = expected_total(cfg, task)
     n_train = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in trainer.model.parameters())
-    print(f"[{cfg.name}] {cfg.stage} on {device}: {n_train:,} of {n_all:,} parameters trainable; "
+    print(f"[{cfg.name}] {cfg.task} on {device}: {n_train:,} of {n_all:,} parameters trainable; "
           f"batch {cfg.data.batch_size}, {total or '?'} steps; run dir {folder}", file=out, flush=True)
-    callbacks = LocalCallbacks(cfg, ckpt_path, total, out)
-    state = trainer.fit(epoch_batches, callbacks)
+    progress = Progress(cfg.name, total, out=out)
+    tracking = Tracking(tracker, checkpoint_location=lambda s: str(ckpt_path))
+    callbacks = CallbackList([AllWorkers(1), progress, LocalCheckpoint(ckpt_path), tracking])
+    status = "FAILED"
+    try:
+        state = train(trainer, task, callbacks, results_dir=folder / "eval")
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if status != "FINISHED":
+            tracker.end(status)
+    tracker.end("FINISHED")
     print(f"[{cfg.name}] done at step {state.step} (epoch {state.epoch}); checkpoint {ckpt_path}", file=out)
-    return state, callbacks
+    last = trainer.last_eval[1] if trainer.last_eval else None
+    return DebugOutcome(state, progress, ckpt_path, last, tracker)
+
+
+def eval_local(cfg: ExperimentConfig, checkpoint: str | Path, *, out: TextIO = sys.stdout,
+               results_path: Optional[Path] = None) -> dict[str, float]:
+    """Score the model weights of `checkpoint` on the task's evaluation split in this process."""
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
+    task = get_task(cfg)
+    if not task.has_eval:
+        raise RunDirError(f"task '{cfg.task}' has no evaluation split (evaluate a detect experiment)")
+    cfg = task.prepare()
+    device = resolve_device(cfg.runtime.device)
+    model, _, post = task.build()
+    report = task.init_weights(model, load_checkpoint(checkpoint), str(checkpoint))
+    if report.reinitialised:
+        raise RunDirError(f"{checkpoint}: holds no trained detection head ({report.describe()}); evaluate a "
+                          "fine-tuned checkpoint")
+    model.to(device)
+    return evaluate_weights(task, model, post, device, results_path=results_path, precision=cfg.runtime.precision)

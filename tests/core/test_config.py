@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from updetr.cli import main
-from updetr.config import ConfigError, ExperimentConfig, flatten, load_config
+from updetr.config import load_experiment, ConfigError, ExperimentConfig, flatten, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,7 +27,8 @@ def test_every_field_has_a_description():
 
 @pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_experiments_validate(path):
-    load_config(path)
+    exp = load_experiment(path)
+    assert exp.stages and all(s.cfg.name.startswith(exp.name) for s in exp.stages)
 
 
 def test_base_file_and_overrides_merge(tmp_path):
@@ -66,8 +67,10 @@ def test_cross_field_n_divisible_by_m(tmp_path):
 def test_source_needs_path_and_matches_stage():
     with pytest.raises(ConfigError, match="data.path is required"):
         load_config(None, ["data.source=folder"])
-    with pytest.raises(ConfigError, match="fine-tuning reads coco"):
-        load_config(None, ["stage=finetune"])
+    with pytest.raises(ConfigError, match="detection reads coco"):
+        load_config(None, ["stage=finetune"])  # the old field name still reads as task=detect
+    with pytest.raises(ConfigError, match="detection reads coco"):
+        load_config(None, ["task=detect"])
 
 
 def test_malformed_override_and_nested_base(tmp_path):
