@@ -93,7 +93,7 @@ def cmd_eval(args) -> int:
             from updetr.orchestration.launch import LaunchError, run_eval
 
             try:
-                metrics = run_eval(cfg, args.checkpoint, address=args.address)
+                metrics, _ = run_eval(cfg, args.checkpoint, address=args.address)
             except LaunchError as e:
                 return fail(str(e))
         else:

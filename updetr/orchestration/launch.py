@@ -190,39 +190,38 @@ def dataset_config():
     return DataConfig(datasets_to_split=["train"])
 
 
-def train_loop_config(plan: RunPlan, tracking_run_id: Optional[str]) -> dict:
+def train_loop_config(plan: RunPlan, tracking_run_id: Optional[str], *, ray_data: bool = True,
+                      action: str = "train", checkpoint: Optional[str] = None) -> dict:
     """What each worker gets: the config as a plain dict and the resolved absolute locations."""
     return {"config": config_to_dict(plan.cfg), "run_name": plan.run_name, "run_dir": plan.run_dir,
             "tracking_uri": plan.tracking_uri if tracking_run_id else None, "tracking_run_id": tracking_run_id,
-            "experiment": plan.experiment}
+            "experiment": plan.experiment, "ray_data": ray_data, "action": action, "checkpoint": checkpoint}
 
 
 def build_datasets(cfg: ExperimentConfig) -> dict:
-    if cfg.stage != "pretrain":
-        raise LaunchError("updetr run: only pre-training runs through Ray Train so far "
-                          "(no fine-tuning Ray Data pipeline yet); use `updetr debug` for fine-tuning")
-    from updetr.data import ray_pipeline
+    """The task's Ray Data datasets ({} when each worker reads its own part of the data, as detection does)."""
+    from updetr.tasks import get_task
 
-    # Create the pipeline's named EpochClock actor here, so that the driver owns it (epoch_clock keeps the
-    # handle) and it outlives worker-group restarts; a worker-created clock would die with its worker.
-    ray_pipeline.epoch_clock(cfg)
-    return {"train": ray_pipeline.build_pretrain_dataset(cfg)}
+    return get_task(cfg).ray_datasets()
 
 
 def build_trainer(plan: RunPlan, tracker: Tracker, *, datasets: Optional[dict] = None,
                   cluster_cpus: Optional[float] = None, callbacks: Sequence[Any] = (),
-                  env: Optional[dict] = None):
+                  env: Optional[dict] = None, action: str = "train", checkpoint: Optional[str] = None):
     """The `TorchTrainer` of a plan (needs Ray initialised: it builds the Ray Data pipeline)."""
     from ray.train.torch import TorchTrainer
 
     from updetr.orchestration.worker import train_fn_per_worker
 
+    if datasets is None:
+        datasets = build_datasets(plan.cfg) if action == "train" else {}
     return TorchTrainer(train_fn_per_worker,
-                        train_loop_config=train_loop_config(plan, tracker.run_id),
+                        train_loop_config=train_loop_config(plan, tracker.run_id, ray_data=bool(datasets),
+                                                            action=action, checkpoint=checkpoint),
                         scaling_config=scaling_config(plan.cfg, cluster_cpus),
                         run_config=run_config(plan, callbacks, env),
-                        datasets=datasets if datasets is not None else build_datasets(plan.cfg),
-                        dataset_config=dataset_config())
+                        datasets=datasets or None,
+                        dataset_config=dataset_config() if datasets else None)
 
 
 def open_tracking(plan: RunPlan, parent_run_id: Optional[str] = None, extra_tags: Optional[dict] = None) -> Tracker:
@@ -391,21 +390,25 @@ class RunOutcome:
     tracker: Tracker
     seconds: float
     resumed_from: Optional[int]
+    eval_metrics: Optional[dict] = None
 
 
 def run(cfg: ExperimentConfig, address: Optional[str] = None, out: TextIO = sys.stdout,
-        run_name: Optional[str] = None) -> RunOutcome:
-    """`updetr run`: plan (fail fast), connect Ray, open tracking, fit, close tracking.
+        run_name: Optional[str] = None, parent_run_id: Optional[str] = None) -> RunOutcome:
+    """`updetr run`: prepare the task's data, plan (fail fast), connect Ray, open tracking, fit, close tracking.
 
     Raises:
         LaunchError: before any work (storage, tracking, address, token) or when training failed.
     """
+    from updetr.tasks import get_task
+
     t0 = time.monotonic()
+    cfg = get_task(cfg).prepare()  # absolute data paths, generated data: workers chdir elsewhere
     plan = plan_run(cfg, run_name=run_name)
     local, cluster_cpus = connect_ray(address, cfg)
     previous = existing_checkpoints(plan.run_dir)
     resumed_from = previous[-1][0] if previous else None
-    tracker = open_tracking(plan)
+    tracker = open_tracking(plan, parent_run_id)
     cpw = effective_cpus_per_worker(cfg, cluster_cpus)
     where = f"local Ray ({cluster_cpus:g} CPUs)" if local else "the Ray cluster"
     print(f"[{cfg.name}] run {plan.run_name}: {cfg.ray.num_workers} worker(s) x {cpw:g} CPU"
@@ -444,7 +447,38 @@ def run(cfg: ExperimentConfig, address: Optional[str] = None, out: TextIO = sys.
     if ckpt:
         tracker.set_tags({TAG_LAST_CHECKPOINT: ckpt})
     tracker.end("FINISHED")
-    return RunOutcome(plan, step, epoch, ckpt, tracker, time.monotonic() - t0, resumed_from)
+    return RunOutcome(plan, step, epoch, ckpt, tracker, time.monotonic() - t0, resumed_from, ret.get("eval"))
+
+
+def run_eval(cfg: ExperimentConfig, checkpoint: str, address: Optional[str] = None,
+             parent_run_id: Optional[str] = None, out: TextIO = sys.stdout) -> tuple[dict, Optional[str]]:
+    """Score `checkpoint` on the task's evaluation split with `ray.num_workers` Ray Train workers (each
+    rank its part, rank 0 gathers and scores once). Returns (metrics, MLflow run id or None)."""
+    from updetr.checkpoint import load_checkpoint
+    from updetr.tasks import get_task
+
+    load_checkpoint(checkpoint)  # a bad file fails here, in one line, not inside a worker
+    cfg = get_task(cfg).prepare()
+    checkpoint = str(Path(checkpoint).resolve()) if not is_uri(checkpoint) else checkpoint
+    tag = hashlib.sha256(checkpoint.encode()).hexdigest()[:8]
+    plan = plan_run(cfg, run_name=cfg.ray.run_name or f"{run_name_for(cfg)}-eval-{tag}")
+    local, cluster_cpus = connect_ray(address, cfg)
+    tracker = open_tracking(plan, parent_run_id, {"updetr.eval_checkpoint": checkpoint})
+    print(f"[{cfg.name}] evaluating {checkpoint} on {cfg.ray.num_workers} Ray worker(s); "
+          f"tracking -> {tracker.describe()}", file=out, flush=True)
+    _quiet_ray_data()
+    try:
+        result = build_trainer(plan, tracker, cluster_cpus=cluster_cpus, action="eval", checkpoint=checkpoint).fit()
+    except Exception as e:  # noqa: BLE001 - one line + where to look
+        tracker.end("FAILED")
+        raise LaunchError(f"evaluation failed: {_first_line(e)}") from None
+    tracker.end("FINISHED")
+    ret = result.return_value if isinstance(getattr(result, "return_value", None), dict) else {}
+    metrics = ret.get("eval") or {k.removeprefix("eval/"): v for k, v in (result.metrics or {}).items()
+                                  if k.startswith("eval/")}
+    if not metrics:
+        raise LaunchError("evaluation finished without metrics (see the worker logs above)")
+    return dict(metrics), tracker.run_id
 
 
 def _first_line(err: BaseException) -> str:
