@@ -6,6 +6,7 @@ An experiment YAML is a small diff over the defaults below. `load_config(path, o
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -438,7 +439,7 @@ def load_experiment(path: str | Path | None, overrides: list[str] | None = None)
         over = previous_tree if action == "eval" and previous_tree is not None else tree
         if over is previous_tree:
             over = {k: v for k, v in over.items() if k != "init"}
-        merged = _merge(over, raw)
+        merged = copy.deepcopy(_merge(over, raw))  # overrides below must not reach the shared tree
         previous_tree = merged
         merged["name"] = f"{base_name}-{sname}"
         # one MLflow experiment per chain: the parent run and every stage's child run live together

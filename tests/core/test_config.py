@@ -109,3 +109,22 @@ def test_cli_validate_and_show(tmp_path, capsys):
     assert main(["config", "validate", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "schedule.epochs" in err and str(bad) in err
+
+
+def test_chained_stages_merge_shared_settings_and_scope_overrides(tmp_path):
+    exp = write(tmp_path, "chain.yaml", "name: c\nmodel:\n  hidden_dim: 64\n  nheads: 4\nschedule:\n  epochs: 3\n"
+                "stages:\n  - {name: pre, task: pretrain}\n"
+                "  - {name: ft, task: detect, data: {source: synthetic_coco}, schedule: {epochs: 5}}\n"
+                "  - {name: ev, action: eval}\n")
+    e = load_experiment(exp, ["stages.pre.schedule.max_steps=6", "model.hidden_dim=32"])
+    pre, ft, ev = e.stages
+    assert [s.cfg.name for s in e.stages] == ["c-pre", "c-ft", "c-ev"] and e.chained
+    assert pre.cfg.schedule.max_steps == 6 and ft.cfg.schedule.max_steps is None  # scoped to one stage
+    assert {s.cfg.model.hidden_dim for s in e.stages} == {32}                       # applied to every stage
+    assert (pre.cfg.init.checkpoint, ft.cfg.init.checkpoint, ev.cfg.init.checkpoint) == (None, "previous", "previous")
+    assert ev.action == "eval" and ev.cfg.task == "detect" and ev.cfg.schedule.epochs == 5  # over the previous stage
+    assert {s.cfg.tracking.experiment for s in e.stages} == {"c"}
+    with pytest.raises(ConfigError, match="no stage named 'x'"):
+        load_experiment(exp, ["stages.x.seed=1"])
+    with pytest.raises(ConfigError, match=r"stage ft.*data.source"):
+        load_experiment(exp, ["stages.ft.data.source=folder"])
