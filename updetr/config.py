@@ -369,8 +369,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     tree = resolve_dict(path, overrides)
     origin = str(path) if path is not None else "<defaults>"
     if "stages" in tree:
-        raise ConfigError(f"{origin}: stages: a chained experiment holds several configs; load it with "
-                          "load_experiment (the CLI commands do)")
+        raise ConfigError(f"{origin}: stages: a chained experiment holds one config per stage; this command "
+                          "takes a single-stage experiment (`updetr run` / `debug` / `eval` / `config show` "
+                          "read chains)")
     if overrides:
         origin += " (with overrides " + " ".join(overrides) + ")"
     try:

@@ -87,6 +87,13 @@ class Task:
     def prepare(self) -> ExperimentConfig:
         """Driver side, before any worker starts: resolve data locations (absolute), write generated data.
         Returns the config the run should use (workers get this one)."""
+        init = self.cfg.init.checkpoint
+        if init and init != "previous" and "://" not in init:
+            from pathlib import Path
+
+            # Ray Train workers chdir into Ray's session folder: hand them an absolute path
+            self.cfg = self.cfg.model_copy(update={"init": self.cfg.init.model_copy(
+                update={"checkpoint": str(Path(init).expanduser().resolve())})})
         return self.cfg
 
     def build(self) -> tuple[nn.Module, nn.Module, dict]:

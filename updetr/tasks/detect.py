@@ -59,7 +59,7 @@ class DetectTask(Task):
 
     # -- data
     def prepare(self):
-        cfg = self.cfg
+        cfg = super().prepare()
         if cfg.data.source == "synthetic_coco":
             root = ensure_synthetic_coco(cfg)
             cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(root)})})
