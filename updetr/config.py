@@ -105,7 +105,7 @@ class DataConfig(_Strict):
     source: Literal["synthetic", "folder", "shards", "coco", "voc", "synthetic_coco"] = Field(
         "synthetic", description="Pre-training: synthetic | folder | shards; detection: coco | voc | "
                                  "synthetic_coco (a seeded shapes dataset written on first use under "
-                                 "data.path, default <runtime.output_dir>/data/synthetic_coco-<seed>-<n>).")
+                                 "data.path, default <runtime.output_dir>/data/synthetic_coco-<seed>-<n>-<n val>-<sizes>).")
     path: Optional[str] = Field(None, description="Image folder, shard dir, object-store URI or dataset root.")
     val_path: Optional[str] = Field(None, description="Evaluation split root / annotation (fine-tuning).")
     synthetic_images: int = Field(64, gt=0, description="Number of images in the built-in synthetic source.")

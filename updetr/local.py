@@ -124,6 +124,7 @@ def eval_local(cfg: ExperimentConfig, checkpoint: str | Path, *, out: TextIO = s
     if not task.has_eval:
         raise RunDirError(f"task '{cfg.task}' has no evaluation split (evaluate a detect experiment)")
     cfg = task.prepare()
+    task.evaluator()  # the evaluation split is read (and refused when unusable) before any weights load
     device = resolve_device(cfg.runtime.device)
     model, _, post = task.build()
     report = task.init_weights(model, load_checkpoint(checkpoint), str(checkpoint))

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[2]
 CHAIN = str(REPO / "experiments" / "smoke_chain.yaml")
 # Small: 6 pre-training steps, 2 fine-tuning epochs of 8 images, 6 evaluation images.
 SMALL = ["stages.pretrain.schedule.max_steps=6", "stages.finetune.data.synthetic_images=8",
-         "stages.finetune.schedule.epochs=2", "data.synthetic_val_images=6", "runtime.threads=2"]
+         "stages.finetune.schedule.epochs=2", "stages.finetune.schedule.eval_every=2", "data.synthetic_val_images=6", "runtime.threads=2"]
 
 
 def updetr(*args, cwd):

@@ -27,7 +27,8 @@ def synthetic_coco_root(cfg) -> Path:
     if d.path:
         return Path(d.path).expanduser().resolve()
     return (Path(cfg.runtime.output_dir) / "data"
-            / f"synthetic_coco-{cfg.seed}-{d.synthetic_images}-{d.synthetic_val_images}").resolve()
+            / (f"synthetic_coco-{cfg.seed}-{d.synthetic_images}-{d.synthetic_val_images}"
+               f"-{d.synthetic_size[0]}x{d.synthetic_size[1]}")).resolve()
 
 
 def ensure_synthetic_coco(cfg) -> Path:
