@@ -99,5 +99,5 @@ def format_table(metrics: Mapping[str, float], title: str = "") -> str:
     """The COCO summary as a small two-line table (values in %, -1 shown as n/a)."""
     names = [n for n in COCO_METRICS if n in metrics]
     head = " ".join(f"{n:>6}" for n in names)
-    vals = " ".join(f"{'n/a':>6}" if metrics[n] < 0 else f"{100 * metrics[n]:6.1f}" for n in names)
+    vals = " ".join(f"{'n/a':>6}" if metrics[n] < 0 else f"{100 * metrics[n]:6.2f}" for n in names)
     return (f"{title}\n" if title else "") + f"  {head}\n  {vals}"
