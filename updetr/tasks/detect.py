@@ -81,10 +81,9 @@ class DetectTask(Task):
             from updetr.data.detection import build_detection_dataset
 
             cfg = self.cfg
-            if cfg.data.source == "synthetic_coco" and not cfg.data.path:
-                ensure_synthetic_coco(cfg)
+            if cfg.data.source == "synthetic_coco":  # written on first use (atomic), under data.path if set
                 cfg = cfg.model_copy(update={"data": cfg.data.model_copy(
-                    update={"path": str(synthetic_coco_root(cfg))})})
+                    update={"path": str(ensure_synthetic_coco(cfg))})})
             try:
                 ds = build_detection_dataset(cfg, split)
             except FileNotFoundError as e:
