@@ -220,7 +220,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--cpus", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--decode", choices=("exact", "reduced"), default="reduced")
+    ap.add_argument("--decode", choices=("full", "reduced"), default="reduced")
     ap.add_argument("--no-ray", action="store_true")
     ap.add_argument("--keep", help="write the images here and keep them")
     args = ap.parse_args()

@@ -6,17 +6,20 @@ Schema (a plain dict of tensors and primitives, so `torch.load(weights_only=True
     model: state_dict, optimizer: state_dict | None, lr_scheduler: state_dict | None,
     step: int, epoch: int, step_in_epoch: int,
     config: resolved experiment config as a nested dict | None, git_sha: str | None,
-    rng: {"torch": ByteTensor} | None, source: "updetr" | "official"
+    rng: {"torch": ByteTensor (rank 0), "per_rank": [{"torch": ByteTensor, "cuda": [ByteTensor]}]} | None,
+    epoch_tally: [{"sums", "steps", "skipped"} per rank] (running sums of the current epoch; engine),
+    source: "updetr" | "official"
 """
 from __future__ import annotations
 
 import os
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from updetr.provenance import git_sha  # noqa: F401 - re-exported: checkpoints record the same SHA as tracking
 
 FORMAT = "updetr-checkpoint"
 VERSION = 1
@@ -27,16 +30,6 @@ PRETRAIN_ONLY_PREFIXES = ("class_embed.", "patch2query.", "feature_align.")
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and the reason."""
-
-
-def git_sha() -> str | None:
-    """HEAD of the repository this package runs from, or None outside a git checkout."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def make_checkpoint(model_state: dict, *, optimizer: dict | None = None, lr_scheduler: dict | None = None,

@@ -46,7 +46,8 @@ class ModelConfig(_Strict):
     aux_loss: bool = Field(True, description="Auxiliary decoding losses on every decoder layer.")
     num_classes: Optional[int] = Field(
         None, gt=0, description="Detection classes (max category id + 1). None: 2 for pre-training "
-                                "(index 1 = patch), taken from the dataset for fine-tuning.")
+                                "(index 1 = patch; pre-training needs >= 2), taken from the dataset "
+                                "for fine-tuning.")
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "ModelConfig":
@@ -98,6 +99,12 @@ class LossConfig(_Strict):
     set_cost_bbox: float = Field(5.0, ge=0, description="Matcher cost of the L1 box distance.")
     set_cost_giou: float = Field(2.0, ge=0, description="Matcher cost of the GIoU.")
 
+    @model_validator(mode="after")
+    def _something_trains(self) -> "LossConfig":
+        if self.ce == 0 and self.bbox == 0 and self.giou == 0 and self.feature == 0:
+            raise ValueError("every loss weight (ce, bbox, giou, feature) is 0: nothing would train")
+        return self
+
 
 class DataConfig(_Strict):
     """Where images come from and how they are batched (owner: `updetr.data`)."""
@@ -115,11 +122,13 @@ class DataConfig(_Strict):
     num_workers: int = Field(2, ge=0, description="Local mode: DataLoader processes; Ray: preprocessing actors.")
     preprocess_cpus: float = Field(1.0, gt=0, description="CPUs reserved per Ray Data preprocessing actor.")
     shuffle: bool = Field(True, description="Shuffle sample order each epoch (seeded).")
-    decode: Literal["exact", "reduced"] = Field(
-        "reduced", description="JPEG decode for pre-training: 'reduced' lets libjpeg decode at 1/2-1/8 scale "
-                               "when the result still covers the resized image (only images >= 2x the target "
-                               "size; small query patches of those are then cut from fewer pixels); "
-                               "'exact' always decodes the full image (reference behaviour).")
+    decode: Literal["full", "reduced"] = Field(
+        "full", description="JPEG decode for pre-training: 'full' decodes the whole image (reference "
+                            "behaviour); 'reduced' (faster, a listed departure) lets libjpeg decode at 1/2-1/8 "
+                            "scale when the result still covers the resized image (only images >= 2x the "
+                            "target size; small query patches of those are then cut from fewer pixels).")
+    drop_last: bool = Field(True, description="Drop each rank's last short batch of an epoch, as the official "
+                                              "loader does (batch sampler drop_last=True).")
     prefetch_batches: int = Field(2, ge=0, description="Batches prepared ahead per consumer (Ray iterator "
                                                         "prefetch; DataLoader prefetch per worker).")
     preprocess_batch_size: int = Field(8, gt=0, description="Ray Data: images per decode + patch-crop call "
@@ -260,6 +269,10 @@ class ExperimentConfig(_Strict):
             n, m = self.model.num_queries, self.pretext.num_patches
             if n % m:
                 raise ValueError(f"model.num_queries ({n}) must be divisible by pretext.num_patches ({m})")
+            if self.model.num_classes is not None and self.model.num_classes < 2:
+                # Index num_classes is no-object: with 1 class, the patch label 1 would be no-object.
+                raise ValueError(f"model.num_classes ({self.model.num_classes}) must be >= 2 for pre-training "
+                                 "(label 1 = patch; index num_classes is no-object)")
             if self.data.source in ("coco", "voc", "synthetic_coco"):
                 raise ValueError(f"data.source '{self.data.source}' is a detection dataset; pre-training "
                                  "reads synthetic | folder | shards")
@@ -490,3 +503,48 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+# ------------------------------------------------------------------------------------------ run identity
+# Settings that never change what a training step computes: where it runs, how data is prepared (samples
+# are seeded per item, so worker counts do not matter), what is logged and where things are stored.
+# Everything else (runtime.precision and any runtime switch included) is part of a run's identity.
+OPERATIONAL_PREFIXES = ("ray.", "tracking.", "runtime.output_dir", "runtime.threads", "data.num_workers",
+                        "data.preprocess_cpus", "data.prefetch_batches", "data.preprocess_batch_size",
+                        "schedule.checkpoint_every", "schedule.log_every")
+IDENTITY_KEEP = ("ray.use_gpu",)  # GPU vs CPU arithmetic
+# How long to train: extending a run (updetr debug --resume with a higher max_steps) continues it.
+RUN_LENGTH_FIELDS = ("schedule.epochs", "schedule.max_steps")
+
+
+def identity_fields(config: "ExperimentConfig | dict") -> dict[str, Any]:
+    """Flattened settings that change the arithmetic of training: equal identity = same run, resumable.
+
+    A change of `ray.num_workers` is not in it: the run resumes, and `resume_note` states the new global
+    batch size.
+    """
+    data = config_to_dict(config) if isinstance(config, ExperimentConfig) else dict(config)
+    return {k: v for k, v in flatten(data).items()
+            if k in IDENTITY_KEEP or not k.startswith(OPERATIONAL_PREFIXES)}
+
+
+def identity_diff(saved: Optional[dict], cfg: "ExperimentConfig", ignore: tuple[str, ...] = ()) -> list[str]:
+    """`["runtime.precision: checkpoint 'fp32' vs config 'bf16'", ...]` for identity fields that differ.
+
+    Fields missing from `saved` (a checkpoint of an older updetr) are not compared.
+    """
+    if not saved:
+        return []
+    old, now = identity_fields(saved), identity_fields(cfg)
+    return [f"{k}: checkpoint {old[k]!r} vs config {v!r}" for k, v in now.items()
+            if k in old and old[k] != v and k not in ignore]
+
+
+def resume_note(saved: Optional[dict], cfg: "ExperimentConfig", world_size: int) -> Optional[str]:
+    """One line when a resume changes the worker count (and so the global batch size), else None."""
+    before = ((saved or {}).get("ray") or {}).get("num_workers")
+    if before is None or int(before) == world_size:
+        return None
+    b = cfg.data.batch_size
+    return (f"resuming with {world_size} worker(s) instead of {before}: the global batch size changes from "
+            f"{int(before) * b} to {world_size * b} ({b} per worker); the learning rate is not rescaled")

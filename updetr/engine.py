@@ -6,16 +6,19 @@ Knows nothing about Ray or MLflow: `updetr debug` (updetr/local.py) and the Ray 
 from __future__ import annotations
 
 import math
+import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Protocol
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from updetr.checkpoint import git_sha, make_checkpoint, strip_prefixes
+from updetr.checkpoint import make_checkpoint, strip_prefixes
+from updetr.provenance import git_sha
 from updetr.config import ExperimentConfig, OptimConfig, config_to_dict
 from updetr.util.nested_tensor import NestedTensor
 
@@ -39,6 +42,23 @@ class TrainState:
     step_in_epoch: int = 0
 
 
+@dataclass
+class EpochTally:
+    """Running sums of the current epoch on this rank: per-step metric sums, optimizer steps, bad items by
+    reason. Saved in checkpoints, so the summary of an epoch resumed mid-way still covers all of it."""
+
+    sums: dict = field(default_factory=dict)
+    steps: int = 0
+    skipped: dict = field(default_factory=dict)
+
+    def state_dict(self) -> dict:
+        return {"sums": dict(self.sums), "steps": int(self.steps), "skipped": dict(self.skipped)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "EpochTally":
+        return cls(dict(state.get("sums", {})), int(state.get("steps", 0)), dict(state.get("skipped", {})))
+
+
 class Callbacks(Protocol):
     def on_step(self, state: TrainState, metrics: dict[str, float]) -> None: ...
     def on_checkpoint(self, state: TrainState, ckpt: dict) -> None: ...
@@ -48,12 +68,6 @@ class Callbacks(Protocol):
 
 EvaluateFn = Callable[[], dict]
 """`evaluate_fn()`: evaluate the current weights (every rank calls it), returns `evaluate`'s metrics."""
-
-
-def _dist_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 @torch.no_grad()
@@ -93,7 +107,7 @@ def evaluate(model: nn.Module, postprocessors: dict, batches: Iterable[dict], ev
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - t0
-    rank, world = _dist_world()
+    rank, world = dist_rank_world()
     t1 = time.perf_counter()
     if world > 1:
         parts: list[Any] = [None] * world
@@ -127,6 +141,37 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def dist_rank_world() -> tuple[int, int]:
+    """(rank, world_size) of this process; (0, 1) without torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def seed_process(seed: int, rank: int = 0) -> None:
+    """Seed torch (CPU and CUDA), numpy and `random` with `seed + rank`, as the reference main.py does, so
+    that dropout, patch dropout and query shuffles differ between ranks. Data draws do not use these
+    generators (they are seeded per sample), so they stay identical for any number of ranks."""
+    torch.manual_seed(seed + rank)
+    np.random.seed((seed + rank) % 2 ** 32)
+    random.seed(seed + rank)
+
+
+def rng_state() -> dict:
+    """This process's torch RNG state: `{"torch": ByteTensor, "cuda": [ByteTensor per device]}`."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+
+
 def autocast_context(precision: str, device: torch.device):
     """bf16 autocast on CUDA; fp32 everywhere else (bf16 on CPU is refused: slow and not the paper's)."""
     if precision == "fp32":
@@ -134,6 +179,26 @@ def autocast_context(precision: str, device: torch.device):
     if device.type != "cuda":
         raise RuntimeError("runtime.precision=bf16 needs a CUDA device; use runtime.precision=fp32 on CPU")
     return torch.autocast("cuda", dtype=torch.bfloat16)
+
+
+def freeze_heads_without_loss(model: nn.Module, cfg: ExperimentConfig) -> list[str]:
+    """Freeze each output head whose every loss weighs 0 (it would get no gradient); returns their names.
+
+    `class_embed` trains only through loss_ce (the matcher's class cost takes no gradient), `bbox_embed`
+    through loss_bbox / loss_giou, `feature_align` through loss_feature. A frozen head stays in the model,
+    so state_dicts keep the official keys and load strictly; it is left out of the optimizer, and under DDP
+    every trainable parameter then gets a gradient on every step.
+    """
+    loss = cfg.loss
+    off = {"class_embed": loss.ce == 0, "bbox_embed": loss.bbox == 0 and loss.giou == 0,
+           "feature_align": loss.feature == 0}
+    frozen = []
+    for name, is_off in off.items():
+        head = getattr(model, name, None)
+        if is_off and isinstance(head, nn.Module):
+            head.requires_grad_(False)
+            frozen.append(name)
+    return frozen
 
 
 def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
@@ -242,24 +307,29 @@ class Trainer:
     def __init__(self, cfg: ExperimentConfig, device: torch.device, model_bundle=None) -> None:
         self.cfg = cfg
         self.device = device
+        self.rank, self.world_size = dist_rank_world()
+        seed_process(cfg.seed, self.rank)
+        self.git_sha = git_sha()  # once per run: checkpoints must not shell out to git every K steps
         if model_bundle is None:
             from updetr.tasks import get_task  # deferred: keeps `import updetr.engine` light
 
             model_bundle = get_task(cfg).build()
         model, criterion, self.postprocessors = model_bundle
         self.model = model.to(device)
+        self.frozen_heads = freeze_heads_without_loss(self.model, cfg)
         self.criterion = criterion.to(device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         # StepLR is stepped once per epoch, as the official main.py does (lr_drop in epochs).
         self.lr_scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.schedule.lr_drop)
         self.state = TrainState()
+        self.epoch_tally = EpochTally()
         self.train_model: nn.Module = self.model
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # A loss with weight 0 leaves its head unused; DDP must then be told to look for that.
-            unused = any(w == 0 for w in (cfg.loss.ce, cfg.loss.bbox, cfg.loss.giou))
+            # A head whose every loss weighs 0 is frozen by build_model, so each trainable parameter gets a
+            # gradient on every step and DDP needs no unused-parameter search.
             ids = [device.index] if device.type == "cuda" else None
             self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids,
-                                                                   find_unused_parameters=unused)
+                                                                   find_unused_parameters=False)
 
     def _any_rank_empty(self, n_img: int) -> bool:
         """True when this batch is empty on any rank (all items bad). All ranks then skip the step together:
@@ -272,12 +342,24 @@ class Trainer:
 
     # -- state -----------------------------------------------------------------------------------
     def checkpoint(self) -> dict:
-        """The run's full state in the schema of updetr/checkpoint.py."""
-        return make_checkpoint(
+        """The run's full state in the schema of updetr/checkpoint.py.
+
+        Under DDP this is a collective (every rank must call it): each rank's RNG state is gathered, so that
+        `rng["per_rank"][r]` restores rank r. `rng["torch"]` (rank 0's) keeps single-process files readable.
+        """
+        mine = {"rng": rng_state(), "epoch_tally": self.epoch_tally.state_dict()}
+        per_rank = [mine]
+        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+            per_rank = [None] * self.world_size
+            dist.all_gather_object(per_rank, mine)
+        rngs = [r["rng"] for r in per_rank]
+        ckpt = make_checkpoint(
             self.model.state_dict(), optimizer=self.optimizer.state_dict(),
             lr_scheduler=self.lr_scheduler.state_dict(), step=self.state.step, epoch=self.state.epoch,
             step_in_epoch=self.state.step_in_epoch, config=config_to_dict(self.cfg),
-            rng={"torch": torch.get_rng_state()}, sha=git_sha())
+            rng={"torch": rngs[0]["torch"], "per_rank": rngs}, sha=self.git_sha)
+        ckpt["epoch_tally"] = [r["epoch_tally"] for r in per_rank]
+        return ckpt
 
     def load_checkpoint(self, ckpt: dict, *, weights_only: bool = False) -> None:
         """Restore from `ckpt`. With `weights_only`, only the model weights (strict) are taken."""
@@ -291,8 +373,15 @@ class Trainer:
             # The config is the source of truth for the schedule (the official resume does the same).
             self.lr_scheduler.step_size = self.cfg.schedule.lr_drop
         self.state = TrainState(ckpt["step"], ckpt["epoch"], ckpt["step_in_epoch"])
-        if ckpt.get("rng") and "torch" in ckpt["rng"]:
-            torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+        rng = ckpt.get("rng") or {}
+        per_rank = rng.get("per_rank") or ([{"torch": rng["torch"]}] if "torch" in rng else [])
+        if self.rank < len(per_rank):
+            set_rng_state(per_rank[self.rank])
+        elif per_rank:
+            # More ranks than the checkpoint saved (the worker count grew): a fresh, distinct stream.
+            seed_process(self.cfg.seed + 1_000_003 * self.state.step, self.rank)
+        tallies = ckpt.get("epoch_tally") or []
+        self.epoch_tally = EpochTally.from_state(tallies[self.rank]) if self.rank < len(tallies) else EpochTally()
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -326,9 +415,11 @@ class Trainer:
         # (step, epoch) last handed to on_checkpoint: the end state is saved unless it is exactly that one.
         last_ckpt = (self.state.step, self.state.epoch) if self.state.step > 0 else None
         while not self.finished():
-            epoch_sums: dict[str, float] = {}
-            epoch_steps = epoch_images = 0
-            skipped_epoch: dict[str, int] = {}
+            if self.state.step_in_epoch == 0:
+                self.epoch_tally = EpochTally()  # a new epoch; a mid-epoch resume keeps the restored sums
+            tally = self.epoch_tally
+            epoch_sums, skipped_epoch = tally.sums, tally.skipped
+            epoch_images = 0  # this process's images since the (re)start: with epoch_t0, a rate
             throughput = _Throughput()
             epoch_t0 = time.perf_counter()
             skip = self.state.step_in_epoch
@@ -345,7 +436,7 @@ class Trainer:
                                      precision=self.cfg.runtime.precision)
                 self.state.step += 1
                 self.state.step_in_epoch += 1
-                epoch_steps += 1
+                tally.steps += 1
                 epoch_images += n_img
                 throughput.add(n_img)
                 for k, v in metrics.items():
@@ -367,12 +458,12 @@ class Trainer:
                 self.lr_scheduler.step()
                 self.state.epoch += 1
                 self.state.step_in_epoch = 0
-                if epoch_steps == 0 and skip == 0 and not skipped_epoch:
+                if tally.steps == 0 and skip == 0 and not skipped_epoch:
                     raise RuntimeError(f"epoch {self.state.epoch - 1} yielded no batches: the data source is empty")
                 if cb is not None:
-                    em = {f"epoch/{k}": v / max(epoch_steps, 1) for k, v in epoch_sums.items()}
+                    em = {f"epoch/{k}": v / max(tally.steps, 1) for k, v in epoch_sums.items()}
                     dt = max(time.perf_counter() - epoch_t0, 1e-9)
-                    em.update({"epoch/images_per_s": epoch_images / dt, "epoch/steps": float(epoch_steps),
+                    em.update({"epoch/images_per_s": epoch_images / dt, "epoch/steps": float(tally.steps),
                                "epoch/lr": self.lr()})
                     em.update({f"epoch/skipped_{r}": float(n) for r, n in skipped_epoch.items()})
                     cb.on_epoch_end(self.state, em)

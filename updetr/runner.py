@@ -15,8 +15,8 @@ from typing import Any, Callable, Optional, Sequence, TextIO
 import torch
 
 from updetr.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from updetr.config import ExperimentConfig, config_to_dict
-from updetr.engine import TrainState, Trainer, evaluate, format_eta, total_steps
+from updetr.config import RUN_LENGTH_FIELDS, ExperimentConfig, identity_diff
+from updetr.engine import TrainState, Trainer, dist_rank_world, evaluate, format_eta, seed_process, total_steps
 from updetr.tasks import InitReport, Task
 
 # Sections that change the network's shape or the pretext; resuming across a change is refused.
@@ -50,14 +50,13 @@ def format_epoch_line(name: str, epoch: int, metrics: dict[str, float], steps_la
 
 
 def check_compatible(cfg: ExperimentConfig, ckpt: dict, path: Path | str) -> None:
-    """Fail loudly when a checkpoint was trained with another architecture (nothing is forced)."""
-    saved = ckpt.get("config") or {}
-    now = config_to_dict(cfg)
-    diffs = [f"{sec}.{k}: checkpoint {saved[sec][k]!r} vs config {v!r}"
-             for sec in ARCH_SECTIONS if sec in saved
-             for k, v in now[sec].items() if k in saved[sec] and saved[sec][k] != v]
+    """Fail loudly when a checkpoint was trained with other settings that change the arithmetic
+    (architecture, precision, data, loss, ...: `config.identity_fields`); only the run length may grow."""
+    diffs = identity_diff(ckpt.get("config"), cfg, ignore=RUN_LENGTH_FIELDS)
     if diffs:
-        raise CheckpointError(f"{path}: cannot resume, the architecture differs:\n  " + "\n  ".join(diffs))
+        what = ("the architecture differs" if any(d.startswith(ARCH_SECTIONS) for d in diffs)
+                else "settings that change the arithmetic differ")
+        raise CheckpointError(f"{path}: cannot resume, {what}:\n  " + "\n  ".join(diffs))
 
 
 # ------------------------------------------------------------------------------------- callbacks
@@ -180,24 +179,28 @@ class Tracking(Callback):
         self.tracker, self.rank, self.checkpoint_location = tracker, rank, checkpoint_location
         self.best_ap: Optional[float] = None
 
+    def log(self, state: TrainState, metrics: dict, step: int) -> None:
+        """Where metrics go (the Ray worker buffers them in its metric ledger instead)."""
+        self.tracker.log_metrics(metrics, step=step)
+
     def on_step(self, state, metrics):
         if self.rank == 0:
-            self.tracker.log_metrics(metrics, step=state.step)
+            self.log(state, metrics, state.step)
 
     def on_epoch_end(self, state, metrics):
         if self.rank == 0:
-            self.tracker.log_metrics(metrics, step=state.epoch - 1)
+            self.log(state, metrics, state.epoch - 1)
 
     def on_eval(self, state, metrics):
         if self.rank != 0:
             return
         m = {f"eval/{k}": v for k, v in metrics.items()}
         m["eval/epoch"] = float(state.epoch)
-        self.tracker.log_metrics(m, step=state.epoch)
         if "AP" in metrics and (self.best_ap is None or metrics["AP"] > self.best_ap):
             self.best_ap = metrics["AP"]
-            self.tracker.log_metrics({"eval/best_AP": self.best_ap}, step=state.epoch)
+            m["eval/best_AP"] = self.best_ap
             self.tracker.set_tags({TAG_BEST_AP: f"{self.best_ap:.4f}", "updetr.best_AP_epoch": state.epoch})
+        self.log(state, m, state.epoch)
 
     def on_checkpoint(self, state, ckpt):
         if self.rank == 0 and self.checkpoint_location is not None:
@@ -223,7 +226,8 @@ def setup(cfg: ExperimentConfig, task: Task, device: torch.device, *, resume: Op
           resume_path: str = "", init_path: Optional[str] = None) -> tuple[Trainer, Optional[InitReport]]:
     """The stage's `Trainer`: fresh, resumed from `resume` (a checkpoint of this stage), or initialised
     from the weights at `init_path` through the task's rules (`init.checkpoint`)."""
-    torch.manual_seed(cfg.seed)
+    rank, _ = dist_rank_world()
+    seed_process(cfg.seed, rank)  # the model's initial weights; the Trainer seeds again for training draws
     trainer = Trainer(cfg, device, task.build())
     report = None
     if resume is not None:

@@ -14,7 +14,6 @@ Opening the run, in contrast, is strict: `TrackingError` (one line) before any w
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 import urllib.error
@@ -22,6 +21,8 @@ import urllib.request
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping, Optional
+
+from updetr.provenance import git_info  # noqa: F401 - the one SHA lookup (re-exported for callers)
 
 TAG_RUN_NAME = "updetr.run_name"
 TAG_STORAGE = "updetr.storage"
@@ -145,25 +146,6 @@ def flatten_params(config: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
-def git_info(path: str | Path | None = None) -> dict[str, str]:
-    """`{"sha": ..., "dirty": "true"|"false"}` of the repo holding `path` (default: this package).
-
-    Falls back to `$UPDETR_GIT_SHA` (set by `updetr submit`: the cluster copy has no .git), else "unknown".
-    """
-    where = str(Path(path or Path(__file__).resolve().parent))
-    try:
-        sha = subprocess.run(["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5).stdout.strip()
-        if sha:
-            dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, timeout=5).stdout.strip()
-            return {"sha": sha, "dirty": "true" if dirty else "false"}
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"sha": os.environ.get("UPDETR_GIT_SHA", "unknown"),
-            "dirty": os.environ.get("UPDETR_GIT_DIRTY", "unknown")}
-
-
 def _version(dist: str) -> str:
     try:
         return metadata.version(dist)
@@ -208,6 +190,10 @@ class Tracker:
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set run tags (overwrites)."""
+
+    def get_tag(self, key: str) -> Optional[str]:
+        """A run tag's current value (None when unset or tracking is off)."""
+        return None
 
     def log_text(self, text: str, artifact_file: str) -> None:
         """Store a text file (e.g. the resolved YAML) as a run artifact."""
@@ -365,6 +351,15 @@ class MlflowTracker(Tracker):
         items = [RunTag(k, str(v)) for k, v in tags.items()]
         for i in range(0, len(items), 100):
             self._call("set_tags", self.client.log_batch, self.run_id, tags=items[i:i + 100])
+
+    def get_tag(self, key: str) -> Optional[str]:
+        """Read from the server; raises MarkerUnavailable when it cannot be read (see metric_ledger)."""
+        from updetr.metric_ledger import MarkerUnavailable
+
+        run = self._call("get_run", self.client.get_run, self.run_id)
+        if run is _DROPPED:
+            raise MarkerUnavailable(f"MLflow run {self.run_id} cannot be read at {self.uri}")
+        return run.data.tags.get(key)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self._call("log_text", self.client.log_text, self.run_id, text, artifact_file)

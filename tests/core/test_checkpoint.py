@@ -68,3 +68,31 @@ def test_pretrain_to_finetune_drops_only_pretext_heads():
     assert sorted(out) == ["backbone.0.body.conv1.weight", "bbox_embed.layers.0.weight", "input_proj.weight",
                            "query_embed.weight", "transformer.decoder.norm.weight"]
     assert list(strip_prefixes({"module._orig_mod.x": 1})) == ["x"]
+
+
+def test_checkpoint_sha_has_the_submit_fallback_and_git_runs_once(monkeypatch, tmp_path):
+    """A submitted job's copy has no .git (here: no git at all): checkpoints still record the SHA that
+    `updetr submit` passes on, the same one MLflow gets; and writing checkpoints does not shell out."""
+    import subprocess
+
+    from tests.core.test_engine import tiny_cfg
+    from updetr import provenance, tracking
+    from updetr.engine import Trainer
+
+    calls = []
+    real_run = subprocess.run
+
+    def counting_run(argv, *a, **kw):
+        calls.append(argv)
+        return real_run(argv, *a, **kw)
+
+    monkeypatch.setattr(subprocess, "run", counting_run)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git executable
+    monkeypatch.setenv("UPDETR_GIT_SHA", "0123abc")
+    provenance._ask_git.cache_clear()
+    trainer = Trainer(tiny_cfg(), torch.device("cpu"))
+    ckpts = [trainer.checkpoint() for _ in range(3)]
+    assert [c["git_sha"] for c in ckpts] == ["0123abc"] * 3
+    assert tracking.git_info()["sha"] == "0123abc"
+    assert len([c for c in calls if "git" in c[0]]) <= 1  # asked once per process, not per checkpoint
+    provenance._ask_git.cache_clear()

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from updetr.cli import main
-from updetr.config import load_experiment, ConfigError, ExperimentConfig, flatten, load_config
+from updetr.config import ConfigError, ExperimentConfig, config_to_dict, flatten, load_config, load_experiment
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -128,3 +128,45 @@ def test_chained_stages_merge_shared_settings_and_scope_overrides(tmp_path):
         load_experiment(exp, ["stages.x.seed=1"])
     with pytest.raises(ConfigError, match=r"stage ft.*data.source"):
         load_experiment(exp, ["stages.ft.data.source=folder"])
+def test_defaults_and_paper_recipe_follow_the_reference():
+    cfg = load_config(None)
+    assert cfg.data.decode == "full" and cfg.data.drop_last and cfg.runtime.precision == "fp32"
+    assert load_config(None, ["data.decode=reduced"]).data.decode == "reduced"  # kept as an option
+    for path in sorted((REPO / "experiments").glob("pretrain_*.yaml")):
+        paper = load_config(path)
+        assert paper.runtime.precision == "fp32", path.name  # the official code trains in fp32
+        assert paper.data.decode == "full" and paper.data.drop_last, path.name
+    assert load_config(path, ["runtime.precision=bf16"]).runtime.precision == "bf16"  # documented override
+
+
+def test_pretraining_needs_two_classes():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.num_classes=1"])
+    assert "model.num_classes (1) must be >= 2 for pre-training" in str(e.value)
+    assert load_config(None, ["model.num_classes=2"]).num_classes == 2
+
+
+def test_run_identity_covers_the_arithmetic_not_worker_counts(tmp_path):
+    """A change that alters the numbers is a new run (Ray: a new run name; debug: --resume refused);
+    a change of worker count or logging resumes, and the global batch size change is stated."""
+    from updetr.checkpoint import CheckpointError
+    from updetr.local import check_compatible
+    from updetr.orchestration.launch import config_hash
+
+    smoke = REPO / "experiments" / "smoke.yaml"
+    base = load_config(smoke)
+    for change in ("runtime.precision=bf16", "data.decode=reduced", "data.drop_last=false", "loss.feature=0.5",
+                   "seed=1", "ray.use_gpu=true"):
+        assert config_hash(load_config(smoke, [change])) != config_hash(base), change
+    for change in ("ray.num_workers=4", "data.num_workers=3", "schedule.log_every=1", "ray.max_failures=5",
+                   "runtime.output_dir=elsewhere", "tracking.enabled=false"):
+        assert config_hash(load_config(smoke, [change])) == config_hash(base), change
+    ckpt = {"config": config_to_dict(base)}
+    with pytest.raises(CheckpointError) as e:
+        check_compatible(load_config(smoke, ["runtime.precision=bf16"]), ckpt, tmp_path / "last.pt")
+    assert "runtime.precision: checkpoint 'fp32' vs config 'bf16'" in str(e.value)
+    check_compatible(load_config(smoke, ["schedule.max_steps=99", "ray.num_workers=4"]), ckpt, tmp_path / "x")
+    from updetr.config import resume_note
+
+    note = resume_note(config_to_dict(base), base, 4)
+    assert "global batch size changes from 4 to 8" in note and resume_note(config_to_dict(base), base, 2) is None

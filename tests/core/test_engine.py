@@ -135,3 +135,22 @@ def test_empty_source_is_an_error_and_total_steps():
     assert total_steps(tiny_cfg("schedule.epochs=4"), 5) == 20
     assert total_steps(tiny_cfg("schedule.epochs=4", "schedule.max_steps=7"), None) == 7
     assert total_steps(tiny_cfg("schedule.epochs=4", "schedule.steps_per_epoch=3"), 99) == 12
+
+
+def test_epoch_summary_after_a_mid_epoch_resume_covers_the_whole_epoch():
+    """Resumed one batch into epoch 1: its summary has 3 steps and the straight run's mean loss and
+    skip count (not just the part after the restart)."""
+    args = ["schedule.epochs=2", "schedule.checkpoint_every=100", "optim.lr=1e-3"]
+    cfg = tiny_cfg(*args)
+    straight_rec = Recorder()
+    Trainer(cfg, torch.device("cpu")).fit(make_batches(cfg, 3), straight_rec)
+    first_rec = Recorder()
+    Trainer(tiny_cfg(*args, "schedule.max_steps=4"), torch.device("cpu")).fit(make_batches(cfg, 3), first_rec)
+    resumed = Trainer(cfg, torch.device("cpu"))
+    resumed.load_checkpoint(first_rec.ckpts[-1])
+    rec = Recorder()
+    resumed.fit(make_batches(cfg, 3), rec)
+    (_, got), (_, want) = rec.epochs[0], straight_rec.epochs[1]
+    assert got["epoch/steps"] == want["epoch/steps"] == 3
+    assert got["epoch/skipped_corrupt"] == want["epoch/skipped_corrupt"] == 1  # its batch 0 ran before the restart
+    assert got["epoch/loss"] == pytest.approx(want["epoch/loss"], rel=1e-5)

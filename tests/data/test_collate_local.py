@@ -95,3 +95,18 @@ def test_no_shuffle_order(cfg_factory):
 def test_rank_out_of_range():
     with pytest.raises(ValueError):
         rank_batches(10, 2, 0, 0, True, 2, 2)
+
+
+def test_last_short_batch_dropped_by_default_as_in_the_reference():
+    from updetr.config import load_config
+
+    cfg = load_config(None, ["data.synthetic_images=11", "data.batch_size=2", "data.num_workers=0",
+                             "data.synthetic_size=[40,64]", "pretext.scales=[64]", "pretext.max_size=80",
+                             "pretext.patch_size=32"])
+    assert cfg.data.drop_last  # the official batch sampler drops the last short batch
+    sizes = [b["images"].shape[0] for b in local_pretrain_batches(cfg, 0)]
+    assert sizes == [2] * 5  # 11 images: the 11th is not a batch of 1
+    two_ranks = [[b["images"].shape[0] for b in local_pretrain_batches(cfg, 0, rank=r, world_size=2)]
+                 for r in range(2)]
+    assert two_ranks == [[2, 2], [2, 2]]  # 5 per rank: the short 5th dropped on both
+    assert [len(b) for b in rank_batches(6, 4, 0, 0, False, 0, 1, drop_last=True)] == [4]

@@ -112,3 +112,19 @@ def test_bad_data_is_counted_not_fatal(tmp_path, cfg_factory, monkeypatch):
     assert seen == {skips.EMPTY_FILE: 1, skips.UNREADABLE: 1, skips.TRUNCATED: 1, skips.TOO_SMALL: 1,
                     "converted_cmyk": 1, "converted_gray": 1, "converted_alpha": 1, "converted_16bit": 1,
                     "converted_palette": 1}
+
+
+def test_batches_from_a_class_sorted_folder_span_many_classes(tmp_path, cfg_factory):
+    """ImageNet-like class folders -> `updetr data shard` -> Ray Data: each batch mixes classes, as the
+    official sampler's uniform draws do (path-ordered shards gave batches of one or two classes)."""
+    from tests.data.test_shards import _class_sorted_folder
+
+    # The ImageNet proportions, scaled down: classes larger than the shuffle buffer, shards of about a class.
+    _class_sorted_folder(tmp_path / "src", classes=8, per_class=40)
+    write_shards(tmp_path / "src", tmp_path / "sh", shard_size=40)
+    cfg = cfg_factory("data.source=shards", f"data.path={tmp_path / 'sh'}", "data.num_workers=1",
+                      "data.batch_size=8", "pretext.min_image_px=17")
+    per_batch = [len({int(t["orig_size"][1]) for t in b["targets"]})  # width 40+4k identifies class k
+                 for b in iter_worker_batches(build_pretrain_dataset(cfg), cfg, 0)]
+    assert len(per_batch) == 40
+    assert sum(per_batch) / len(per_batch) >= 4, per_batch  # uniform draws: ~5.3 classes per batch of 8

@@ -68,7 +68,7 @@ def test_shards_feed_the_same_samples_as_the_folder(tmp_path, cfg_factory):
 def test_index_shard_offsets(tmp_path):
     src = tmp_path / "src"
     rels = write_image_folder(src, 3, seed=6, size_range=(30, 40), nested=False)
-    m = write_shards(src, tmp_path / "o", shard_size=5)
+    m = write_shards(src, tmp_path / "o", shard_size=5, seed=None)  # path order
     entries = index_shard(str(tmp_path / "o" / m["shards"][0]["name"]))
     assert [e.rel_path for e in entries] == rels and entries[0].size == (src / rels[0]).stat().st_size
 
@@ -96,3 +96,33 @@ def test_cli_shard_command(tmp_path, capsys):
     assert e.func(e) == 1
     syn = parser.parse_args(["data", "synth", str(tmp_path / "voc"), "--kind", "voc", "--n", "2"])
     assert syn.func(syn) == 0 and (tmp_path / "voc" / "VOC2007" / "Annotations").is_dir()
+
+
+def _class_sorted_folder(root, classes: int = 8, per_class: int = 12) -> dict[str, int]:
+    """ImageNet-like `n<class>/img.jpg` folder, images of class k all sized 40+4k (so a batch shows its classes)."""
+    from updetr.data.synthetic import synthetic_image
+
+    where = {}
+    for k in range(classes):
+        for i in range(per_class):
+            rel = f"n{k:08d}/img_{i:04d}.jpg"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            synthetic_image(k * 100 + i, 3, (40 + 4 * k, 40 + 4 * k)).save(root / rel, quality=85)
+            where[rel] = k
+    return where
+
+
+def test_shards_hold_a_seeded_random_order_recorded_in_the_manifest(tmp_path):
+    src = tmp_path / "src"
+    classes = _class_sorted_folder(src)
+    manifest = write_shards(src, tmp_path / "sh", shard_size=12, seed=7)
+    assert manifest["order"] == {"shuffled": True, "seed": 7}
+    per_shard = [{classes[rel] for rel, _ in iter_shard_samples(str(tmp_path / "sh" / s["name"]))}
+                 for s in manifest["shards"]]
+    assert min(len(c) for c in per_shard) >= 4, per_shard  # path order: exactly one class per shard
+    again = write_shards(src, tmp_path / "sh2", shard_size=12, seed=7)
+    first = [rel for rel, _ in iter_shard_samples(str(tmp_path / "sh" / "shard-000000.tar"))]
+    assert first == [rel for rel, _ in iter_shard_samples(str(tmp_path / "sh2" / "shard-000000.tar"))]
+    assert again["count"] == 96
+    plain = write_shards(src, tmp_path / "sh3", shard_size=12, seed=None)
+    assert plain["order"]["shuffled"] is False

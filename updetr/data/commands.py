@@ -18,7 +18,7 @@ def _cmd_shard(args: argparse.Namespace) -> int:
     t0 = time.time()
     try:
         manifest = write_shards(args.src_dir, args.out_dir, shard_size=args.shard_size, counter=counter,
-                                progress_every=args.progress_every)
+                                progress_every=args.progress_every, seed=None if args.path_order else args.seed)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         print(f"updetr data shard: error: {e}", file=sys.stderr)
         return 2
@@ -66,6 +66,9 @@ def register(subparsers) -> None:
     s.add_argument("out_dir", help="output folder for shard-*.tar and manifest.json")
     s.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
     s.add_argument("--progress-every", type=int, default=10000, help="log progress every N images (0: off)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random image order (recorded in the manifest)")
+    s.add_argument("--path-order", action="store_true",
+                   help="write in sorted path order instead (shards of a class-sorted folder then hold few classes)")
     s.set_defaults(func=_cmd_shard)
 
     y = sub.add_parser("synth", help="write a synthetic dataset (images folder, COCO or VOC layout)")

@@ -135,7 +135,8 @@ def detection_batches(cfg, dataset: DetectionDataset, epoch: int, skip: int = 0,
     """
     n = len(dataset)
     if dataset.train:
-        batches = rank_batches(n, cfg.data.batch_size, cfg.seed, epoch, cfg.data.shuffle, rank, world_size)
+        batches = rank_batches(n, cfg.data.batch_size, cfg.seed, epoch, cfg.data.shuffle, rank, world_size,
+                               drop_last=cfg.data.drop_last)  # DETR's train BatchSampler drops it too
         if cfg.schedule.steps_per_epoch is not None:
             batches = batches[: cfg.schedule.steps_per_epoch]
     else:

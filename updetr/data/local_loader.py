@@ -23,8 +23,9 @@ log = logging.getLogger("updetr.data")
 
 
 def rank_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool, rank: int,
-                 world_size: int) -> list[np.ndarray]:
-    """Source indices of this rank's batches for one epoch -> list of int arrays (last one may be short).
+                 world_size: int, drop_last: bool = False) -> list[np.ndarray]:
+    """Source indices of this rank's batches for one epoch -> list of int arrays (last one may be short,
+    unless `drop_last`: then it is left out, as the official loader's batch sampler does).
 
     The epoch order is one seeded permutation shared by all ranks; rank r takes every world_size-th
     sample. The remainder n % world_size is dropped so every rank yields the same number of batches
@@ -34,7 +35,8 @@ def rank_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool, 
         raise ValueError(f"rank {rank} not in [0, {world_size})")
     order = epoch_permutation(n, seed, epoch) if shuffle else np.arange(n)
     mine = order[rank: (n // world_size) * world_size: world_size]
-    return [mine[i: i + batch_size] for i in range(0, len(mine), batch_size)]
+    end = (len(mine) // batch_size) * batch_size if drop_last else len(mine)
+    return [mine[i: i + batch_size] for i in range(0, end, batch_size)]
 
 
 class _BatchDataset(Dataset):
@@ -84,11 +86,13 @@ def local_pretrain_batches(cfg, epoch: int, skip: int = 0, rank: int = 0, world_
         rank, world_size: this process's slice of the epoch.
     Yields:
         dicts with images `[B, 3, H, W]`, mask `[B, H, W]`, patches `[B, M, 3, P, P]`, targets, skipped.
-        B can be below data.batch_size when bad items were dropped (B = 0 batches are yielded too, so
+        B can be below data.batch_size when bad items were dropped (or in the last batch with
+        data.drop_last=false) (B = 0 batches are yielded too, so
         all ranks yield the same count). At most schedule.steps_per_epoch batches (counting skipped ones).
     """
     source = open_source(cfg)
-    batches = rank_batches(len(source), cfg.data.batch_size, cfg.seed, epoch, cfg.data.shuffle, rank, world_size)
+    batches = rank_batches(len(source), cfg.data.batch_size, cfg.seed, epoch, cfg.data.shuffle, rank, world_size,
+                           drop_last=cfg.data.drop_last)
     if cfg.schedule.steps_per_epoch is not None:
         batches = batches[: cfg.schedule.steps_per_epoch]
     batches = batches[max(0, int(skip)):]

@@ -35,7 +35,7 @@ from updetr.data.seeding import numpy_rng
 from updetr.data.skips import SkipCounter
 
 # Decode modes (DataConfig.decode): see `record_from_bytes`.
-DECODE_EXACT = "exact"
+DECODE_EXACT = "full"  # the whole image at full resolution (reference behaviour)
 DECODE_REDUCED = "reduced"
 
 
@@ -241,12 +241,12 @@ def record_from_bytes(data: bytes, pcfg, seed_tuple: Sequence[int], counter: Opt
                       decode: str = DECODE_EXACT) -> dict:
     """One sample from encoded bytes. Raises BadImage (empty, unreadable, truncated, too small, ...).
 
-    decode='exact' decodes the full image. decode='reduced' lets libjpeg decode at 1/2, 1/4 or 1/8
+    decode='full' decodes the full image. decode='reduced' lets libjpeg decode at 1/2, 1/4 or 1/8
     scale (DCT domain, several times faster) when the result is still at least the *resized image*
     size; the box draws are made first on the original (w, h) from the header, so they are identical in
     both modes, and crops are taken from the reduced decode with scaled coordinates. Trade-off: the image
     is unchanged up to resampling, but a query patch whose original side is below P * factor is resampled
-    from fewer pixels than in 'exact' (it never has less detail than the same region in the resized
+    from fewer pixels than in 'full' (it never has less detail than the same region in the resized
     input image). Only images at least twice the target size are affected (most ImageNet images are not).
     """
     img = open_image(data)

@@ -106,6 +106,10 @@ def _read(cfg):
         paths: list[str] | str = path
         if "://" not in path:
             manifest = read_manifest(path)  # local: read exactly the listed (complete) shards
+            if d.shuffle and not (manifest.get("order") or {}).get("shuffled"):
+                log.warning("data: %s was written in path order; batches of a class-sorted folder will hold "
+                            "few classes (re-shard with `updetr data shard`, which now writes a random order)",
+                            path)
             paths = [f"{path.rstrip('/')}/{s['name']}" for s in manifest["shards"]]
         ds = ray.data.read_webdataset(paths, decoder=None, file_extensions=["tar"], shuffle=shuffle,
                                       num_cpus=READ_CPUS)
@@ -182,7 +186,7 @@ def iter_worker_batches(shard, cfg, epoch: int, skip: int = 0) -> Iterator[dict]
     """
     set_epoch(cfg, epoch)
     d, pcfg = cfg.data, cfg.pretext
-    kwargs = dict(batch_size=d.batch_size, prefetch_batches=d.prefetch_batches, drop_last=False)
+    kwargs = dict(batch_size=d.batch_size, prefetch_batches=d.prefetch_batches, drop_last=d.drop_last)
     if d.shuffle:
         kwargs.update(local_shuffle_buffer_size=max(4 * d.batch_size, 16),
                       local_shuffle_seed=(cfg.seed * 1000003 + epoch) % (2 ** 31))

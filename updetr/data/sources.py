@@ -16,7 +16,7 @@ from PIL import Image
 from updetr.data import skips
 from updetr.data.image_io import BadImage
 from updetr.data.seeding import sample_id_from_key
-from updetr.data.shards import ShardEntry, index_shard, iter_image_files, read_entry, shard_paths
+from updetr.data.shards import ShardEntry, index_shard, iter_image_files, read_entry, shard_paths, walk_order_key
 from updetr.data.synthetic import default_size_range, synthetic_image
 
 log = logging.getLogger("updetr.data")
@@ -81,6 +81,9 @@ class ShardSource:
                 log.warning("data: shard listed in the manifest is missing: %s", p)
                 continue
             self.entries.extend(index_shard(p))
+        # Shards hold a random order (updetr data shard); index them like the source folder, so a folder and
+        # its shards give the same epoch order and the same batches.
+        self.entries.sort(key=lambda e: walk_order_key(e.rel_path))
         self._ids = [sample_id_from_key(e.rel_path) for e in self.entries]
 
     def __len__(self) -> int:

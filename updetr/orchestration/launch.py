@@ -5,7 +5,8 @@ The builders are separate so a Ray Tune sweep can reuse them: a Tune function ca
 `build_trainer(plan, tracking, callbacks=[TuneReportCallback()]).fit()` — the same code path as `run`.
 
 Naming and resume: the run name is `ray.run_name`, or `<name>-<8 hex>` hashed from the training-relevant
-config (everything but the `ray`, `tracking` and `runtime` sections). Ray Train V2 resumes a run whose
+config (`config.identity_fields`: every setting that changes the arithmetic, `runtime.precision` included;
+not worker counts, storage or logging). Ray Train V2 resumes a run whose
 `(storage_path, name)` already holds checkpoints, so re-running the same command after a crash continues
 from the last checkpoint, and the MLflow run is found again by its `updetr.run_name` + `updetr.storage`
 tags. A changed config gives a new name, hence a fresh run, never a silent resume with other settings.
@@ -31,13 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, TextIO
 
-from updetr.config import ExperimentConfig, config_to_dict, config_to_yaml
+from updetr.config import ExperimentConfig, config_to_dict, config_to_yaml, identity_fields
 from updetr.tracking import (TAG_LAST_CHECKPOINT, NullTracker, Tracker, TrackingError, check_tracking_uri,
                              resolve_tracking_uri, start_tracking)
 
 CHECKPOINT_FILE = "checkpoint.pt"          # our schema, inside each Ray checkpoint directory
 CHECKPOINT_PREFIX = "checkpoint_"          # Ray checkpoint dirs: checkpoint_<step, 8 digits>
-IDENTITY_EXCLUDE = ("ray", "tracking", "runtime")
 # Driver env vars forwarded to the training workers (tracking credentials, updetr drills/settings).
 WORKER_ENV_PREFIXES = ("UPDETR_", "MLFLOW_TRACKING_", "AWS_", "GOOGLE_APPLICATION_CREDENTIALS")
 
@@ -61,8 +61,8 @@ class RunPlan:
 
 
 def config_hash(cfg: ExperimentConfig) -> str:
-    data = {k: v for k, v in config_to_dict(cfg).items() if k not in IDENTITY_EXCLUDE}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
+    """8 hex of every setting that changes the arithmetic (config.identity_fields; not worker counts)."""
+    return hashlib.sha256(json.dumps(identity_fields(cfg), sort_keys=True).encode()).hexdigest()[:8]
 
 
 def run_name_for(cfg: ExperimentConfig) -> str:
@@ -422,7 +422,9 @@ def run(cfg: ExperimentConfig, address: Optional[str] = None, out: TextIO = sys.
     _quiet_ray_data()
     status = "FAILED"
     try:
-        trainer = build_trainer(plan, tracker, cluster_cpus=cluster_cpus)
+        from updetr.orchestration.metrics_commit import commit_callbacks
+
+        trainer = build_trainer(plan, tracker, cluster_cpus=cluster_cpus, callbacks=commit_callbacks(tracker))
         result = trainer.fit()
         status = "FINISHED"
     except KeyboardInterrupt:

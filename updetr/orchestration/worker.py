@@ -7,11 +7,14 @@ or initialise from `init.checkpoint`, and train on the task's batches: pre-train
 `get_dataset_shard("train")` (Ray Data), detection reads this rank's part of the dataset. Every
 `schedule.checkpoint_every` steps and at the end (the engine's `on_checkpoint`) all ranks call
 `ray.train.report` — it is a barrier, so the number of calls must match — and only rank 0 passes the
-checkpoint. Rank 0 alone owns the tracker. With `action: eval` the workers only score the weights of
-`checkpoint` (each rank its part of the evaluation split, rank 0 gathers) and report the metrics once.
+checkpoint. Rank 0 alone owns the tracker: per-step, per-epoch and eval metrics go to a `MetricLedger` and
+travel in the checkpoint that covers them (committed once registered: orchestration/metrics_commit.py), so
+each lands in MLflow exactly once; the last checkpoint is a tag. With `action: eval` the workers only score
+the weights of `checkpoint` (each rank its part of the evaluation split, rank 0 gathers) and report once.
 
-Drill hook: with `UPDETR_WORKER_PID_DIR` set, each worker writes its pid to `<dir>/rank<r>.pid` at start
-(tests SIGKILL a real worker process by that pid).
+Drill hooks: with `UPDETR_WORKER_PID_DIR` set, each worker writes its pid to `<dir>/rank<r>.pid` at start
+(tests SIGKILL a real worker process by that pid); `UPDETR_DRILL_KILL=after_report:<rank>:<step>` makes
+that worker kill itself right after reporting that step's checkpoint (written, possibly not registered).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import torch
 
 from updetr.config import ExperimentConfig, config_from_dict
 from updetr.engine import TrainState
+from updetr.metric_ledger import MetricLedger, write_ledger
 from updetr.runner import (AllWorkers, Callback, CallbackList, Progress, Tracking, evaluate_weights,
                            expected_total, setup, train)
 from updetr.tasks import get_task
@@ -39,6 +43,19 @@ def _write_pid(rank: int) -> None:
         tmp = Path(folder) / f".rank{rank}.pid.tmp"
         tmp.write_text(str(os.getpid()))
         tmp.replace(Path(folder) / f"rank{rank}.pid")
+
+
+def _drill_kill(point: str, rank: int, step: int) -> None:
+    """Drill hook: `UPDETR_DRILL_KILL=<point>:<rank>:<step>` (with `UPDETR_WORKER_PID_DIR`) SIGKILLs this
+    worker there, once (a flag file in the pid dir stops the restarted worker from dying again)."""
+    folder = os.environ.get("UPDETR_WORKER_PID_DIR")
+    if not folder or os.environ.get("UPDETR_DRILL_KILL") != f"{point}:{rank}:{step}":
+        return
+    flag = Path(folder) / f"drill-{point}-{rank}-{step}.done"
+    if flag.exists():
+        return
+    flag.write_text(str(os.getpid()))
+    os.kill(os.getpid(), 9)
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -59,14 +76,28 @@ def latest_checkpoint() -> tuple[Optional[dict], str]:
         return load_checkpoint(path, map_location="cpu"), str(path)  # weights_only=True inside
 
 
-class RayReport(Callback):
-    """`ray.train.report` on every rank at each checkpoint (rank 0 attaches the checkpoint dir); the last
-    eval metrics ride along, so the final report carries them."""
+class LedgerTracking(Tracking):
+    """`Tracking` whose metrics wait in rank 0's `MetricLedger` until a checkpoint covers them
+    (exactly-once, updetr/metric_ledger.py); tags go to the tracker at once."""
 
-    def __init__(self, rank: int) -> None:
+    def __init__(self, tracker, ledger: MetricLedger, rank: int, checkpoint_location=None) -> None:
+        super().__init__(tracker, rank, checkpoint_location)
+        self.ledger = ledger
+
+    def log(self, state: TrainState, metrics: dict, step: int) -> None:
+        self.ledger.add((state.step, state.epoch), metrics, step=step)
+
+
+class RayReport(Callback):
+    """`ray.train.report` on every rank at each checkpoint (rank 0 attaches the checkpoint dir with the
+    metric ledger's covered entries); the last eval metrics ride along, so the final report carries them."""
+
+    def __init__(self, rank: int, ledger: Optional[MetricLedger] = None) -> None:
         self.rank = rank
+        self.ledger = ledger if ledger is not None else MetricLedger()
         self.last: dict[str, float] = {}
         self.eval: dict[str, float] = {}
+        self._reported_step: Optional[int] = None
 
     def on_step(self, state, metrics):
         self.last = dict(metrics)
@@ -87,8 +118,10 @@ class RayReport(Callback):
             return
         with tempfile.TemporaryDirectory(prefix="updetr-ckpt-") as tmp:
             save_checkpoint(ckpt, Path(tmp) / CHECKPOINT_FILE)
+            write_ledger(tmp, self.ledger.take(upto=(state.step, state.epoch)))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=checkpoint_dir_name(state.step))
+        _drill_kill("after_report", self.rank, state.step)  # written to storage, maybe not yet registered
 
 
 def _tracker(config: dict, rank: int) -> Tracker:
@@ -143,6 +176,12 @@ def train_fn_per_worker(config: dict) -> dict:
     trainer, report = setup(cfg, task, device, resume=resume, resume_path=resume_path,
                             init_path=cfg.init.checkpoint)
     resumed_from = trainer.state.step if resume is not None else None
+    if resume is not None and rank == 0:
+        from updetr.config import resume_note
+
+        note = resume_note(resume.get("config"), cfg, world_size)
+        if note:
+            print(f"[{cfg.name}] note: {note}", flush=True)
 
     tracker = _tracker(config, rank)
     if rank == 0:
@@ -154,16 +193,21 @@ def train_fn_per_worker(config: dict) -> dict:
         if report is not None:
             print(f"[{cfg.name}] {report.describe()}", flush=True)
         if resumed_from is not None:
+            from updetr.orchestration.metrics_commit import catch_up
+
+            catch_up(tracker)
             tracker.log_metrics({"resume/from_step": resumed_from}, step=resumed_from)
 
     shard = ray.train.get_dataset_shard("train") if config.get("ray_data") else None
     run_dir = config["run_dir"]
     folder = _local_dir(run_dir)
+    ledger = MetricLedger()  # rank 0's metrics wait here until a checkpoint covers them
     callbacks = CallbackList([
         AllWorkers(world_size),
         Progress(cfg.name, expected_total(cfg, task, world_size, ray=True), rank, world_size),
-        Tracking(tracker, rank, checkpoint_location=lambda s: f"{run_dir}/{checkpoint_dir_name(s.step)}"),
-        RayReport(rank),
+        LedgerTracking(tracker, ledger, rank,
+                       checkpoint_location=lambda s: f"{run_dir}/{checkpoint_dir_name(s.step)}"),
+        RayReport(rank, ledger),
     ])
     state = train(trainer, task, callbacks, rank=rank, world_size=world_size, shard=shard,
                   results_dir=folder / "eval" if folder else None)

@@ -1,0 +1,158 @@
+"""Exactly-once metrics: buffer per-step / per-epoch metrics, commit them only with a checkpoint that covers them.
+
+Why: after a worker restart (or a re-run of a crashed driver) training resumes from the last registered
+checkpoint and re-runs the steps after it. Metrics logged as they happen would then appear twice in the
+tracker. Instead the process that owns tracking (Ray Train rank 0, or any single-process driver):
+
+  1. `ledger.add(position, metrics)` for every logged step / epoch (the terminal view stays live);
+  2. at a checkpoint, `ledger.take(upto=position)` and stores that state *inside the checkpoint*
+     (`write_ledger(folder, state)`: a small JSON file next to `checkpoint.pt`);
+  3. once the checkpoint is registered (Ray Train: the controller's `after_report`; a local driver: right
+     after the atomic save), `commit(state, tracker)` logs the entries to the tracker and then advances a
+     committed-position marker (the run tag `updetr.metrics_committed`);
+  4. committing again (a restarted worker catching up after a driver crash, a repeated callback) skips every
+     entry at or before the marker, so it is idempotent.
+
+Steps re-run after a restore are added again, and commit only when a later checkpoint covers them, by which
+time the marker has moved past the old ones: each step lands in the tracker once, with the value of the run
+that the checkpoints continue. Guarantee: exactly once across worker and driver failures; if the tracking
+server itself fails between logging a batch and moving the marker, the next commit of that batch may log it
+again (the tracker's own outage handling drops calls, so nothing is retried blindly).
+
+Position = `(step, epoch)` of the `TrainState` after the event, ordered lexicographically: a step at
+`(s, e)`; the end of epoch e after step s at `(s, e + 1)`; a checkpoint covers every position <= its state.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional, Protocol
+
+TAG_COMMITTED = "updetr.metrics_committed"   # "step,epoch" of the last committed position
+LEDGER_FILE = "metrics.json"                 # inside each checkpoint folder
+FORMAT = "updetr-metric-ledger"
+
+Position = tuple[int, int]
+
+
+class MarkerUnavailable(RuntimeError):
+    """The tracker cannot tell what was committed (server down): committing now could log twice."""
+
+
+class CommitTarget(Protocol):
+    """What `commit` needs from a tracker (updetr.tracking.Tracker implements it)."""
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None: ...
+    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+    def get_tag(self, key: str) -> Optional[str]:
+        """The run's tag value (None: not set); raises MarkerUnavailable when the run cannot be read."""
+
+
+def _pos(value: Any) -> Position:
+    step, epoch = value
+    return int(step), int(epoch)
+
+
+def parse_marker(text: Optional[str]) -> Optional[Position]:
+    """`"12,1"` -> (12, 1); None / malformed -> None (nothing committed yet)."""
+    if not text:
+        return None
+    try:
+        step, epoch = str(text).split(",")
+        return int(step), int(epoch)
+    except ValueError:
+        return None
+
+
+def format_marker(pos: Position) -> str:
+    return f"{pos[0]},{pos[1]}"
+
+
+class MetricLedger:
+    """Metrics waiting for a checkpoint. Entries: position, tracker step, {name: float}."""
+
+    def __init__(self) -> None:
+        self._entries: list[dict] = []
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, position: Position, metrics: Mapping[str, Any], step: Optional[int] = None) -> None:
+        """Buffer `metrics` (non-numeric values dropped) recorded at `position`.
+
+        Args:
+            position: `(state.step, state.epoch)` after the event.
+            metrics: name -> number.
+            step: the tracker's x axis for these metrics (default: the global step); epoch summaries
+                use the epoch index.
+        """
+        pos = _pos(position)
+        clean: dict[str, float] = {}
+        for k, v in metrics.items():
+            try:
+                clean[str(k)] = float(v)
+            except (TypeError, ValueError):
+                continue
+        self._entries.append({"pos": list(pos), "step": int(pos[0] if step is None else step),
+                              "metrics": clean})
+
+    def take(self, upto: Position) -> dict:
+        """Remove and return (as a state dict) the entries at or before `upto`: what a checkpoint covers."""
+        upto = _pos(upto)
+        covered = [e for e in self._entries if _pos(e["pos"]) <= upto]
+        self._entries = [e for e in self._entries if _pos(e["pos"]) > upto]
+        return {"format": FORMAT, "version": 1, "upto": list(upto), "entries": covered}
+
+    def state_dict(self) -> dict:
+        """Everything still buffered (JSON- and `weights_only`-safe)."""
+        return {"format": FORMAT, "version": 1, "upto": None, "entries": [dict(e) for e in self._entries]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._entries = [dict(e) for e in state.get("entries", [])]
+
+
+def commit(state: Mapping[str, Any], tracker: CommitTarget) -> int:
+    """Log the entries of `state` (from `MetricLedger.take`) after the tracker's marker; move the marker.
+
+    Returns the number of entries logged (0 when all were committed before: idempotent, or when the tracker
+    cannot be read: those metrics are then dropped, as any call during a tracking outage is).
+    """
+    upto = state.get("upto")
+    if upto is None:
+        raise ValueError("commit needs a ledger state from MetricLedger.take(upto=...)")
+    upto = _pos(upto)
+    try:
+        marker = parse_marker(tracker.get_tag(TAG_COMMITTED))
+    except MarkerUnavailable:
+        return 0
+    if marker is not None and upto <= marker:
+        return 0
+    fresh = [e for e in state.get("entries", []) if marker is None or _pos(e["pos"]) > marker]
+    by_step: dict[int, dict[str, float]] = {}
+    for e in fresh:  # one tracker call per x-axis step; later entries win within a step
+        by_step.setdefault(int(e["step"]), {}).update(e["metrics"])
+    for step in sorted(by_step):
+        tracker.log_metrics(by_step[step], step=step)
+    tracker.set_tags({TAG_COMMITTED: format_marker(upto)})
+    return len(fresh)
+
+
+def write_ledger(folder: str | os.PathLike, state: Mapping[str, Any]) -> Path:
+    """Store a ledger state in a checkpoint folder (before the folder is handed to storage)."""
+    path = Path(folder) / LEDGER_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(state))
+    tmp.replace(path)
+    return path
+
+
+def read_ledger(folder: str | os.PathLike) -> Optional[dict]:
+    """The ledger state stored in a checkpoint folder, or None (older checkpoints have none)."""
+    path = Path(folder) / LEDGER_FILE
+    if not path.is_file():
+        return None
+    state = json.loads(path.read_text())
+    if state.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an updetr metric ledger")
+    return state
