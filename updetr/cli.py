@@ -13,6 +13,21 @@ from updetr.config import ConfigError, config_to_yaml, load_experiment
 COMMAND_MODULES = ("updetr.data.commands", "updetr.orchestration.commands")
 
 
+def cli_command() -> str:
+    """How to call updetr in a printed hint: `updetr` when that is on PATH and is this installation, else
+    this interpreter's `python -m updetr` (e.g. an unactivated venv)."""
+    import os
+    import shutil
+
+    found = shutil.which("updetr")
+    mine = os.path.join(os.path.dirname(sys.executable), "updetr")
+    if found and (os.path.realpath(found) == os.path.realpath(mine) or not os.path.exists(mine)):
+        return "updetr"
+    if os.path.exists(mine):
+        return mine
+    return f"{sys.executable} -m updetr"
+
+
 def fail(message: str, code: int = 2) -> int:
     """Print a one-line-per-cause error (no traceback) and return the exit code."""
     print(f"updetr: error: {message}", file=sys.stderr)
@@ -49,16 +64,17 @@ def cmd_config_validate(args) -> int:
 def user_errors() -> tuple[type, ...]:
     """Exceptions that mean bad input or an unusable environment: one line, exit 2, no traceback."""
     from updetr.checkpoint import CheckpointError
+    from updetr.data.preflight import DataSourceError
     from updetr.eval import EvalError
     from updetr.local import RunDirError
     from updetr.tasks.detect import DatasetError
     from updetr.tracking import TrackingError
 
-    return ConfigError, CheckpointError, RunDirError, DatasetError, EvalError, TrackingError
+    return ConfigError, CheckpointError, RunDirError, DatasetError, EvalError, TrackingError, DataSourceError
 
 
 def cmd_debug(args) -> int:
-    from updetr.local import run_debug
+    from updetr.local import DebugInterrupted, run_debug
 
     try:
         exp = load_experiment(args.experiment, args.overrides)
@@ -73,8 +89,10 @@ def cmd_debug(args) -> int:
             run_debug(exp.stages[0].cfg, resume=args.resume, overwrite=args.overwrite)
     except user_errors() as e:
         return fail(str(e))
+    except DebugInterrupted as e:
+        return fail(str(e), 130)
     except KeyboardInterrupt:
-        return fail("interrupted; the last checkpoint is kept (re-run to resume)", 130)
+        return fail("interrupted before training started; nothing to keep", 130)
     return 0
 
 
@@ -125,7 +143,10 @@ def cmd_checkpoint_convert(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from updetr import __version__
+
     parser = argparse.ArgumentParser(prog="updetr", description="UP-DETR experiment platform")
+    parser.add_argument("--version", action="version", version=f"updetr {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p_cfg = sub.add_parser("config", help="show or validate an experiment config")
@@ -139,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("debug", help="train in this process without Ray (CPU or one GPU)")
     _add_experiment_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from <output_dir>/<name>/checkpoints/last.pt")
-    p.add_argument("--overwrite", action="store_true", help="start again even if a checkpoint exists")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <output_dir>/<name>/checkpoints/last.pt (the default when it exists)")
+    p.add_argument("--overwrite", action="store_true", help="start again from step 0 even if a checkpoint exists")
     p.set_defaults(func=cmd_debug)
 
     p = sub.add_parser("eval", help="COCO-style AP of a checkpoint on the experiment's evaluation split")

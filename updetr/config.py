@@ -214,6 +214,12 @@ class RayConfig(_Strict):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="How training workers are placed on nodes (Ray placement group strategy); "
                             "STRICT_SPREAD puts each worker on its own node.")
+    stall_warn_s: float = Field(
+        120.0, ge=0, description="Say on the terminal and in MLflow (with what Ray Data reports) when a training "
+                                 "worker has waited this long for a batch; 0 disables.")
+    stall_fail_s: float = Field(
+        1800.0, ge=0, description="Fail the run (checkpoints kept) when a worker has waited this long for a batch; "
+                                  "0 disables. Counts per worker attempt (ray.max_failures restarts it).")
 
 
 class TrackingConfig(_Strict):

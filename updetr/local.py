@@ -13,20 +13,63 @@ from typing import Optional, TextIO
 
 import torch
 
-from updetr.checkpoint import load_checkpoint
+from updetr.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from updetr.config import ExperimentConfig, config_to_dict, config_to_yaml
 from updetr.engine import TrainState, resolve_device
-from updetr.runner import (AllWorkers, CallbackList, LocalCheckpoint, Progress, Tracking, check_compatible,
+from updetr.runner import (AllWorkers, CallbackList, LocalCheckpoint, Progress, Tracking, WrappedBatches,
+                           check_compatible,
                            evaluate_weights, expected_total, format_epoch_line, format_progress, setup, train)
 from updetr.tasks import get_task
 from updetr.tracking import NullTracker, Tracker
 
-__all__ = ["RunDirError", "run_dir", "run_debug", "eval_local", "check_compatible", "format_progress",
+__all__ = ["RunDirError", "DebugInterrupted", "run_dir", "run_debug", "eval_local", "check_compatible", "format_progress",
            "format_epoch_line", "open_local_tracking"]
 
 
 class RunDirError(RuntimeError):
     """The run folder holds work that the requested action would lose or cannot use."""
+
+
+class DebugInterrupted(RuntimeError):
+    """Ctrl-C during `updetr debug`; the message says which checkpoint was written."""
+
+
+class _StopOnSigint:
+    """First Ctrl-C: finish the current step, then stop at the next batch fetch (state consistent, so the
+    checkpoint holds exactly the finished steps). A second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "_StopOnSigint":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        if self.requested:
+            signal.default_int_handler(signum, frame)
+        self.requested = True
+
+    def watch(self, batches):
+        for batch in batches:
+            if self.requested:
+                raise KeyboardInterrupt
+            yield batch
+            if self.requested:
+                raise KeyboardInterrupt
 
 
 def run_dir(cfg: ExperimentConfig) -> Path:
@@ -63,31 +106,37 @@ class DebugOutcome:
 def run_debug(cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = False, out: TextIO = sys.stdout,
               parent_run_id: Optional[str] = None, tracker: Optional[Tracker] = None) -> DebugOutcome:
     """Train `cfg` in this process (its task decides model and data). `init.checkpoint` must be a path here
-    (the pipeline resolves `previous`)."""
+    (the pipeline resolves `previous`).
+
+    Re-runs: like `updetr run`, the same command continues from `<output_dir>/<name>/checkpoints/last.pt`
+    when it exists (`resume` is accepted and means the same); `overwrite` starts again from step 0.
+    Ctrl-C writes a checkpoint at the last finished step and raises DebugInterrupted.
+    """
+    task = get_task(cfg)
+    cfg = task.prepare()  # data checked (one line) before the model is built: a bad path costs seconds
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
-    task = get_task(cfg)
     device = resolve_device(cfg.runtime.device)
     folder = run_dir(cfg)
     ckpt_path = folder / "checkpoints" / "last.pt"
     ckpt = None
-    if ckpt_path.exists():
-        if resume:
-            ckpt = load_checkpoint(ckpt_path)
-        elif not overwrite:
-            raise RunDirError(f"{ckpt_path} already holds a checkpoint of '{cfg.name}'; pass --resume to continue "
-                              "it or --overwrite to start again (set name=... for a separate run)")
-    elif resume:
-        print(f"[{cfg.name}] --resume: no checkpoint at {ckpt_path}, starting from step 0", file=out)
-    cfg = task.prepare()
+    if ckpt_path.exists() and not overwrite:
+        ckpt = load_checkpoint(ckpt_path)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(config_to_yaml(cfg))
 
-    trainer, report = setup(cfg, task, device, resume=ckpt, resume_path=str(ckpt_path),
-                            init_path=cfg.init.checkpoint)
+    try:
+        trainer, report = setup(cfg, task, device, resume=ckpt, resume_path=str(ckpt_path),
+                                init_path=cfg.init.checkpoint)
+    except CheckpointError as e:
+        if ckpt is None:
+            raise
+        raise CheckpointError(" ".join(str(e).split()) + "; pass --overwrite to start again, or set "
+                              "name=... for a separate run") from None
     if ckpt is not None:
         print(f"[{cfg.name}] resumed from {ckpt_path} at step {trainer.state.step} "
-              f"(epoch {trainer.state.epoch}, {trainer.state.step_in_epoch} steps into it)", file=out)
+              f"(epoch {trainer.state.epoch}, {trainer.state.step_in_epoch} steps into it); --overwrite starts "
+              f"again", file=out)
     if report is not None:
         print(f"[{cfg.name}] {report.describe()}", file=out, flush=True)
     tracker = tracker or open_local_tracking(cfg, folder, parent_run_id)
@@ -100,12 +149,22 @@ def run_debug(cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = 
     tracking = Tracking(tracker, checkpoint_location=lambda s: str(ckpt_path))
     callbacks = CallbackList([AllWorkers(1), progress, LocalCheckpoint(ckpt_path), tracking])
     status = "FAILED"
+    stopper = _StopOnSigint()
     try:
-        state = train(trainer, task, callbacks, results_dir=folder / "eval")
+        with stopper:
+            state = train(trainer, WrappedBatches(task, stopper.watch), callbacks, results_dir=folder / "eval")
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except BaseException as e:
+        if not (isinstance(e, KeyboardInterrupt) or stopper.requested):
+            raise
         status = "KILLED"
-        raise
+        # The engine only changes its state between steps, so this is the last finished step exactly.
+        if trainer.state.step > 0:
+            save_checkpoint(trainer.checkpoint(), ckpt_path)
+            raise DebugInterrupted(f"interrupted: checkpoint at step {trainer.state.step} (epoch "
+                                   f"{trainer.state.epoch}) written to {ckpt_path}; the same command continues "
+                                   "it") from None
+        raise DebugInterrupted("interrupted before the first step finished; nothing to keep") from None
     finally:
         if status != "FINISHED":
             tracker.end(status)

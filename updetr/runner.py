@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional, Sequence, TextIO
 
 import torch
 
+from updetr.data.skips import split_counts
 from updetr.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from updetr.config import RUN_LENGTH_FIELDS, ExperimentConfig, identity_diff
 from updetr.engine import TrainState, Trainer, dist_rank_world, evaluate, format_eta, seed_process, total_steps
@@ -39,13 +40,19 @@ def format_progress(name: str, state: TrainState, metrics: dict[str, float], tot
 
 def format_epoch_line(name: str, epoch: int, metrics: dict[str, float], steps_label: str, images_per_s: float,
                       speed_label: str) -> str:
-    """The end-of-epoch summary: steps, mean loss, speed, and bad items skipped by reason."""
-    skipped = {k.removeprefix("epoch/skipped_"): int(v) for k, v in metrics.items()
-               if k.startswith("epoch/skipped_") and k != "epoch/skipped_total"}
+    """The end-of-epoch summary: steps, mean loss, speed, and bad items skipped / converted by reason."""
+    from updetr.data.skips import split_counts
+
+    events = {k.removeprefix("epoch/skipped_"): v for k, v in metrics.items()
+              if k.startswith("epoch/skipped_") and k not in ("epoch/skipped_total", "epoch/converted_total")}
+    dropped, kept = split_counts(events)
     line = (f"[{name}] epoch {epoch} done: {int(metrics.get('epoch/steps', 0))} {steps_label}, "
             f"mean loss {metrics.get('epoch/loss', float('nan')):.3f}, {images_per_s:.1f} {speed_label}")
-    if skipped:
-        line += ", skipped " + ", ".join(f"{n} {r}" for r, n in sorted(skipped.items()))
+    if dropped:
+        line += f", skipped {sum(dropped.values())} bad (" + ", ".join(f"{n} {r}" for r, n in sorted(dropped.items())) + ")"
+    if kept:
+        line += f", converted/fixed {sum(kept.values())} (" + ", ".join(
+            f"{n} {r.removeprefix('converted_')}" for r, n in sorted(kept.items())) + ")"
     return line
 
 
@@ -119,7 +126,11 @@ class AllWorkers(Callback):
         if "images_per_s" in metrics:
             metrics["images_per_s_all_workers"] = metrics["images_per_s"] * self.world_size
         metrics["epoch"] = float(state.epoch)
-        metrics["data/skipped_total"] = sum(v for k, v in metrics.items() if k.startswith("data/skipped_"))
+        # this rank's own counts so far this epoch (the epoch metrics are summed over all ranks)
+        dropped, kept = split_counts({k.removeprefix("data/skipped_"): v for k, v in metrics.items()
+                                      if k.startswith("data/skipped_")})
+        metrics["data/skipped_total"] = float(sum(dropped.values()))
+        metrics["data/converted_total"] = float(sum(kept.values()))
 
     def on_epoch_end(self, state, metrics):
         skipped = {k: v for k, v in metrics.items() if k.startswith("epoch/skipped_")}
@@ -127,7 +138,10 @@ class AllWorkers(Callback):
                                self.world_size)
         metrics.update({k: v for k, v in total.items() if k.startswith("epoch/skipped_")})
         metrics["epoch/images_per_s_all_workers"] = total.get("images_per_s", 0.0)
-        metrics["epoch/skipped_total"] = sum(v for k, v in total.items() if k.startswith("epoch/skipped_"))
+        dropped, kept = split_counts({k.removeprefix("epoch/skipped_"): v for k, v in total.items()
+                                      if k.startswith("epoch/skipped_")})
+        metrics["epoch/skipped_total"] = float(sum(dropped.values()))    # items dropped, all ranks
+        metrics["epoch/converted_total"] = float(sum(kept.values()))     # items converted / fixed and used
 
 
 class Progress(Callback):
@@ -219,6 +233,19 @@ class LocalCheckpoint(Callback):
     def on_checkpoint(self, state, ckpt):
         if self.rank == 0:
             save_checkpoint(ckpt, self.path)
+
+
+class WrappedBatches:
+    """A task whose train batches pass through `wrap` (Ctrl-C stopper, stall watchdog); all else delegated."""
+
+    def __init__(self, task: Task, wrap: Callable) -> None:
+        self._task, self._wrap = task, wrap
+
+    def __getattr__(self, name):
+        return getattr(self._task, name)
+
+    def train_batches(self, *args, **kwargs):
+        return self._wrap(self._task.train_batches(*args, **kwargs))
 
 
 # ---------------------------------------------------------------------------------------- stages

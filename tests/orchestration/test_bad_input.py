@@ -69,3 +69,56 @@ def test_tracking_store_not_writable(tmp_path):
 def test_no_address_for_jobs(tmp_path, args, monkeypatch):
     r = updetr(*args, cwd=tmp_path)
     one_error_line(r, "--address")
+
+
+# ------------------------------------------------------------------ data sources and resources (issue 12)
+def no_mlflow_run(folder) -> None:
+    """No MLflow run was opened in the sqlite store under `folder` (a refusal must not leave FAILED runs)."""
+    db = folder / "mlflow.db"
+    if not db.exists():
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    assert not [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+
+
+@pytest.fixture
+def bad_sources(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    (tmp_path / "no-manifest").mkdir()
+    (tmp_path / "no-manifest" / "shard-000000.tar").write_bytes(b"")
+    return [("folder", tmp_path / "missing", "not found"),
+            ("folder", tmp_path / "empty", "no image files"),
+            ("shards", tmp_path / "no-manifest", "no manifest.json")]
+
+
+def test_bad_data_source_refused_before_ray_and_mlflow(tmp_path, bad_sources):
+    for source, path, reason in bad_sources:
+        t0 = time.monotonic()
+        r = updetr("run", SMOKE, f"data.source={source}", f"data.path={path}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                   f"ray.storage_path={tmp_path}/ray", cwd=tmp_path)
+        line = one_error_line(r, str(path), reason)
+        assert "re-run" not in line and "resume" not in line
+        assert "local Ray" not in r.stdout and time.monotonic() - t0 < 30  # Ray never started
+        no_mlflow_run(tmp_path)
+
+        r = updetr("debug", SMOKE, f"data.source={source}", f"data.path={path}", f"runtime.output_dir={tmp_path}/runs",
+                   cwd=tmp_path)
+        one_error_line(r, str(path), reason)
+        assert "parameters trainable" not in r.stdout  # refused before the model was built
+
+
+def test_impossible_resource_request_refused_before_ray_starts(tmp_path):
+    r = updetr("run", SMOKE, "ray.num_workers=64", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", cwd=tmp_path)
+    one_error_line(r, "64 training worker(s)", "ray.num_workers")
+    assert "local Ray" not in r.stdout
+    no_mlflow_run(tmp_path)
+
+
+def test_data_shard_of_an_empty_folder_writes_nothing(tmp_path):
+    (tmp_path / "src").mkdir()
+    r = updetr("data", "shard", str(tmp_path / "src"), str(tmp_path / "out"), cwd=tmp_path)
+    assert r.returncode == 1 and "no image files" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out" / "manifest.json").exists()  # a manifest means a complete shard set

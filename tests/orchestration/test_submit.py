@@ -1,12 +1,13 @@
 """`updetr submit` to a local two-node Ray cluster (head + worker node, 1 CPU each), Jobs API wrappers."""
 from __future__ import annotations
 
+import re
 import shutil
 import time
 
 import pytest
 
-from updetr.orchestration.local_cluster import load, own_processes
+from updetr.orchestration.local_cluster import cluster_processes, load
 from updetr.tracking import TAG_STORAGE
 
 from .conftest import SMOKE, cli_env, short_tmpdir, updetr
@@ -24,6 +25,7 @@ def test_submit_to_local_two_node_cluster(mlflow_server, tmp_path):
         assert r.returncode == 0, r.stdout + r.stderr
         url = cluster.dashboard_url
         assert url in r.stdout and cluster.address in r.stdout
+        assert "local-cluster down --dir" in r.stdout
 
         # a rejected token is one clear line, not a traceback
         bad = cli_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="f" * 32)
@@ -43,6 +45,8 @@ def test_submit_to_local_two_node_cluster(mlflow_server, tmp_path):
 
         r = updetr("jobs", "status", job_id, "--address", url, cwd=tmp_path)
         assert r.returncode == 0 and f"{job_id}: SUCCEEDED" in r.stdout
+        r = updetr("jobs", "list", "--address", url, cwd=tmp_path)
+        assert r.returncode == 0 and re.search(rf"^{job_id}\s+SUCCEEDED\s+started ", r.stdout, re.M), r.stdout
         r = updetr("jobs", "logs", job_id, "--address", url, cwd=tmp_path)
         assert r.returncode == 0 and "finished at step 8" in r.stdout
         r = updetr("jobs", "stop", job_id, "--address", url, cwd=tmp_path)
@@ -56,5 +60,5 @@ def test_submit_to_local_two_node_cluster(mlflow_server, tmp_path):
     finally:
         r = updetr("local-cluster", "down", "--dir", state, cwd=tmp_path, timeout=120)
         assert r.returncode == 0, r.stderr
-        assert not own_processes(state)
+        assert not cluster_processes(state)  # ray.util.client.server included (was left behind)
         shutil.rmtree(state, ignore_errors=True)

@@ -12,10 +12,20 @@ log = logging.getLogger("updetr.data")
 
 
 def _cmd_shard(args: argparse.Namespace) -> int:
-    from updetr.data.shards import write_shards
+    import os
+
+    from updetr.data.shards import iter_image_files, write_shards
 
     counter = SkipCounter()
     t0 = time.time()
+    # Refuse an empty or missing source before anything is written: a manifest means "complete shard set".
+    if not os.path.isdir(args.src_dir):
+        print(f"updetr data shard: error: {args.src_dir}: not found or not a folder", file=sys.stderr)
+        return 2
+    if next(iter(iter_image_files(args.src_dir)), None) is None:
+        print(f"updetr data shard: error: {args.src_dir}: no image files under it; nothing written",
+              file=sys.stderr)
+        return 1
     try:
         manifest = write_shards(args.src_dir, args.out_dir, shard_size=args.shard_size, counter=counter,
                                 progress_every=args.progress_every, seed=None if args.path_order else args.seed)

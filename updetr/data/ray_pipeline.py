@@ -5,8 +5,8 @@ Stages (streaming; nothing is counted or materialised: the first batch follows t
 decode call):
   1. read: `read_binary_files(include_paths=True)` for a folder / URI prefix, `read_webdataset(decoder=None)`
      for tar shards (raw bytes, no eager decode), `from_items` of ids for the synthetic source;
-  2. `map_batches(PretrainPreprocessor, compute=ActorPoolStrategy(size=data.num_workers),
-     num_cpus=data.preprocess_cpus)`: decode + RGB conversion + box draws + crops + augmentation, one
+  2. `map_batches(PretrainPreprocessor, compute=ActorPoolStrategy(min..max from the resource plan),
+     num_cpus=plan.cpus_per_actor)`: decode + RGB conversion + box draws + crops + augmentation, one
      output row per input row; a bad item becomes a row with ok=False and its reason in `events`
      (never an exception), conversions are recorded in `events` of good rows;
   3. `iter_worker_batches`: `iter_torch_batches(collate_fn=PretrainCollate)` pads, normalises and
@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from typing import Iterator
 
 import numpy as np
@@ -41,13 +42,15 @@ from updetr.data.image_io import IMAGE_EXTENSIONS
 from updetr.data.ray_preprocess import CLOCK_NAMESPACE, PretrainPreprocessor, count_events, strip_scheme
 from updetr.data.shards import read_manifest
 from updetr.data.skips import SkipCounter
+from updetr.orchestration.resources import READ_CPUS
 
 log = logging.getLogger("updetr.data")
 
-# Reading is I/O bound; a small CPU request keeps read tasks schedulable when training workers and the
-# preprocessing actors hold the node's CPUs (a whole-CPU read task can starve and hang the pipeline).
-READ_CPUS = 0.25
-
+# Reading is I/O bound; a small CPU request (READ_CPUS, 0.25) keeps read tasks schedulable when training
+# workers and the preprocessing actors hold the node's CPUs; the resource planner keeps that much free.
+# Drill (tests only): with this env var set on the driver, every preprocessing call blocks, so the stall
+# watchdog can be shown a pipeline that never delivers a batch.
+STALL_DRILL_ENV = "UPDETR_DRILL_STALL_PREPROCESS"
 
 @ray.remote(num_cpus=0)
 class EpochClock:
@@ -117,33 +120,41 @@ def _read(cfg):
     raise ValueError(f"data.source '{d.source}' is not a pre-training source (synthetic | folder | shards)")
 
 
-def _pool_size(requested: int, cpus_each: float) -> int:
-    """Actor pool size, capped so the pool never takes every CPU of the cluster: a pool holding all CPUs
-    leaves none for the read tasks and the pipeline waits forever (ray-mlflow-notes §2.5)."""
-    size = max(1, int(requested))
-    total = float(ray.cluster_resources().get("CPU", 0.0))
-    fit = int((total - READ_CPUS) // cpus_each) if total else size
-    if fit < size:
-        log.warning("data: %d preprocessing actors x %.2g CPU do not fit next to the readers on %.0f CPU(s); "
-                    "using %d", size, cpus_each, total, max(1, fit))
-        size = max(1, fit)
-    return size
+class _StalledPreprocessor(PretrainPreprocessor):
+    """Drill UDF: never returns (see STALL_DRILL_ENV)."""
+
+    def __call__(self, batch: dict) -> dict:
+        while True:
+            time.sleep(3600)
 
 
-def build_pretrain_dataset(cfg) -> "ray.data.Dataset":
+def _pool(cfg, resources=None) -> tuple[int, int, float]:
+    """(min actors, max actors, CPUs per actor): the resource plan's, or a plan made against the cluster."""
+    if resources is None:
+        from updetr.orchestration.resources import cluster_resources, plan_resources
+
+        # Sized against the whole cluster (the training workers are counted in), flexible like a local run.
+        resources = plan_resources(cfg, cluster_resources())
+    return resources.actors, resources.max_actors, resources.cpus_per_actor
+
+
+def build_pretrain_dataset(cfg, resources=None) -> "ray.data.Dataset":
     """Lazy, streaming pre-training dataset (one row per input item, bad ones flagged; module docstring).
 
     Requires a running Ray (`ray.init`). URIs (s3://, gs://, ...) in data.path pass straight to Ray Data
-    (pyarrow filesystems); local shard dirs are read through their manifest.
+    (pyarrow filesystems); local shard dirs are read through their manifest. `resources` is the run's
+    `ResourcePlan` (actor pool size and CPUs per actor); None plans against the connected cluster.
     """
     ds, prefix = _read(cfg)
     epoch_clock(cfg)  # make sure the clock exists (owned by the process that builds the dataset)
     d = cfg.data
+    lo, hi, cpus = _pool(cfg, resources)
+    udf = _StalledPreprocessor if os.environ.get(STALL_DRILL_ENV) else PretrainPreprocessor
     return ds.map_batches(
-        PretrainPreprocessor,
+        udf,
         fn_constructor_kwargs={"cfg": cfg, "root_prefix": prefix, "clock": clock_name(cfg)},
-        compute=ray.data.ActorPoolStrategy(size=_pool_size(d.num_workers, d.preprocess_cpus)),
-        num_cpus=d.preprocess_cpus,
+        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+        num_cpus=cpus,
         batch_size=d.preprocess_batch_size,
         batch_format="numpy",
         udf_modifying_row_count=False,
@@ -204,7 +215,6 @@ def iter_worker_batches(shard, cfg, epoch: int, skip: int = 0) -> Iterator[dict]
             if limit is not None and n >= limit:
                 break
     finally:
-        if counter:
-            log.warning("%s", counter.summary(f"epoch {epoch}"))
-        else:
-            log.info("data: epoch %d: no bad items", epoch)
+        # This rank's share only (debug detail): the epoch line of the run reports all ranks' sums,
+        # dropped and converted items apart.
+        log.debug("%s", counter.summary(f"epoch {epoch}"))

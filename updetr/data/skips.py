@@ -70,3 +70,19 @@ def merge_counts(*counts: Mapping[str, int]) -> dict[str, int]:
     for c in counts:
         out.update({k: int(v) for k, v in c.items() if v})
     return dict(out)
+
+
+# Events after which the item is still used (fixed, not dropped): reported apart from skips.
+KEPT_REASONS = (BOX_CLIPPED, BOX_DEGENERATE)
+
+
+def is_kept(reason: str) -> bool:
+    """True for conversions / fixes (the item was used), False for reasons that dropped the item."""
+    return reason.startswith(CONVERTED_PREFIX) or reason in KEPT_REASONS
+
+
+def split_counts(counts: Mapping[str, float]) -> tuple[dict[str, int], dict[str, int]]:
+    """`{reason: n}` -> (dropped items by reason, converted / fixed items by reason)."""
+    dropped = {r: int(n) for r, n in counts.items() if n and not is_kept(r)}
+    kept = {r: int(n) for r, n in counts.items() if n and is_kept(r)}
+    return dropped, kept

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from typing import Optional
 
 from updetr.config import ConfigError, load_config
@@ -30,7 +31,7 @@ def _experiment_args(p: argparse.ArgumentParser) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from updetr.cli import user_errors
     from updetr.config import load_experiment
-    from updetr.orchestration.launch import LaunchError, run, summary
+    from updetr.orchestration.launch import LaunchError, RunInterrupted, run, summary
 
     try:
         exp = load_experiment(args.experiment, args.overrides)
@@ -46,13 +47,19 @@ def cmd_run(args: argparse.Namespace) -> int:
             text = chain_summary(run_chain(exp, RayDriver(address)))
         else:
             text = summary(run(cfg, address=address))
+    except RunInterrupted as e:
+        _shutdown_ray()
+        return _fail(str(e), 130)
     except LaunchError as e:
         text = str(e)
+        _shutdown_ray()
         return _fail(text, 1 if text.startswith(("training failed", "evaluation failed")) else 2)
     except user_errors() as e:
+        _shutdown_ray()
         return _fail(str(e))
     except KeyboardInterrupt:
-        return _fail("interrupted; checkpoints are kept: re-run the same command to resume", 130)
+        _shutdown_ray()
+        return _fail("interrupted before training started; nothing to keep", 130)
     _shutdown_ray()  # flushes the workers' last log lines, so the summary below comes last
     print(text, flush=True)
     return 0
@@ -97,11 +104,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except jobs.JobsError as e:
         return _fail(str(e))
     address = jobs.normalize_address(args.address)
+    cli = _cli()
     print(f"submitted job {job_id} (run {run_name_for(cfg)}) to {address}", flush=True)
+    print(f"  its MLflow run: {_job_tracking_hint(cfg)}", flush=True)
     for text in warnings:
         print(f"updetr: warning: {text}", file=sys.stderr, flush=True)
     if not args.follow:
-        print(f"  follow it: updetr jobs logs {job_id} --follow --address {address}", flush=True)
+        print(f"  follow it: {cli} jobs logs {job_id} --follow --address {address}", flush=True)
         print(job_id, flush=True)
         return 0
     try:
@@ -109,10 +118,27 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except jobs.JobsError as e:
         return _fail(str(e))
     except KeyboardInterrupt:
-        return _fail(f"stopped following; job {job_id} keeps running (updetr jobs stop {job_id} "
+        return _fail(f"stopped following; job {job_id} keeps running ({cli} jobs stop {job_id} "
                      f"--address {address})", 130)
     print(f"job {job_id}: {state}", flush=True)
     return 0 if state == "SUCCEEDED" else 1
+
+
+def _cli() -> str:
+    from updetr.cli import cli_command
+
+    return cli_command()
+
+
+def _job_tracking_hint(cfg) -> str:
+    """Where a submitted job's MLflow run can be looked at, from here."""
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not cfg.tracking.enabled:
+        return "tracking is off (tracking.enabled=false)"
+    if uri and uri.startswith(("http://", "https://")):
+        return f"open {uri} (experiment '{cfg.tracking.experiment or cfg.name}')"
+    return ("in a SQLite file in the job's working dir on the head node, not reachable from here; "
+            "set tracking.uri=http://MLFLOW:5000 to see it")
 
 
 # ----------------------------------------------------------------------------------------- jobs
@@ -120,6 +146,15 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     from updetr.orchestration import jobs
 
     try:
+        if args.jobs_command == "list":
+            found = jobs.list_jobs(args.address)
+            if not found:
+                print(f"no jobs on {jobs.normalize_address(args.address)}")
+            for j in found:
+                started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j["start_time"] / 1000)) \
+                    if j["start_time"] else "-"
+                print(f"{j['job_id']:<32} {j['status']:<10} started {started}")
+            return 0
         if args.jobs_command == "status":
             info = jobs.status(args.address, args.job_id)
             print(f"{info['job_id']}: {info['status']}" + (f" ({info['message']})" if info["message"] else ""))
@@ -214,8 +249,11 @@ def register(subparsers) -> None:
     p.add_argument("--entrypoint-num-cpus", type=float, default=None, help="CPUs reserved for the job driver (default 0)")
     p.set_defaults(func=cmd_submit)
 
-    p = subparsers.add_parser("jobs", help="status | logs | stop of a Ray Job")
+    p = subparsers.add_parser("jobs", help="list | status | logs | stop of Ray Jobs")
     jsub = p.add_subparsers(dest="jobs_command", metavar="ACTION", required=True)
+    q = jsub.add_parser("list", help="list the cluster's jobs, newest first")
+    q.add_argument("--address", default=None, help="Ray dashboard / Jobs API, e.g. http://HEAD:8265")
+    q.set_defaults(func=cmd_jobs)
     for action, text in (("status", "print the job's status"), ("logs", "print (or --follow) the job's logs"),
                          ("stop", "stop the job")):
         q = jsub.add_parser(action, help=text)

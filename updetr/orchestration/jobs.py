@@ -150,6 +150,15 @@ def status(address: Optional[str], job_id: str) -> dict:
             "entrypoint": info.entrypoint, "start_time": info.start_time, "end_time": info.end_time}
 
 
+def list_jobs(address: Optional[str]) -> list[dict]:
+    """The cluster's jobs, newest first: `[{"job_id", "status", "start_time", "end_time", "entrypoint"}]`."""
+    address = normalize_address(address)
+    found = _call(address, client(address).list_jobs)
+    out = [{"job_id": j.submission_id or j.job_id, "status": str(getattr(j.status, "value", j.status)),
+            "start_time": j.start_time, "end_time": j.end_time, "entrypoint": j.entrypoint} for j in found]
+    return sorted(out, key=lambda j: j["start_time"] or 0, reverse=True)
+
+
 def logs(address: Optional[str], job_id: str) -> str:
     address = normalize_address(address)
     return _call(address, client(address).get_job_logs, job_id)

@@ -14,15 +14,17 @@ tags. A changed config gives a new name, hence a fresh run, never a silent resum
 Paths: `storage_path` (default `<runtime.output_dir>/ray`) and the sqlite tracking URI are made absolute
 here, on the driver: Ray Train workers chdir into Ray's session folder.
 
-CPUs: on a local Ray (no address) the workers' `cpus_per_worker` is lowered, when needed, so that one CPU
-stays free for Ray Data (`num_workers * cpus_per_worker <= cpus - 1`); with 2 workers on 2 cores each gets
-0.5. Ray Data tasks then always find a CPU (a full machine hangs with "Cluster resources are not enough").
+Resources: `preflight(cfg, address)` checks the data source and fits training workers, preprocessing
+actors and read tasks into the machine (local Ray, before it starts) — see `resources.plan_resources`;
+on a joined cluster the same plan is made right after connecting. Either way a request that cannot run
+is refused in one line before Ray Data starts and before an MLflow run is opened.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -145,24 +147,24 @@ def existing_checkpoints(run_dir: str) -> list[tuple[int, str]]:
 
 
 # ----------------------------------------------------------------------------------- Ray configs
-def effective_cpus_per_worker(cfg: ExperimentConfig, cluster_cpus: Optional[float]) -> float:
-    """`ray.cpus_per_worker`, lowered on a small local machine so one CPU stays free for Ray Data."""
-    cpw = cfg.ray.cpus_per_worker
-    if cluster_cpus is None or cluster_cpus < 2:
-        return cpw
-    budget = cluster_cpus - 1.0
-    if cfg.ray.num_workers * cpw > budget:
-        cpw = max(0.1, round(budget / cfg.ray.num_workers, 2))
-    return cpw
+def resource_plan(cfg: ExperimentConfig, cluster: Optional[dict] = None, *, local: bool = True):
+    """The run's `ResourcePlan` against `cluster` (default: this machine); LaunchError when it cannot fit."""
+    from updetr.orchestration.resources import ResourceError, local_resources, plan_resources
+
+    try:
+        return plan_resources(cfg, cluster if cluster is not None else local_resources(), flexible_train=local)
+    except ResourceError as e:
+        raise LaunchError(str(e)) from None
 
 
-def scaling_config(cfg: ExperimentConfig, cluster_cpus: Optional[float] = None):
+def scaling_config(cfg: ExperimentConfig, resources=None):
     from ray.train import ScalingConfig
 
-    resources = {"CPU": effective_cpus_per_worker(cfg, cluster_cpus)}
+    cpw = resources.cpus_per_worker if resources is not None else cfg.ray.cpus_per_worker
+    res = {"CPU": cpw}
     if cfg.ray.use_gpu:
-        resources["GPU"] = 1
-    return ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources,
+        res["GPU"] = 1
+    return ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=res,
                          placement_strategy=cfg.ray.placement_strategy)
 
 
@@ -195,30 +197,31 @@ def train_loop_config(plan: RunPlan, tracking_run_id: Optional[str], *, ray_data
     """What each worker gets: the config as a plain dict and the resolved absolute locations."""
     return {"config": config_to_dict(plan.cfg), "run_name": plan.run_name, "run_dir": plan.run_dir,
             "tracking_uri": plan.tracking_uri if tracking_run_id else None, "tracking_run_id": tracking_run_id,
-            "experiment": plan.experiment, "ray_data": ray_data, "action": action, "checkpoint": checkpoint}
+            "experiment": plan.experiment, "num_items": plan.extra.get("num_items"), "ray_data": ray_data,
+            "action": action, "checkpoint": checkpoint}
 
 
-def build_datasets(cfg: ExperimentConfig) -> dict:
+def build_datasets(cfg: ExperimentConfig, resources=None) -> dict:
     """The task's Ray Data datasets ({} when each worker reads its own part of the data, as detection does)."""
     from updetr.tasks import get_task
 
-    return get_task(cfg).ray_datasets()
+    return get_task(cfg).ray_datasets(resources)
 
 
-def build_trainer(plan: RunPlan, tracker: Tracker, *, datasets: Optional[dict] = None,
-                  cluster_cpus: Optional[float] = None, callbacks: Sequence[Any] = (),
-                  env: Optional[dict] = None, action: str = "train", checkpoint: Optional[str] = None):
-    """The `TorchTrainer` of a plan (needs Ray initialised: it builds the Ray Data pipeline)."""
+def build_trainer(plan: RunPlan, tracker: Tracker, *, datasets: Optional[dict] = None, resources=None,
+                  callbacks: Sequence[Any] = (), env: Optional[dict] = None, action: str = "train",
+                  checkpoint: Optional[str] = None):
+    """The `TorchTrainer` of a plan (needs Ray initialised: it builds the Ray Data pipeline unless given)."""
     from ray.train.torch import TorchTrainer
 
     from updetr.orchestration.worker import train_fn_per_worker
 
     if datasets is None:
-        datasets = build_datasets(plan.cfg) if action == "train" else {}
+        datasets = build_datasets(plan.cfg, resources) if action == "train" else {}
     return TorchTrainer(train_fn_per_worker,
                         train_loop_config=train_loop_config(plan, tracker.run_id, ray_data=bool(datasets),
                                                             action=action, checkpoint=checkpoint),
-                        scaling_config=scaling_config(plan.cfg, cluster_cpus),
+                        scaling_config=scaling_config(plan.cfg, resources),
                         run_config=run_config(plan, callbacks, env),
                         datasets=datasets or None,
                         dataset_config=dataset_config() if datasets else None)
@@ -261,8 +264,16 @@ def check_address(address: str, timeout_s: float = 5.0) -> None:
                           f"head's GCS address (HOST:6379)?") from None
 
 
-def connect_ray(address: Optional[str], cfg: ExperimentConfig) -> tuple[bool, Optional[float]]:
-    """Join `address` (or $RAY_ADDRESS) or start a local Ray sized to the machine.
+def is_local_address(address: Optional[str]) -> bool:
+    """True when `updetr run` starts its own Ray (no address, 'local', and no $RAY_ADDRESS)."""
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        return False
+    return address is None or address == "local"
+
+
+def connect_ray(address: Optional[str], cfg: ExperimentConfig,
+                num_cpus: Optional[float] = None) -> tuple[bool, Optional[float]]:
+    """Join `address` (or $RAY_ADDRESS) or start a local Ray sized to the machine (`num_cpus`).
 
     Returns `(local, cluster_cpus)`: cluster_cpus is set for a local Ray only (it is what we size).
     """
@@ -281,7 +292,11 @@ def connect_ray(address: Optional[str], cfg: ExperimentConfig) -> tuple[bool, Op
     kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
     saved_env = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
     if local:
-        cpus = os.cpu_count() or 1
+        import logging
+
+        # Our own Ray on this machine: its token note is for people sharing a cluster, not for this run.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        cpus = int(num_cpus) if num_cpus else (os.cpu_count() or 1)
         kwargs.update(address="local", num_cpus=cpus)
         _pin_local_gcs_address()
         if cfg.ray.use_gpu is False:
@@ -393,48 +408,86 @@ class RunOutcome:
     eval_metrics: Optional[dict] = None
 
 
+class RunInterrupted(LaunchError):
+    """Ctrl-C: the message says what was kept (checkpoints, the MLflow run marked KILLED)."""
+
+
+def preflight(cfg: ExperimentConfig, address: Optional[str] = None):
+    """Refusals that need no Ray: the data source (LaunchError naming the path) and, when this process will
+    start its own Ray, the resource plan against this machine. Returns `(num_items, plan or None)`."""
+    from updetr.data.preflight import DataSourceError, check_source
+
+    try:
+        num_items = check_source(cfg)
+    except DataSourceError as e:
+        raise LaunchError(str(e)) from None
+    return num_items, (resource_plan(cfg) if is_local_address(address) else None)
+
+
+def _print_plan(cfg: ExperimentConfig, plan: RunPlan, resources, local: bool, out: TextIO) -> None:
+    where = "local Ray" if local else "the Ray cluster"
+    print(f"[{cfg.name}] run {plan.run_name}: {resources.describe()} ({where})", file=out, flush=True)
+    for note in resources.notes:
+        print(f"[{cfg.name}] note: {note}", file=out, flush=True)
+
+
 def run(cfg: ExperimentConfig, address: Optional[str] = None, out: TextIO = sys.stdout,
         run_name: Optional[str] = None, parent_run_id: Optional[str] = None) -> RunOutcome:
-    """`updetr run`: prepare the task's data, plan (fail fast), connect Ray, open tracking, fit, close tracking.
+    """`updetr run`: prepare the task's data, refuse what cannot work (before Ray and MLflow), connect Ray,
+    plan resources, build the data pipeline, open tracking (a child of `parent_run_id` in a chain), fit,
+    close tracking.
 
     Raises:
-        LaunchError: before any work (storage, tracking, address, token) or when training failed.
+        LaunchError: before any work (data, resources, storage, tracking, address, token) or when training
+            failed; RunInterrupted on Ctrl-C.
     """
     from updetr.tasks import get_task
 
     t0 = time.monotonic()
     cfg = get_task(cfg).prepare()  # absolute data paths, generated data: workers chdir elsewhere
     plan = plan_run(cfg, run_name=run_name)
-    local, cluster_cpus = connect_ray(address, cfg)
+    num_items, resources = preflight(cfg, address)
+    plan.extra["num_items"] = num_items
+    local, _ = connect_ray(address, cfg, num_cpus=resources.total_cpus if resources is not None else None)
+    if resources is None:
+        from updetr.orchestration.resources import cluster_resources
+
+        resources = resource_plan(cfg, cluster_resources(), local=False)
     previous = existing_checkpoints(plan.run_dir)
     resumed_from = previous[-1][0] if previous else None
+    _print_plan(cfg, plan, resources, local, out)
+    _quiet_ray_data()
+    from updetr.orchestration import console
+
+    console.install([f"[{cfg.tracking.experiment or cfg.name}"])  # a chain: every stage's lines
+    try:
+        datasets = build_datasets(cfg, resources)
+    except LaunchError:
+        raise
+    except Exception as e:  # noqa: BLE001 - e.g. an object-store path Ray Data cannot list
+        raise LaunchError(f"cannot build the data pipeline: {_first_line(e)}") from None
     tracker = open_tracking(plan, parent_run_id)
-    cpw = effective_cpus_per_worker(cfg, cluster_cpus)
-    where = f"local Ray ({cluster_cpus:g} CPUs)" if local else "the Ray cluster"
-    print(f"[{cfg.name}] run {plan.run_name}: {cfg.ray.num_workers} worker(s) x {cpw:g} CPU"
-          f"{' + 1 GPU' if cfg.ray.use_gpu else ''} on {where}", file=out, flush=True)
-    if cpw != cfg.ray.cpus_per_worker:
-        print(f"[{cfg.name}] note: ray.cpus_per_worker {cfg.ray.cpus_per_worker:g} -> {cpw:g} so one CPU stays "
-              f"free for Ray Data", file=out, flush=True)
     if resumed_from is not None:
         print(f"[{cfg.name}] resuming from checkpoint step {resumed_from} in {plan.run_dir}", file=out, flush=True)
     print(f"[{cfg.name}] checkpoints -> {plan.run_dir}; tracking -> {tracker.describe()}", file=out, flush=True)
-    _quiet_ray_data()
     status = "FAILED"
     try:
         from updetr.orchestration.metrics_commit import commit_callbacks
 
-        trainer = build_trainer(plan, tracker, cluster_cpus=cluster_cpus, callbacks=commit_callbacks(tracker))
+        trainer = build_trainer(plan, tracker, datasets=datasets, resources=resources,
+                                callbacks=commit_callbacks(tracker))
+        _interrupt_on_sigint(trainer)
         result = trainer.fit()
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # SystemExit: Ray Train's own SIGINT handler, if ours is not in
         status = "KILLED"
-        raise
+        raise RunInterrupted(interrupted_message(plan, tracker)) from None
     except LaunchError:
         raise
     except Exception as e:  # noqa: BLE001 - TrainingFailedError and friends: one line + where to look
-        raise LaunchError(f"training failed: {_first_line(e)} (checkpoints kept in {plan.run_dir}; re-run the "
-                          f"same command to resume)") from None
+        reason = _first_line(e)
+        tracker.set_tags({"updetr.error": reason[:4000]})
+        raise LaunchError(failure_message(reason, plan)) from None
     finally:
         if status != "FINISHED":
             tracker.end(status)
@@ -464,13 +517,18 @@ def run_eval(cfg: ExperimentConfig, checkpoint: str, address: Optional[str] = No
     checkpoint = str(Path(checkpoint).resolve()) if not is_uri(checkpoint) else checkpoint
     tag = hashlib.sha256(checkpoint.encode()).hexdigest()[:8]
     plan = plan_run(cfg, run_name=cfg.ray.run_name or f"{run_name_for(cfg)}-eval-{tag}")
-    local, cluster_cpus = connect_ray(address, cfg)
+    _, resources = preflight(cfg, address)
+    local, _ = connect_ray(address, cfg, num_cpus=resources.total_cpus if resources is not None else None)
+    if resources is None:
+        from updetr.orchestration.resources import cluster_resources
+
+        resources = resource_plan(cfg, cluster_resources(), local=False)
     tracker = open_tracking(plan, parent_run_id, {"updetr.eval_checkpoint": checkpoint})
     print(f"[{cfg.name}] evaluating {checkpoint} on {cfg.ray.num_workers} Ray worker(s); "
           f"tracking -> {tracker.describe()}", file=out, flush=True)
     _quiet_ray_data()
     try:
-        result = build_trainer(plan, tracker, cluster_cpus=cluster_cpus, action="eval", checkpoint=checkpoint).fit()
+        result = build_trainer(plan, tracker, resources=resources, action="eval", checkpoint=checkpoint).fit()
     except Exception as e:  # noqa: BLE001 - one line + where to look
         tracker.end("FAILED")
         raise LaunchError(f"evaluation failed: {_first_line(e)}") from None
@@ -483,13 +541,63 @@ def run_eval(cfg: ExperimentConfig, checkpoint: str, address: Optional[str] = No
     return dict(metrics), tracker.run_id
 
 
+def _interrupt_on_sigint(trainer) -> None:
+    """Ctrl-C during `fit()`: ask the Train controller to abort and raise KeyboardInterrupt at once.
+
+    Ray Train V2 installs its own SIGINT handler in `fit()` (`_register_sigint_handler`) that aborts and
+    then calls `sys.exit(0)` or returns normally, so the driver cannot tell an interrupt from a finished
+    or failed run (the issue: exit 1, no message, MLflow FAILED). Replacing that hook keeps the abort and
+    makes the interrupt explicit, so `run` can report what was kept and mark the MLflow run KILLED.
+    """
+    import signal
+    import threading
+
+    if not hasattr(trainer, "_register_sigint_handler") or threading.current_thread() is not threading.main_thread():
+        return
+
+    def register(controller) -> None:
+        def handler(signum, frame):
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C is immediate
+            try:
+                controller.abort.remote()
+            except Exception:  # noqa: BLE001 - the controller may already be gone
+                pass
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, handler)
+
+    trainer._register_sigint_handler = register
+
+
+# Failures a re-run cannot fix: the same input gives the same error.
+_NOT_RETRYABLE = ("FileNotFoundError", "No such file", "not found", "NotADirectoryError", "PermissionError",
+                  "CheckpointError", "architecture differs", "DataSourceError")
+
+
+def failure_message(reason: str, plan: RunPlan) -> str:
+    kept = existing_checkpoints(plan.run_dir)
+    where = (f"checkpoints kept in {plan.run_dir}, last at step {kept[-1][0]}" if kept
+             else f"no checkpoint was written in {plan.run_dir}")
+    if any(k in reason for k in _NOT_RETRYABLE):
+        return f"training failed: {reason} ({where}; fix that, then run the same command to continue)"
+    return f"training failed: {reason} ({where}; re-run the same command to resume)"
+
+
+def interrupted_message(plan: RunPlan, tracker: Tracker) -> str:
+    kept = existing_checkpoints(plan.run_dir)
+    ckpt = f"last checkpoint {kept[-1][1]} (step {kept[-1][0]})" if kept else f"no checkpoint yet in {plan.run_dir}"
+    mlflow = f"; MLflow run {tracker.run_id} marked KILLED" if tracker.run_id else ""
+    return f"interrupted: {ckpt}{mlflow}; the same command resumes"
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     # TrainingFailedError texts carry the worker traceback: keep the exception line at its end.
     for ln in reversed(lines):
         if ln and not ln.startswith(("File ", "^", "~", "Traceback")) and ":" in ln:
-            return ln[:300]
+            # "updetr.orchestration.watchdog.StallError: ..." -> "StallError: ..."
+            return re.sub(r"^(?:[A-Za-z_]\w*\.)+(?=\w*(?:Error|Exception|Interrupt)\b)", "", ln)[:600]
     return (lines[0] if lines else type(err).__name__)[:300]
 
 
@@ -504,6 +612,11 @@ def summary(outcome: RunOutcome) -> str:
              f"  checkpoint: {outcome.checkpoint or p.run_dir}"]
     if outcome.tracker.run_id:
         lines.append(f"  mlflow:     run {outcome.tracker.run_id} in experiment '{p.experiment}' at {p.tracking_uri}")
-        lines.append(f"  look:       {ui_hint(p.tracking_uri)}")
+        from updetr.cli import cli_command
+
+        hint = ui_hint(p.tracking_uri)
+        if hint.startswith("updetr "):  # a command that works from here (updetr may not be on PATH)
+            hint = cli_command() + hint[len("updetr"):]
+        lines.append(f"  look:       {hint}")
     lines.append("  the same command resumes this run; set ray.run_name=NAME for a separate one")
     return "\n".join(lines)

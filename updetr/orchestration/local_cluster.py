@@ -237,18 +237,51 @@ def _wait_dashboard(cluster: LocalCluster, timeout_s: float) -> None:
     raise RuntimeError(f"Ray dashboard at {cluster.dashboard_url} did not come up in {timeout_s:.0f} s")
 
 
+def cluster_processes(dir: str | Path = DEFAULT_DIR) -> list:
+    """This cluster's processes: those naming its folder (and their descendants), plus those naming its
+    GCS address or client-server port — `ray.util.client.server` names neither folder nor parent once
+    `ray start` has exited, and was left running by `down` before."""
+    import psutil
+
+    folder = str(Path(dir).absolute()) + "/"
+    procs = {p.pid: p for p in own_processes(folder)}
+    cluster = load(dir)
+    if cluster is not None:
+        import re
+
+        # the GCS address as any host:port (Ray may report the node IP instead of 127.0.0.1)
+        gcs = re.compile(rf"(?:address|gcs-address)=\S+:{cluster.gcs_port}\b")
+        markers = [f"--port={n['ray-client-server-port']}" for n in cluster.node_ports if "ray-client-server-port" in n]
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                cmd = " ".join(proc.info["cmdline"] or [])
+                if proc.pid != os.getpid() and "ray" in cmd and (gcs.search(cmd) or any(m in cmd for m in markers)):
+                    procs.setdefault(proc.pid, proc)
+                    for child in proc.children(recursive=True):
+                        procs.setdefault(child.pid, child)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+    return list(procs.values())
+
+
 def down(dir: str | Path = DEFAULT_DIR) -> int:
-    """Stop this cluster's processes only; returns how many were signalled."""
-    return kill_processes(own_processes(str(Path(dir).absolute()) + "/"))
+    """Stop this cluster's processes only (`cluster_processes`); returns how many were signalled."""
+    return kill_processes(cluster_processes(dir))
 
 
 def describe(cluster: LocalCluster) -> str:
     return (f"local Ray cluster: head + 1 worker node on 127.0.0.1 (state in {cluster.dir})\n"
-            f"  address:   {cluster.address}      e.g. updetr run EXP.yaml --address {cluster.address}\n"
-            f"  dashboard: {cluster.dashboard_url}   e.g. updetr submit EXP.yaml --address "
+            f"  address:   {cluster.address}      e.g. {_cli()} run EXP.yaml --address {cluster.address}\n"
+            f"  dashboard: {cluster.dashboard_url}   e.g. {_cli()} submit EXP.yaml --address "
             f"{cluster.dashboard_url}\n"
             f"  token auth is on: clients on this host read ~/.ray/auth_token (RAY_AUTH_MODE=token)\n"
-            f"  stop it:   cluster/local.sh down --dir {cluster.dir}")
+            f"  stop it:   {_cli()} local-cluster down --dir {cluster.dir}")
+
+
+def _cli() -> str:
+    from updetr.cli import cli_command
+
+    return cli_command()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -277,7 +310,7 @@ def run_command(args: argparse.Namespace) -> int:
             print(f"local Ray cluster in {args.dir}: stopped {n} process(es)")
         else:
             cluster = load(args.dir)
-            alive = own_processes(cluster.dir + "/") if cluster else []
+            alive = cluster_processes(args.dir) if cluster else []
             if not alive:
                 print(f"no local Ray cluster running from {args.dir}")
                 return 1

@@ -28,8 +28,8 @@ import torch
 from updetr.config import ExperimentConfig, config_from_dict
 from updetr.engine import TrainState
 from updetr.metric_ledger import MetricLedger, write_ledger
-from updetr.runner import (AllWorkers, Callback, CallbackList, Progress, Tracking, evaluate_weights,
-                           expected_total, setup, train)
+from updetr.runner import (AllWorkers, Callback, CallbackList, Progress, Tracking, WrappedBatches,
+                           evaluate_weights, expected_total, setup, train)
 from updetr.tasks import get_task
 from updetr.tracking import MlflowTracker, NullTracker, Tracker, environment_info
 
@@ -113,6 +113,13 @@ class RayReport(Callback):
 
         metrics = {"step": state.step, "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
                    **{k: v for k, v in self.last.items() if k.startswith("loss")}, **self.eval}
+        if state.step == self._reported_step:
+            # The engine saves again at the end when the last periodic checkpoint closed an epoch (same step,
+            # epoch + 1). Registering the same directory twice made Ray count it twice and delete the previous
+            # checkpoint (num_to_keep=2 kept one). Every rank skips it alike, so report calls stay matched.
+            ray.train.report(metrics, checkpoint=None)
+            return
+        self._reported_step = state.step
         if self.rank != 0:
             ray.train.report(metrics, checkpoint=None)
             return
@@ -122,6 +129,20 @@ class RayReport(Callback):
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=checkpoint_dir_name(state.step))
         _drill_kill("after_report", self.rank, state.step)  # written to storage, maybe not yet registered
+
+
+def watched(batches, cfg: ExperimentConfig, rank: int, tracker: Tracker):
+    """`batches` behind the stall watchdog: rank 0 says so on the terminal and in MLflow, every rank fails
+    after `ray.stall_fail_s` (StallError: the run fails, checkpoints stay)."""
+    from updetr.orchestration.watchdog import StallWatchdog, ray_data_report
+
+    def on_warn(message: str) -> None:
+        print(f"[{cfg.name}] rank {rank}: {message}", flush=True)
+        if rank == 0:
+            tracker.set_tags({"updetr.stall": message[:4000]})
+
+    return StallWatchdog(batches, cfg.ray.stall_warn_s, cfg.ray.stall_fail_s, describe=ray_data_report,
+                         on_warn=on_warn)
 
 
 def _tracker(config: dict, rank: int) -> Tracker:
@@ -201,6 +222,8 @@ def train_fn_per_worker(config: dict) -> dict:
     shard = ray.train.get_dataset_shard("train") if config.get("ray_data") else None
     run_dir = config["run_dir"]
     folder = _local_dir(run_dir)
+    if config.get("num_items") is not None and hasattr(task, "num_items"):
+        task.num_items = config["num_items"]  # counted by the driver's preflight (ETA)
     ledger = MetricLedger()  # rank 0's metrics wait here until a checkpoint covers them
     callbacks = CallbackList([
         AllWorkers(world_size),
@@ -209,7 +232,8 @@ def train_fn_per_worker(config: dict) -> dict:
                        checkpoint_location=lambda s: f"{run_dir}/{checkpoint_dir_name(s.step)}"),
         RayReport(rank, ledger),
     ])
-    state = train(trainer, task, callbacks, rank=rank, world_size=world_size, shard=shard,
+    stall_watched = WrappedBatches(task, lambda batches: watched(batches, cfg, rank, tracker))
+    state = train(trainer, stall_watched, callbacks, rank=rank, world_size=world_size, shard=shard,
                   results_dir=folder / "eval" if folder else None)
     last_eval = trainer.last_eval[1] if trainer.last_eval else None
     return {"step": state.step, "epoch": state.epoch, "resumed_from": resumed_from, "eval": last_eval}

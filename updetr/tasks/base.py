@@ -110,7 +110,7 @@ class Task:
         """Batches per rank per epoch when known without reading the data (ETA); None otherwise."""
         return None
 
-    def ray_datasets(self) -> dict:
+    def ray_datasets(self, resources=None) -> dict:
         """Ray Data datasets for the TorchTrainer (driver side); {} when each worker reads its own part."""
         return {}
 
