@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 from typing import Optional
 
-from updetr.config import ConfigError, config_to_yaml, load_config
+from updetr.config import ConfigError, config_to_yaml, load_experiment
 
 # Areas that add subcommands through a `register(subparsers)` function in their own module.
 COMMAND_MODULES = ("updetr.data.commands", "updetr.orchestration.commands")
@@ -40,35 +41,91 @@ def _add_experiment_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_config_show(args) -> int:
     try:
-        cfg = load_config(args.experiment, args.overrides)
+        exp = load_experiment(args.experiment, args.overrides)
     except ConfigError as e:
         return fail(str(e))
-    sys.stdout.write(config_to_yaml(cfg))
+    for stage in exp.stages:
+        if exp.chained:
+            sys.stdout.write(f"# --- stage {stage.name} ({stage.action})\n")
+        sys.stdout.write(config_to_yaml(stage.cfg))
     return 0
 
 
 def cmd_config_validate(args) -> int:
     try:
-        cfg = load_config(args.experiment, args.overrides)
+        exp = load_experiment(args.experiment, args.overrides)
     except ConfigError as e:
         return fail(str(e))
-    print(f"{args.experiment}: OK ({cfg.stage} '{cfg.name}')")
+    parts = ", ".join(f"{s.name}: {s.action} {s.cfg.task}" if exp.chained else f"{s.cfg.task}" for s in exp.stages)
+    print(f"{args.experiment}: OK ({parts} '{exp.name}')")
     return 0
 
 
-def cmd_debug(args) -> int:
+def user_errors() -> tuple[type, ...]:
+    """Exceptions that mean bad input or an unusable environment: one line, exit 2, no traceback."""
     from updetr.checkpoint import CheckpointError
-    from updetr.local import DebugInterrupted, RunDirError, run_debug
+    from updetr.data.preflight import DataSourceError
+    from updetr.eval import EvalError
+    from updetr.local import RunDirError
+    from updetr.tasks.detect import DatasetError
+    from updetr.tracking import TrackingError
+
+    return ConfigError, CheckpointError, RunDirError, DatasetError, EvalError, TrackingError, DataSourceError
+
+
+def cmd_debug(args) -> int:
+    from updetr.local import DebugInterrupted, run_debug
 
     try:
-        cfg = load_config(args.experiment, args.overrides)
-        run_debug(cfg, resume=args.resume, overwrite=args.overwrite)
-    except (ConfigError, CheckpointError, RunDirError) as e:
+        exp = load_experiment(args.experiment, args.overrides)
+        if exp.chained:
+            from updetr.pipeline import DebugDriver, chain_summary, run_chain
+
+            if args.overwrite:
+                return fail("--overwrite does not apply to a chained experiment: finished stages are skipped and "
+                            "an unfinished one resumes; set name=... for a fresh chain")
+            print(chain_summary(run_chain(exp, DebugDriver())), flush=True)
+        else:
+            run_debug(exp.stages[0].cfg, resume=args.resume, overwrite=args.overwrite)
+    except user_errors() as e:
         return fail(str(e))
     except DebugInterrupted as e:
         return fail(str(e), 130)
     except KeyboardInterrupt:
         return fail("interrupted before training started; nothing to keep", 130)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    """`updetr eval EXP --checkpoint PATH`: the COCO table of any checkpoint on the experiment's eval split."""
+    from updetr.eval import format_table
+
+    try:
+        exp = load_experiment(args.experiment, args.overrides)
+        evals = [s for s in exp.stages if s.cfg.task == "detect"]
+        if not evals:
+            return fail(f"{args.experiment}: no detection stage to take the evaluation split from")
+        cfg = evals[-1].cfg
+        cfg = cfg.model_copy(update={"init": cfg.init.model_copy(update={"checkpoint": None})})
+        if args.ray or args.address:
+            from updetr.orchestration.launch import LaunchError, run_eval
+
+            try:
+                metrics, _ = run_eval(cfg, args.checkpoint, address=args.address)
+            except LaunchError as e:
+                return fail(str(e))
+        else:
+            from updetr.local import eval_local
+
+            out = Path(args.results) if args.results else None
+            metrics = eval_local(cfg, args.checkpoint, results_path=out)
+    except user_errors() as e:
+        return fail(str(e))
+    except KeyboardInterrupt:
+        return fail("interrupted", 130)
+    speed = metrics["images"] / max(metrics["seconds"], 1e-9)
+    print(format_table(metrics, f"[{cfg.name}] {args.checkpoint}: {int(metrics['images'])} images, "
+                                f"{speed:.1f} img/s per process"), flush=True)
     return 0
 
 
@@ -107,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from <output_dir>/<name>/checkpoints/last.pt (the default when it exists)")
     p.add_argument("--overwrite", action="store_true", help="start again from step 0 even if a checkpoint exists")
     p.set_defaults(func=cmd_debug)
+
+    p = sub.add_parser("eval", help="COCO-style AP of a checkpoint on the experiment's evaluation split")
+    _add_experiment_args(p)
+    p.add_argument("--checkpoint", required=True, help="updetr checkpoint (ours, or converted official .pth)")
+    p.add_argument("--results", help="also write the detections as a COCO results JSON file here")
+    p.add_argument("--ray", action="store_true", help="evaluate on Ray Train workers (ray.num_workers)")
+    p.add_argument("--address", help="Ray cluster address (implies --ray)")
+    p.set_defaults(func=cmd_eval)
 
     p_ck = sub.add_parser("checkpoint", help="checkpoint tools")
     ck_sub = p_ck.add_subparsers(dest="checkpoint_command", metavar="ACTION", required=True)

@@ -6,6 +6,8 @@ An experiment YAML is a small diff over the defaults below. `load_config(path, o
 """
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -111,12 +113,15 @@ class LossConfig(_Strict):
 class DataConfig(_Strict):
     """Where images come from and how they are batched (owner: `updetr.data`)."""
 
-    source: Literal["synthetic", "folder", "shards", "coco", "voc"] = Field(
-        "synthetic", description="Pre-training: synthetic | folder | shards; fine-tuning: coco | voc.")
+    source: Literal["synthetic", "folder", "shards", "coco", "voc", "synthetic_coco"] = Field(
+        "synthetic", description="Pre-training: synthetic | folder | shards; detection: coco | voc | "
+                                 "synthetic_coco (a seeded shapes dataset written on first use under "
+                                 "data.path, default <runtime.output_dir>/data/synthetic_coco-<seed>-<n>-<n val>-<sizes>).")
     path: Optional[str] = Field(None, description="Image folder, shard dir, object-store URI or dataset root.")
     val_path: Optional[str] = Field(None, description="Evaluation split root / annotation (fine-tuning).")
     synthetic_images: int = Field(64, gt=0, description="Number of images in the built-in synthetic source.")
     synthetic_size: tuple[int, int] = Field((96, 128), description="(min, max) side of synthetic images.")
+    synthetic_val_images: int = Field(16, gt=0, description="Evaluation images of data.source synthetic_coco.")
     batch_size: int = Field(2, gt=0, description="Images per worker per step.")
     num_workers: int = Field(2, ge=0, description="Local mode: DataLoader processes; Ray: preprocessing actors.")
     preprocess_cpus: float = Field(1.0, gt=0, description="CPUs reserved per Ray Data preprocessing actor.")
@@ -132,6 +137,38 @@ class DataConfig(_Strict):
                                                         "prefetch; DataLoader prefetch per worker).")
     preprocess_batch_size: int = Field(8, gt=0, description="Ray Data: images per decode + patch-crop call "
                                                             "(small keeps the first batch fast and memory flat).")
+
+
+class DetectionConfig(_Strict):
+    """DETR's detection augmentation and evaluation resize (owner: `updetr.data.detection_transforms`)."""
+
+    scales: list[int] = Field(default_factory=lambda: list(range(480, 801, 32)),
+                              description="Training shorter-side sizes (DETR: 480..800 step 32), one per image.")
+    max_size: int = Field(1333, gt=0, description="Longest side after any resize (DETR: 1333).")
+    crop_resize: list[int] = Field(default_factory=lambda: [400, 500, 600],
+                                   description="Crop branch: shorter-side sizes before RandomSizeCrop.")
+    crop_min: int = Field(384, gt=0, description="RandomSizeCrop smallest side.")
+    crop_max: int = Field(600, gt=0, description="RandomSizeCrop largest side.")
+    eval_size: int = Field(800, gt=0, description="Evaluation shorter side (DETR: 800, longest <= max_size).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DetectionConfig":
+        if not self.scales or not self.crop_resize:
+            raise ValueError("scales and crop_resize must not be empty")
+        if self.crop_min > self.crop_max:
+            raise ValueError(f"crop_min ({self.crop_min}) must not exceed crop_max ({self.crop_max})")
+        return self
+
+
+class InitConfig(_Strict):
+    """Where the weights of a run come from before step 0 (owner: `updetr.tasks`)."""
+
+    checkpoint: Optional[str] = Field(
+        None, description="updetr checkpoint (ours, or an official .pth converted by `updetr checkpoint "
+                          "convert`) whose model weights start the run; 'previous' = the previous stage "
+                          "of a chained experiment (the default for every stage after the first).")
+    strict: bool = Field(True, description="Refuse any missing / unexpected key other than the ones the task "
+                                           "expects (pre-training heads dropped, detection head re-initialised).")
 
 
 class OptimConfig(_Strict):
@@ -153,6 +190,8 @@ class ScheduleConfig(_Strict):
         None, gt=0, description="Cap on steps per epoch (streaming sources); None: one pass over the data.")
     checkpoint_every: int = Field(500, gt=0, description="Write a checkpoint every K optimizer steps.")
     log_every: int = Field(10, gt=0, description="Progress line / per-step metrics every K steps.")
+    eval_every: int = Field(1, ge=0, description="Evaluate every K epochs and at the end (tasks with an "
+                                                 "evaluation split); 0: only at the end.")
 
 
 class RuntimeConfig(_Strict):
@@ -210,14 +249,24 @@ class TrackingConfig(_Strict):
     experiment: Optional[str] = Field(None, description="MLflow experiment name; None = the experiment name.")
 
 
+TASKS = ("pretrain", "detect")
+# The field was called `stage` before tasks existed; old YAMLs and overrides keep working.
+_LEGACY_STAGE = {"pretrain": "pretrain", "finetune": "detect"}
+
+
 class ExperimentConfig(_Strict):
-    """One experiment: a stage plus every setting it needs."""
+    """One experiment: a task plus every setting it needs."""
 
     name: str = Field("experiment", min_length=1, description="Experiment name (run names derive from it).")
-    stage: Literal["pretrain", "finetune"] = Field("pretrain", description="Pre-training or fine-tuning.")
+    task: Literal["pretrain", "detect"] = Field(
+        "pretrain", description="What is trained (updetr.tasks): pretrain = random query patch detection, "
+                                "detect = DETR detection fine-tuning / evaluation. (`stage: finetune` is "
+                                "read as detect.)")
     seed: int = Field(42, description="Run seed; every random draw derives from it.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Network architecture.")
     pretext: PretextConfig = Field(default_factory=PretextConfig, description="Random query patch detection.")
+    detection: DetectionConfig = Field(default_factory=DetectionConfig, description="Detection augmentation.")
+    init: InitConfig = Field(default_factory=InitConfig, description="Weight initialisation.")
     loss: LossConfig = Field(default_factory=LossConfig, description="Loss and matcher weights.")
     data: DataConfig = Field(default_factory=DataConfig, description="Data source and batching.")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer.")
@@ -226,9 +275,21 @@ class ExperimentConfig(_Strict):
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray Train settings.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_stage(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "stage" in data:
+            data = dict(data)
+            stage = data.pop("stage")
+            if stage not in _LEGACY_STAGE:
+                raise ValueError(f"stage: '{stage}' is not pretrain | finetune (the field is now `task`: "
+                                 "pretrain | detect)")
+            data.setdefault("task", _LEGACY_STAGE[stage])
+        return data
+
     @model_validator(mode="after")
     def _cross_field(self) -> "ExperimentConfig":
-        if self.stage == "pretrain":
+        if self.task == "pretrain":
             n, m = self.model.num_queries, self.pretext.num_patches
             if n % m:
                 raise ValueError(f"model.num_queries ({n}) must be divisible by pretext.num_patches ({m})")
@@ -236,11 +297,12 @@ class ExperimentConfig(_Strict):
                 # Index num_classes is no-object: with 1 class, the patch label 1 would be no-object.
                 raise ValueError(f"model.num_classes ({self.model.num_classes}) must be >= 2 for pre-training "
                                  "(label 1 = patch; index num_classes is no-object)")
-            if self.data.source in ("coco", "voc"):
+            if self.data.source in ("coco", "voc", "synthetic_coco"):
                 raise ValueError(f"data.source '{self.data.source}' is a detection dataset; pre-training "
                                  "reads synthetic | folder | shards")
         elif self.data.source in ("synthetic", "folder", "shards"):
-            raise ValueError(f"data.source '{self.data.source}' has no labels; fine-tuning reads coco | voc")
+            raise ValueError(f"data.source '{self.data.source}' has no labels; detection reads coco | voc | "
+                             "synthetic_coco")
         if self.data.source in ("folder", "shards", "coco", "voc") and not self.data.path:
             raise ValueError(f"data.path is required for data.source '{self.data.source}'")
         return self
@@ -250,7 +312,7 @@ class ExperimentConfig(_Strict):
         """Classes the head predicts (excluding no-object): 2 for pre-training unless overridden."""
         if self.model.num_classes is not None:
             return self.model.num_classes
-        if self.stage == "pretrain":
+        if self.task == "pretrain":
             return 2
         raise ValueError("model.num_classes must be set for fine-tuning (max category id + 1)")
 
@@ -343,12 +405,102 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     """
     tree = resolve_dict(path, overrides)
     origin = str(path) if path is not None else "<defaults>"
+    if "stages" in tree:
+        raise ConfigError(f"{origin}: stages: a chained experiment holds one config per stage; this command "
+                          "takes a single-stage experiment (`updetr run` / `debug` / `eval` / `config show` "
+                          "read chains)")
     if overrides:
         origin += " (with overrides " + " ".join(overrides) + ")"
     try:
         return ExperimentConfig.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_format_validation(e, origin)) from None
+
+
+STAGE_ACTIONS = ("train", "eval")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of an experiment: `train` (fit the task) or `eval` (score the previous stage's weights)."""
+
+    name: str
+    action: str
+    cfg: ExperimentConfig
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """An experiment file resolved into its stages (one stage when the file has no `stages:`)."""
+
+    name: str
+    stages: tuple[Stage, ...]
+    chained: bool
+
+
+def load_experiment(path: str | Path | None, overrides: list[str] | None = None) -> Experiment:
+    """Read an experiment that may hold `stages:` (a chain such as pretrain -> finetune -> eval).
+
+    Each stage is a mapping `{name, action: train | eval, ...diff}` merged over the file's shared settings;
+    its config name becomes `<name>-<stage>` and, after the first stage, `init.checkpoint` defaults to
+    `previous` (the previous stage's final checkpoint). An `eval` stage's diff goes over the previous
+    stage's settings (it scores that stage's weights on that stage's evaluation split). Overrides `k=v` apply to every stage;
+    `stages.<stage>.k=v` to one stage only. A file without `stages:` is one `train` stage.
+    """
+    origin = str(path) if path is not None else "<defaults>"
+    tree = resolve_dict(path, None)
+    raw_stages = tree.pop("stages", None)
+    if raw_stages is None:
+        cfg = load_config(path, overrides)
+        return Experiment(cfg.name, (Stage(cfg.task, "train", cfg),), False)
+    if not isinstance(raw_stages, list) or not raw_stages:
+        raise ConfigError(f"{origin}: stages: must be a non-empty list of mappings with a name")
+    pairs = parse_overrides(overrides)
+    names = [s.get("name") if isinstance(s, dict) else None for s in raw_stages]
+    for key, _ in pairs:
+        if key.startswith("stages.") and key.split(".")[1] not in names:
+            raise ConfigError(f"override {key}: no stage named '{key.split('.')[1]}' (stages: {names})")
+    base_name = str(tree.get("name", "experiment"))
+    stages = []
+    previous_tree: Optional[dict] = None
+    for i, raw in enumerate(raw_stages):
+        where = f"{origin}: stages.{i}"
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str) or not raw["name"]:
+            raise ConfigError(f"{where}: each stage is a mapping with a non-empty `name`")
+        raw = dict(raw)
+        sname, action = raw.pop("name"), raw.pop("action", "train")
+        if names.count(sname) > 1:
+            raise ConfigError(f"{where}.name: stage name '{sname}' is used twice")
+        if action not in STAGE_ACTIONS:
+            raise ConfigError(f"{where}.action: '{action}' is not train | eval")
+        # an eval stage scores the previous stage's weights on that stage's data: its diff goes over it
+        over = previous_tree if action == "eval" and previous_tree is not None else tree
+        if over is previous_tree:
+            over = {k: v for k, v in over.items() if k != "init"}
+        merged = copy.deepcopy(_merge(over, raw))  # overrides below must not reach the shared tree
+        previous_tree = merged
+        merged["name"] = f"{base_name}-{sname}"
+        # one MLflow experiment per chain: the parent run and every stage's child run live together
+        merged["tracking"] = {"experiment": base_name, **(merged.get("tracking") or {})}
+        if i > 0 and not (merged.get("init") or {}).get("checkpoint"):
+            merged.setdefault("init", {})
+            merged["init"] = {**merged["init"], "checkpoint": "previous"}
+        for key, value in pairs:
+            if key.startswith("stages."):
+                if key.split(".")[1] != sname:
+                    continue
+                key = ".".join(key.split(".")[2:])
+            _set_dotted(merged, key, value)
+        try:
+            cfg = ExperimentConfig.model_validate(merged)
+        except ValidationError as e:
+            raise ConfigError(_format_validation(e, f"{origin} (stage {sname})")) from None
+        if i == 0 and cfg.init.checkpoint == "previous":
+            raise ConfigError(f"{where}: init.checkpoint: 'previous' needs a stage before this one")
+        if action == "eval" and i == 0 and not cfg.init.checkpoint:
+            raise ConfigError(f"{where}: an eval stage needs weights: a stage before it or init.checkpoint")
+        stages.append(Stage(sname, action, cfg))
+    return Experiment(base_name, tuple(stages), True)
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict:

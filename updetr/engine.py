@@ -63,6 +63,73 @@ class Callbacks(Protocol):
     def on_step(self, state: TrainState, metrics: dict[str, float]) -> None: ...
     def on_checkpoint(self, state: TrainState, ckpt: dict) -> None: ...
     def on_epoch_end(self, state: TrainState, metrics: dict[str, float]) -> None: ...
+    def on_eval(self, state: TrainState, metrics: dict[str, float]) -> None: ...
+
+
+EvaluateFn = Callable[[], dict]
+"""`evaluate_fn()`: evaluate the current weights (every rank calls it), returns `evaluate`'s metrics."""
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, postprocessors: dict, batches: Iterable[dict], evaluator, *,
+             device: torch.device, precision: str = "fp32") -> dict[str, float]:
+    """Run `model` in eval mode over this process's evaluation batches and score them (DETR's evaluate).
+
+    Args:
+        model: the bare model (not the DDP wrapper: evaluation needs no gradient sync).
+        postprocessors: `{'bbox': PostProcess}`; boxes are scaled to each target's `orig_size`.
+        batches: batch dicts of this rank's part of the evaluation split.
+        evaluator: accumulator with `update({image_id: {scores, labels, boxes}})`, `state()`, `merge(parts)`,
+            `summarize() -> dict` (updetr.eval.CocoEvaluator).
+    Returns:
+        the evaluator's metrics (AP, AP50, ...) plus `images` (all ranks), `seconds` (this rank's forward
+        passes) and `gather_seconds`. Under torch.distributed every rank must call this; rank 0 merges
+        the parts, scores once and every rank returns the same numbers.
+    """
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    n_images = 0
+    try:
+        for batch in batches:
+            targets = batch["targets"]
+            if not targets:
+                continue
+            samples = NestedTensor(batch["images"].to(device), batch["mask"].to(device))
+            with autocast_context(precision, device):
+                outputs = model(samples)
+            outputs = _to_float(outputs)
+            sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
+            results = postprocessors["bbox"](outputs, sizes)
+            evaluator.update({int(t["image_id"]): {k: v.cpu() for k, v in r.items()}
+                              for t, r in zip(targets, results)})
+            n_images += len(targets)
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - t0
+    rank, world = dist_rank_world()
+    t1 = time.perf_counter()
+    if world > 1:
+        parts: list[Any] = [None] * world
+        dist.all_gather_object(parts, evaluator.state())
+        evaluator.merge(parts)
+        counts = [len(p[0]) for p in parts]
+    else:
+        counts = [n_images]
+    gather_seconds = time.perf_counter() - t1
+    box: list[Any] = [None]
+    if rank == 0:
+        try:
+            box[0] = evaluator.summarize()
+        except Exception as e:  # noqa: BLE001 - carried to every rank so that none waits forever
+            box[0] = e
+    if world > 1:
+        dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], Exception):
+        raise box[0]
+    metrics = dict(box[0])
+    metrics.update({"images": float(sum(counts)), "seconds": seconds, "gather_seconds": gather_seconds})
+    return metrics
 
 
 def resolve_device(name: str) -> torch.device:
@@ -264,14 +331,16 @@ class Trainer:
     """
 
     def __init__(self, cfg: ExperimentConfig, device: torch.device, model_bundle=None) -> None:
-        from updetr.models import build_model  # deferred: keeps `import updetr.engine` light
-
         self.cfg = cfg
         self.device = device
         self.rank, self.world_size = dist_rank_world()
         seed_process(cfg.seed, self.rank)
         self.git_sha = git_sha()  # once per run: checkpoints must not shell out to git every K steps
-        model, criterion, self.postprocessors = model_bundle or build_model(cfg)
+        if model_bundle is None:
+            from updetr.tasks import get_task  # deferred: keeps `import updetr.engine` light
+
+            model_bundle = get_task(cfg).build()
+        model, criterion, self.postprocessors = model_bundle
         self.model = model.to(device)
         self.frozen_heads = freeze_heads_without_loss(self.model, cfg)
         self.criterion = criterion.to(device)
@@ -350,14 +419,27 @@ class Trainer:
         return self.state.epoch >= s.epochs or (s.max_steps is not None and self.state.step >= s.max_steps)
 
     # -- loop ------------------------------------------------------------------------------------
-    def fit(self, epoch_batches: EpochBatches, callbacks: Optional[Callbacks] = None) -> TrainState:
+    def _evaluate(self, evaluate_fn: Optional[EvaluateFn], cb) -> None:
+        if evaluate_fn is None:
+            return
+        metrics = evaluate_fn()
+        self.last_eval = (self.state.epoch, metrics)
+        if cb is not None and hasattr(cb, "on_eval"):
+            cb.on_eval(self.state, metrics)
+
+    def fit(self, epoch_batches: EpochBatches, callbacks: Optional[Callbacks] = None,
+            evaluate_fn: Optional[EvaluateFn] = None) -> TrainState:
         """Train until `schedule.epochs` or `schedule.max_steps`, resuming from `self.state`.
 
         `callbacks.on_checkpoint` fires every `schedule.checkpoint_every` steps and once at the end
         (unless the last step was just checkpointed), so an interrupted run loses < K steps.
+        `evaluate_fn` (every rank) runs after every `schedule.eval_every`-th epoch and once at the end
+        (before the final checkpoint, so the last report carries the final metrics); `on_eval` gets its
+        metrics.
         """
         cb = callbacks
         sched = self.cfg.schedule
+        self.last_eval: Optional[tuple[int, dict]] = None
         # (step, epoch) last handed to on_checkpoint: the end state is saved unless it is exactly that one.
         last_ckpt = (self.state.step, self.state.epoch) if self.state.step > 0 else None
         ckpt_due = False  # a periodic checkpoint fell due on the last step
@@ -418,11 +500,15 @@ class Trainer:
                                "epoch/lr": self.lr()})
                     em.update({f"epoch/skipped_{r}": float(n) for r, n in skipped_epoch.items()})
                     cb.on_epoch_end(self.state, em)
-                if ckpt_due:
+                if (sched.eval_every and self.state.epoch % sched.eval_every == 0 and not self.finished()):
+                    self._evaluate(evaluate_fn, cb)
+                if ckpt_due and not self.finished():  # the run's last state is saved below, after the final eval
                     ckpt_due = False
                     last_ckpt = self._save(cb)
                 continue
             break
+        if self.last_eval is None or self.last_eval[0] != self.state.epoch or self.state.step_in_epoch:
+            self._evaluate(evaluate_fn, cb)
         if (self.state.step, self.state.epoch) != last_ckpt:
             self._save(cb)
         return self.state

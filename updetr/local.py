@@ -1,13 +1,12 @@
-"""`updetr debug`: the training engine in one process, no Ray: CPU or one GPU, pdb-friendly.
+"""`updetr debug` / local `updetr eval`: one stage in this process, no Ray (CPU or one GPU, pdb-friendly).
 
 Writes `<runtime.output_dir>/<name>/config.yaml` and `checkpoints/last.pt` (atomic, every
-`schedule.checkpoint_every` steps and at the end); `--resume` continues from that checkpoint.
+`schedule.checkpoint_every` steps and at the end); `--resume` continues from that checkpoint. Tracked in
+MLflow like `updetr run` (tracking.enabled=false turns it off).
 """
 from __future__ import annotations
 
-import math
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, TextIO
@@ -15,89 +14,20 @@ from typing import Optional, TextIO
 import torch
 
 from updetr.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from updetr.config import RUN_LENGTH_FIELDS, ExperimentConfig, config_to_yaml, identity_diff
-from updetr.engine import Trainer, TrainState, format_eta, resolve_device, total_steps
+from updetr.config import ExperimentConfig, config_to_dict, config_to_yaml
+from updetr.engine import TrainState, resolve_device
+from updetr.runner import (AllWorkers, CallbackList, LocalCheckpoint, Progress, Tracking, WrappedBatches,
+                           check_compatible,
+                           evaluate_weights, expected_total, format_epoch_line, format_progress, setup, train)
+from updetr.tasks import get_task
+from updetr.tracking import NullTracker, Tracker
 
-# Sections that change the network's shape or the pretext; resuming across a change is refused.
-ARCH_SECTIONS = ("model", "pretext")
+__all__ = ["RunDirError", "DebugInterrupted", "run_dir", "run_debug", "eval_local", "check_compatible", "format_progress",
+           "format_epoch_line", "open_local_tracking"]
 
 
 class RunDirError(RuntimeError):
     """The run folder holds work that the requested action would lose or cannot use."""
-
-
-def run_dir(cfg: ExperimentConfig) -> Path:
-    return (Path(cfg.runtime.output_dir) / cfg.name).resolve()
-
-
-def check_compatible(cfg: ExperimentConfig, ckpt: dict, path: Path) -> None:
-    """Fail loudly when a checkpoint was trained with other settings that change the arithmetic
-    (architecture, precision, data, loss, ...: `config.identity_fields`); only the run length may grow."""
-    diffs = identity_diff(ckpt.get("config"), cfg, ignore=RUN_LENGTH_FIELDS)
-    if diffs:
-        what = ("the architecture differs" if any(d.startswith(ARCH_SECTIONS) for d in diffs)
-                else "settings that change the arithmetic differ")
-        raise CheckpointError(f"{path}: cannot resume, {what}:\n  " + "\n  ".join(diffs))
-
-
-def format_progress(name: str, state: TrainState, metrics: dict[str, float], total: Optional[int],
-                    eta_s: Optional[float]) -> str:
-    """One progress line: step, loss parts, speed, lr, ETA."""
-    parts = [f"{k.removeprefix('loss_')} {metrics[k]:.3f}"
-             for k in ("loss_ce", "loss_bbox", "loss_giou", "loss_feature") if k in metrics]
-    step = f"{state.step}/{total}" if total else str(state.step)
-    eta = format_eta(eta_s) if eta_s is not None else "?"
-    return (f"[{name}] step {step} ep {state.epoch} | loss {metrics['loss']:.3f} ({' '.join(parts)}) | "
-            f"{metrics.get('steps_per_s', 0):.2f} step/s {metrics.get('images_per_s', 0):.1f} img/s | "
-            f"lr {metrics.get('lr', 0):.1e} | ETA {eta}")
-
-
-def format_epoch_line(name: str, epoch: int, metrics: dict[str, float], steps_label: str, images_per_s: float,
-                      speed_label: str) -> str:
-    """The end-of-epoch summary: steps, mean loss, speed, and bad items skipped by reason."""
-    from updetr.data.skips import split_counts
-
-    events = {k.removeprefix("epoch/skipped_"): v for k, v in metrics.items()
-              if k.startswith("epoch/skipped_") and k not in ("epoch/skipped_total", "epoch/converted_total")}
-    dropped, kept = split_counts(events)
-    line = (f"[{name}] epoch {epoch} done: {int(metrics.get('epoch/steps', 0))} {steps_label}, "
-            f"mean loss {metrics.get('epoch/loss', float('nan')):.3f}, {images_per_s:.1f} {speed_label}")
-    if dropped:
-        line += f", skipped {sum(dropped.values())} bad (" + ", ".join(f"{n} {r}" for r, n in sorted(dropped.items())) + ")"
-    if kept:
-        line += f", converted/fixed {sum(kept.values())} (" + ", ".join(
-            f"{n} {r.removeprefix('converted_')}" for r, n in sorted(kept.items())) + ")"
-    return line
-
-
-@dataclass
-class LocalCallbacks:
-    """Progress lines and atomic checkpoints for a single-process run."""
-
-    cfg: ExperimentConfig
-    ckpt_path: Path
-    total: Optional[int]
-    out: TextIO = sys.stdout
-    history: list = field(default_factory=list)  # (step, loss) pairs, for the final summary
-    _t0: float = field(default_factory=time.perf_counter)
-    _step0: Optional[int] = None
-
-    def on_step(self, state: TrainState, metrics: dict[str, float]) -> None:
-        if self._step0 is None:
-            self._step0, self._t0 = state.step, time.perf_counter()
-        self.history.append((state.step, metrics["loss"]))
-        eta = None
-        done = state.step - self._step0
-        if self.total and done > 0:
-            eta = (time.perf_counter() - self._t0) / done * (self.total - state.step)
-        print(format_progress(self.cfg.name, state, metrics, self.total, eta), file=self.out, flush=True)
-
-    def on_checkpoint(self, state: TrainState, ckpt: dict) -> None:
-        save_checkpoint(ckpt, self.ckpt_path)
-
-    def on_epoch_end(self, state: TrainState, metrics: dict[str, float]) -> None:
-        print(format_epoch_line(self.cfg.name, state.epoch - 1, metrics, "steps", metrics["epoch/images_per_s"],
-                                "img/s"), file=self.out, flush=True)
 
 
 class DebugInterrupted(RuntimeError):
@@ -142,23 +72,48 @@ class _StopOnSigint:
                 raise KeyboardInterrupt
 
 
-def run_debug(cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = False,
-              out: TextIO = sys.stdout) -> tuple[TrainState, LocalCallbacks]:
-    """Train `cfg` in this process. Returns the final state and the callbacks (loss history).
+def run_dir(cfg: ExperimentConfig) -> Path:
+    return (Path(cfg.runtime.output_dir) / cfg.name).resolve()
+
+
+def open_local_tracking(cfg: ExperimentConfig, folder: Path, parent_run_id: Optional[str] = None,
+                        extra_tags: Optional[dict] = None) -> Tracker:
+    """The stage's MLflow run (found again by name + folder on a re-run); NullTracker when disabled."""
+    if not cfg.tracking.enabled:
+        return NullTracker()
+    from updetr.tracking import resolve_tracking_uri, start_tracking
+
+    tags = dict(extra_tags or {})
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    return start_tracking(True, resolve_tracking_uri(cfg.tracking.uri), cfg.tracking.experiment or cfg.name,
+                          cfg.name, str(folder), config_to_dict(cfg), config_to_yaml(cfg), extra_tags=tags)
+
+
+@dataclass
+class DebugOutcome:
+    state: TrainState
+    progress: Progress
+    checkpoint: Path
+    eval_metrics: Optional[dict] = None
+    tracker: Tracker = field(default_factory=NullTracker)
+
+    # (state, callbacks) unpacking, as before the runner existed
+    def __iter__(self):
+        return iter((self.state, self.progress))
+
+
+def run_debug(cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = False, out: TextIO = sys.stdout,
+              parent_run_id: Optional[str] = None, tracker: Optional[Tracker] = None) -> DebugOutcome:
+    """Train `cfg` in this process (its task decides model and data). `init.checkpoint` must be a path here
+    (the pipeline resolves `previous`).
 
     Re-runs: like `updetr run`, the same command continues from `<output_dir>/<name>/checkpoints/last.pt`
     when it exists (`resume` is accepted and means the same); `overwrite` starts again from step 0.
     Ctrl-C writes a checkpoint at the last finished step and raises DebugInterrupted.
     """
-    from updetr.data import local_pretrain_batches
-    from updetr.data.preflight import DataSourceError, check_source
-
-    if cfg.stage != "pretrain":
-        raise NotImplementedError("updetr debug runs pre-training; fine-tuning lands with the detection engine")
-    try:
-        num_items = check_source(cfg)  # before the model is built: a bad path costs seconds
-    except DataSourceError as e:
-        raise RunDirError(str(e)) from None
+    task = get_task(cfg)
+    cfg = task.prepare()  # data checked (one line) before the model is built: a bad path costs seconds
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
     device = resolve_device(cfg.runtime.device)
@@ -167,44 +122,73 @@ def run_debug(cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = 
     ckpt = None
     if ckpt_path.exists() and not overwrite:
         ckpt = load_checkpoint(ckpt_path)
-        try:
-            check_compatible(cfg, ckpt, ckpt_path)
-        except CheckpointError as e:
-            raise CheckpointError(" ".join(str(e).split()) + "; pass --overwrite to start again, or set "
-                                  "name=... for a separate run") from None
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(config_to_yaml(cfg))
 
-    trainer = Trainer(cfg, device)  # seeds torch / numpy / random with cfg.seed (+ rank 0)
+    try:
+        trainer, report = setup(cfg, task, device, resume=ckpt, resume_path=str(ckpt_path),
+                                init_path=cfg.init.checkpoint)
+    except CheckpointError as e:
+        if ckpt is None:
+            raise
+        raise CheckpointError(" ".join(str(e).split()) + "; pass --overwrite to start again, or set "
+                              "name=... for a separate run") from None
     if ckpt is not None:
-        trainer.load_checkpoint(ckpt)
         print(f"[{cfg.name}] resumed from {ckpt_path} at step {trainer.state.step} "
               f"(epoch {trainer.state.epoch}, {trainer.state.step_in_epoch} steps into it); --overwrite starts "
               f"again", file=out)
-    stopper = _StopOnSigint()
-
-    def epoch_batches(epoch: int, skip: int):
-        return stopper.watch(local_pretrain_batches(cfg, epoch, skip=skip))
-
-    per_epoch = math.ceil(num_items / cfg.data.batch_size) if num_items else None
-    total = total_steps(cfg, per_epoch)
+    if report is not None:
+        print(f"[{cfg.name}] {report.describe()}", file=out, flush=True)
+    tracker = tracker or open_local_tracking(cfg, folder, parent_run_id)
+    total = expected_total(cfg, task)
     n_train = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in trainer.model.parameters())
-    print(f"[{cfg.name}] {cfg.stage} on {device}: {n_train:,} of {n_all:,} parameters trainable; "
+    print(f"[{cfg.name}] {cfg.task} on {device}: {n_train:,} of {n_all:,} parameters trainable; "
           f"batch {cfg.data.batch_size}, {total or '?'} steps; run dir {folder}", file=out, flush=True)
-    callbacks = LocalCallbacks(cfg, ckpt_path, total, out)
+    progress = Progress(cfg.name, total, out=out)
+    tracking = Tracking(tracker, checkpoint_location=lambda s: str(ckpt_path))
+    callbacks = CallbackList([AllWorkers(1), progress, LocalCheckpoint(ckpt_path), tracking])
+    status = "FAILED"
+    stopper = _StopOnSigint()
     try:
         with stopper:
-            state = trainer.fit(epoch_batches, callbacks)
+            state = train(trainer, WrappedBatches(task, stopper.watch), callbacks, results_dir=folder / "eval")
+        status = "FINISHED"
     except BaseException as e:
         if not (isinstance(e, KeyboardInterrupt) or stopper.requested):
             raise
+        status = "KILLED"
         # The engine only changes its state between steps, so this is the last finished step exactly.
-        state = trainer.state
-        if state.step > 0:
+        if trainer.state.step > 0:
             save_checkpoint(trainer.checkpoint(), ckpt_path)
-            raise DebugInterrupted(f"interrupted: checkpoint at step {state.step} (epoch {state.epoch}) written "
-                                   f"to {ckpt_path}; the same command continues it") from None
+            raise DebugInterrupted(f"interrupted: checkpoint at step {trainer.state.step} (epoch "
+                                   f"{trainer.state.epoch}) written to {ckpt_path}; the same command continues "
+                                   "it") from None
         raise DebugInterrupted("interrupted before the first step finished; nothing to keep") from None
+    finally:
+        if status != "FINISHED":
+            tracker.end(status)
+    tracker.end("FINISHED")
     print(f"[{cfg.name}] done at step {state.step} (epoch {state.epoch}); checkpoint {ckpt_path}", file=out)
-    return state, callbacks
+    last = trainer.last_eval[1] if trainer.last_eval else None
+    return DebugOutcome(state, progress, ckpt_path, last, tracker)
+
+
+def eval_local(cfg: ExperimentConfig, checkpoint: str | Path, *, out: TextIO = sys.stdout,
+               results_path: Optional[Path] = None) -> dict[str, float]:
+    """Score the model weights of `checkpoint` on the task's evaluation split in this process."""
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
+    task = get_task(cfg)
+    if not task.has_eval:
+        raise RunDirError(f"task '{cfg.task}' has no evaluation split (evaluate a detect experiment)")
+    cfg = task.prepare()
+    task.evaluator()  # the evaluation split is read (and refused when unusable) before any weights load
+    device = resolve_device(cfg.runtime.device)
+    model, _, post = task.build()
+    report = task.init_weights(model, load_checkpoint(checkpoint), str(checkpoint))
+    if report.reinitialised:
+        raise RunDirError(f"{checkpoint}: holds no trained detection head ({report.describe()}); evaluate a "
+                          "fine-tuned checkpoint")
+    model.to(device)
+    return evaluate_weights(task, model, post, device, results_path=results_path, precision=cfg.runtime.precision)

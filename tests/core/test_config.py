@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from updetr.cli import main
-from updetr.config import ConfigError, ExperimentConfig, config_to_dict, flatten, load_config
+from updetr.config import ConfigError, ExperimentConfig, config_to_dict, flatten, load_config, load_experiment
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,7 +27,8 @@ def test_every_field_has_a_description():
 
 @pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_experiments_validate(path):
-    load_config(path)
+    exp = load_experiment(path)
+    assert exp.stages and all(s.cfg.name.startswith(exp.name) for s in exp.stages)
 
 
 def test_base_file_and_overrides_merge(tmp_path):
@@ -66,8 +67,10 @@ def test_cross_field_n_divisible_by_m(tmp_path):
 def test_source_needs_path_and_matches_stage():
     with pytest.raises(ConfigError, match="data.path is required"):
         load_config(None, ["data.source=folder"])
-    with pytest.raises(ConfigError, match="fine-tuning reads coco"):
-        load_config(None, ["stage=finetune"])
+    with pytest.raises(ConfigError, match="detection reads coco"):
+        load_config(None, ["stage=finetune"])  # the old field name still reads as task=detect
+    with pytest.raises(ConfigError, match="detection reads coco"):
+        load_config(None, ["task=detect"])
 
 
 def test_malformed_override_and_nested_base(tmp_path):
@@ -108,6 +111,23 @@ def test_cli_validate_and_show(tmp_path, capsys):
     assert "schedule.epochs" in err and str(bad) in err
 
 
+def test_chained_stages_merge_shared_settings_and_scope_overrides(tmp_path):
+    exp = write(tmp_path, "chain.yaml", "name: c\nmodel:\n  hidden_dim: 64\n  nheads: 4\nschedule:\n  epochs: 3\n"
+                "stages:\n  - {name: pre, task: pretrain}\n"
+                "  - {name: ft, task: detect, data: {source: synthetic_coco}, schedule: {epochs: 5}}\n"
+                "  - {name: ev, action: eval}\n")
+    e = load_experiment(exp, ["stages.pre.schedule.max_steps=6", "model.hidden_dim=32"])
+    pre, ft, ev = e.stages
+    assert [s.cfg.name for s in e.stages] == ["c-pre", "c-ft", "c-ev"] and e.chained
+    assert pre.cfg.schedule.max_steps == 6 and ft.cfg.schedule.max_steps is None  # scoped to one stage
+    assert {s.cfg.model.hidden_dim for s in e.stages} == {32}                       # applied to every stage
+    assert (pre.cfg.init.checkpoint, ft.cfg.init.checkpoint, ev.cfg.init.checkpoint) == (None, "previous", "previous")
+    assert ev.action == "eval" and ev.cfg.task == "detect" and ev.cfg.schedule.epochs == 5  # over the previous stage
+    assert {s.cfg.tracking.experiment for s in e.stages} == {"c"}
+    with pytest.raises(ConfigError, match="no stage named 'x'"):
+        load_experiment(exp, ["stages.x.seed=1"])
+    with pytest.raises(ConfigError, match=r"stage ft.*data.source"):
+        load_experiment(exp, ["stages.ft.data.source=folder"])
 def test_defaults_and_paper_recipe_follow_the_reference():
     cfg = load_config(None)
     assert cfg.data.decode == "full" and cfg.data.drop_last and cfg.runtime.precision == "fp32"

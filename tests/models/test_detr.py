@@ -45,11 +45,19 @@ def test_no_aux():
     assert "aux_outputs" not in out
 
 
-def test_finetune_needs_num_classes():
+def test_detect_num_classes_comes_from_the_dataset(tmp_path):
     from updetr.config import load_config
-    cfg = load_config(None, ["stage=finetune", "data.source=coco", "data.path=/x"])
-    with pytest.raises(ValueError, match="num_classes"):
+    from updetr.data.synthetic import write_coco_dataset
+    from updetr.tasks.detect import DatasetError
+
+    cfg = load_config(None, ["task=detect", "data.source=coco", f"data.path={tmp_path}/none"])
+    with pytest.raises(DatasetError, match="none.*instances_train"):  # one line naming the folder
         build_model(cfg)
+    write_coco_dataset(tmp_path, 2, split="train")
+    cfg = load_config(None, ["task=detect", "data.source=coco", f"data.path={tmp_path}",
+                             "model.backbone=resnet18", "model.hidden_dim=32", "model.nheads=2"])
+    model, _, _ = build_model(cfg)
+    assert model.class_embed.out_features == 8 + 1  # ids 1, 2, 3, 7 -> num_classes 8, + no-object
 
 
 def test_postprocess():

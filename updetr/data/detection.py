@@ -36,10 +36,10 @@ class DetectionDataset(Dataset):
     """
 
     def __init__(self, img_root: str | os.PathLike, coco: COCO, train: bool, seed: int = 0,
-                 multi_scale: bool = True) -> None:
+                 multi_scale: bool = True, params=None) -> None:
         self.img_root, self.coco, self.train, self.seed = Path(img_root), coco, train, seed
         self.ids = sorted(coco.imgs.keys())
-        self.transforms = make_detection_transforms(train, multi_scale)
+        self.transforms = make_detection_transforms(train, multi_scale, params)
         self.epoch = 0
 
     @property
@@ -97,10 +97,10 @@ def build_detection_dataset(cfg, split: str) -> DetectionDataset:
     """'train' or 'val' dataset for data.source coco | voc (train split augmented, val resized to 800)."""
     d = cfg.data
     train = split == "train"
-    if d.source == "coco":
+    if d.source in ("coco", "synthetic_coco"):
         root = d.path if train or not d.val_path else d.val_path
         img_dir, ann = coco_split_paths(root, split)
-        return DetectionDataset(img_dir, load_coco(ann), train, cfg.seed)
+        return DetectionDataset(img_dir, load_coco(ann), train, cfg.seed, params=cfg.detection)
     if d.source == "voc":
         root = d.path if train or not d.val_path else d.val_path
         sets = available_sets(root, TRAIN_SETS if train else TEST_SETS)
@@ -111,7 +111,7 @@ def build_detection_dataset(cfg, split: str) -> DetectionDataset:
         coco = coco_from_dict(voc_to_coco(root, sets, counter))
         if counter:
             counter.log_summary(f"VOC {split} annotations")
-        return DetectionDataset(root, coco, train, cfg.seed)
+        return DetectionDataset(root, coco, train, cfg.seed, params=cfg.detection)
     raise ValueError(f"data.source '{d.source}' is not a detection dataset (coco | voc)")
 
 

@@ -108,14 +108,21 @@ def normalize(img: Image.Image, target: dict) -> tuple[torch.Tensor, dict]:
     return image, target
 
 
-def make_detection_transforms(train: bool, multi_scale: bool = True) -> Transform:
+def make_detection_transforms(train: bool, multi_scale: bool = True, params=None) -> Transform:
     """DETR COCO recipe. train: hflip, then 50/50 multi-scale resize (480..800, max 1333) or
-    resize {400, 500, 600} -> RandomSizeCrop(384, 600) -> multi-scale resize. eval: 800 / max 1333."""
+    resize {400, 500, 600} -> RandomSizeCrop(384, 600) -> multi-scale resize. eval: 800 / max 1333.
+
+    `params` (a `config.DetectionConfig`) replaces those sizes (tiny CPU runs); None keeps DETR's."""
+    scales_all = tuple(params.scales) if params is not None else TRAIN_SCALES
+    max_size = params.max_size if params is not None else MAX_SIZE
+    val_size = params.eval_size if params is not None else VAL_SIZE
+    crop_resize = tuple(params.crop_resize) if params is not None else CROP_RESIZE
+    crop_min, crop_max = (params.crop_min, params.crop_max) if params is not None else (CROP_MIN, CROP_MAX)
     if not train:
-        return random_resize([VAL_SIZE], MAX_SIZE)
-    scales = TRAIN_SCALES if multi_scale else (VAL_SIZE,)
+        return random_resize([val_size], max_size)
+    scales = scales_all if multi_scale else (val_size,)
     return compose(
         random_hflip(),
-        random_select(random_resize(scales, MAX_SIZE),
-                      compose(random_resize(CROP_RESIZE), random_size_crop(CROP_MIN, CROP_MAX),
-                              random_resize(scales, MAX_SIZE))))
+        random_select(random_resize(scales, max_size),
+                      compose(random_resize(crop_resize), random_size_crop(crop_min, crop_max),
+                              random_resize(scales, max_size))))

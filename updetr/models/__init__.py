@@ -14,16 +14,16 @@ from updetr.models.transformer import Transformer, build_transformer
 from updetr.models.updetr import UPDETR, build_group_attention_mask, patch_keep_mask
 
 __all__ = [
-    "build_model", "build_weight_dict",
+    "build_model", "build_weight_dict", "build_criterion", "build_updetr", "build_detr",
     "Backbone", "FrozenBatchNorm2d", "Joiner", "SetCriterion", "DETR", "UPDETR", "HungarianMatcher", "MLP",
     "PostProcess", "Transformer", "build_group_attention_mask", "patch_keep_mask",
 ]
 
 
-def build_weight_dict(cfg: ExperimentConfig) -> dict[str, float]:
-    """`loss_ce/bbox/giou` (+ `loss_feature` when pre-training with feature_recon) and `_{i}` aux copies."""
+def build_weight_dict(cfg: ExperimentConfig, feature: bool = False) -> dict[str, float]:
+    """`loss_ce/bbox/giou` (+ `loss_feature` when `feature`) and `_{i}` aux copies."""
     weight_dict = {"loss_ce": cfg.loss.ce, "loss_bbox": cfg.loss.bbox, "loss_giou": cfg.loss.giou}
-    if cfg.stage == "pretrain" and cfg.pretext.feature_recon:
+    if feature:
         weight_dict["loss_feature"] = cfg.loss.feature
     if cfg.model.aux_loss:
         aux = {}
@@ -33,38 +33,49 @@ def build_weight_dict(cfg: ExperimentConfig) -> dict[str, float]:
     return weight_dict
 
 
-def build_model(cfg: ExperimentConfig) -> tuple[nn.Module, SetCriterion, dict[str, nn.Module]]:
-    """UPDETR for `stage == 'pretrain'` (num_classes 2 unless set), DETR otherwise.
-
-    The CNN is fully frozen when `model.freeze_backbone` or `optim.lr_backbone == 0` (DETR trains the
-    backbone only when lr_backbone > 0); otherwise layers 2-4 train. Nothing is downloaded.
-    Returns (model, criterion, {'bbox': PostProcess()}).
-    """
+def _backbone_and_transformer(cfg: ExperimentConfig):
+    """The CNN is fully frozen when `model.freeze_backbone` or `optim.lr_backbone == 0` (DETR trains the
+    backbone only when lr_backbone > 0); otherwise layers 2-4 train. Nothing is downloaded."""
     m = cfg.model
-    pretrain = cfg.stage == "pretrain"
     freeze = m.freeze_backbone or cfg.optim.lr_backbone == 0
     backbone = build_backbone(m.backbone, m.hidden_dim, m.position_embedding, train_backbone=not freeze,
                               dilation=m.dilation, weights=m.backbone_weights,
                               fold_bn=cfg.runtime.fold_frozen_bn, channels_last=cfg.runtime.channels_last)
     transformer = build_transformer(m.hidden_dim, m.nheads, m.enc_layers, m.dec_layers, m.dim_feedforward,
                                     m.dropout, m.pre_norm)
-    num_classes = cfg.num_classes
-    if pretrain:
-        p = cfg.pretext
-        model: nn.Module = UPDETR(
-            backbone, transformer, num_classes=num_classes, num_queries=m.num_queries, aux_loss=m.aux_loss,
-            num_patches=p.num_patches, feature_recon=p.feature_recon, query_shuffle=p.query_shuffle,
-            attention_mask=p.attention_mask, patch_dropout=p.patch_dropout,
-            patch_dropout_mode=p.patch_dropout_mode, freeze_backbone=freeze)
-    else:
-        model = DETR(backbone, transformer, num_classes=num_classes, num_queries=m.num_queries,
-                     aux_loss=m.aux_loss)
+    return backbone, transformer, freeze
 
+
+def build_criterion(cfg: ExperimentConfig, num_classes: int, feature: bool = False) -> SetCriterion:
+    """Hungarian matcher + SetCriterion (labels, boxes, cardinality; + feature reconstruction)."""
     matcher = HungarianMatcher(cost_class=cfg.loss.set_cost_class, cost_bbox=cfg.loss.set_cost_bbox,
                                cost_giou=cfg.loss.set_cost_giou)
-    losses = ["labels", "boxes", "cardinality"]
-    if pretrain and cfg.pretext.feature_recon:
-        losses.append("feature")
-    criterion = SetCriterion(num_classes, matcher, build_weight_dict(cfg), cfg.loss.eos_coef, losses)
-    return model, criterion, {"bbox": PostProcess()}
+    losses = ["labels", "boxes", "cardinality"] + (["feature"] if feature else [])
+    return SetCriterion(num_classes, matcher, build_weight_dict(cfg, feature), cfg.loss.eos_coef, losses)
 
+
+def build_updetr(cfg: ExperimentConfig, num_classes: int = 2) -> tuple[nn.Module, SetCriterion, dict]:
+    """UP-DETR for random query patch detection (num_classes 2: index 1 = patch)."""
+    m, p = cfg.model, cfg.pretext
+    backbone, transformer, freeze = _backbone_and_transformer(cfg)
+    model = UPDETR(backbone, transformer, num_classes=num_classes, num_queries=m.num_queries, aux_loss=m.aux_loss,
+                   num_patches=p.num_patches, feature_recon=p.feature_recon, query_shuffle=p.query_shuffle,
+                   attention_mask=p.attention_mask, patch_dropout=p.patch_dropout,
+                   patch_dropout_mode=p.patch_dropout_mode, freeze_backbone=freeze)
+    return model, build_criterion(cfg, num_classes, p.feature_recon), {"bbox": PostProcess()}
+
+
+def build_detr(cfg: ExperimentConfig, num_classes: int) -> tuple[nn.Module, SetCriterion, dict]:
+    """DETR for detection with `num_classes` (max category id + 1)."""
+    m = cfg.model
+    backbone, transformer, _ = _backbone_and_transformer(cfg)
+    model = DETR(backbone, transformer, num_classes=num_classes, num_queries=m.num_queries, aux_loss=m.aux_loss)
+    return model, build_criterion(cfg, num_classes), {"bbox": PostProcess()}
+
+
+def build_model(cfg: ExperimentConfig) -> tuple[nn.Module, SetCriterion, dict[str, nn.Module]]:
+    """(model, criterion, postprocessors) of `cfg`'s task, as `updetr.tasks.get_task(cfg).build()` gives
+    them (kept for callers that only have a config; num_classes must be known from the config)."""
+    from updetr.tasks import get_task  # tasks sit above models; deferred so models import alone
+
+    return get_task(cfg).build()

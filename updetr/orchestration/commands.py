@@ -29,27 +29,39 @@ def _experiment_args(p: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------------------------ run
 def cmd_run(args: argparse.Namespace) -> int:
+    from updetr.cli import user_errors
+    from updetr.config import load_experiment
     from updetr.orchestration.launch import LaunchError, RunInterrupted, run, summary
 
     try:
-        cfg = load_config(args.experiment, args.overrides)
+        exp = load_experiment(args.experiment, args.overrides)
     except ConfigError as e:
         return _fail(str(e))
+    cfg = exp.stages[0].cfg
     address = args.address or cfg.ray.address
     try:
-        outcome = run(cfg, address=address)
+        if exp.chained:
+            from updetr.orchestration.stages import RayDriver
+            from updetr.pipeline import chain_summary, run_chain
+
+            text = chain_summary(run_chain(exp, RayDriver(address)))
+        else:
+            text = summary(run(cfg, address=address))
     except RunInterrupted as e:
         _shutdown_ray()
         return _fail(str(e), 130)
     except LaunchError as e:
         text = str(e)
         _shutdown_ray()
-        return _fail(text, 1 if text.startswith("training failed") else 2)
+        return _fail(text, 1 if text.startswith(("training failed", "evaluation failed")) else 2)
+    except user_errors() as e:
+        _shutdown_ray()
+        return _fail(str(e))
     except KeyboardInterrupt:
         _shutdown_ray()
         return _fail("interrupted before training started; nothing to keep", 130)
     _shutdown_ray()  # flushes the workers' last log lines, so the summary below comes last
-    print(summary(outcome), flush=True)
+    print(text, flush=True)
     return 0
 
 

@@ -192,43 +192,39 @@ def dataset_config():
     return DataConfig(datasets_to_split=["train"])
 
 
-def train_loop_config(plan: RunPlan, tracking_run_id: Optional[str]) -> dict:
+def train_loop_config(plan: RunPlan, tracking_run_id: Optional[str], *, ray_data: bool = True,
+                      action: str = "train", checkpoint: Optional[str] = None) -> dict:
     """What each worker gets: the config as a plain dict and the resolved absolute locations."""
     return {"config": config_to_dict(plan.cfg), "run_name": plan.run_name, "run_dir": plan.run_dir,
             "tracking_uri": plan.tracking_uri if tracking_run_id else None, "tracking_run_id": tracking_run_id,
-            "experiment": plan.experiment, "num_items": plan.extra.get("num_items")}
-
-
-def check_supported(cfg: ExperimentConfig) -> None:
-    """Combinations `updetr run` cannot run yet: refused before Ray starts (LaunchError, one line)."""
-    if cfg.stage != "pretrain":
-        raise LaunchError("updetr run: only pre-training runs through Ray Train so far "
-                          "(no fine-tuning Ray Data pipeline yet); use `updetr debug` for fine-tuning")
+            "experiment": plan.experiment, "num_items": plan.extra.get("num_items"), "ray_data": ray_data,
+            "action": action, "checkpoint": checkpoint}
 
 
 def build_datasets(cfg: ExperimentConfig, resources=None) -> dict:
-    check_supported(cfg)
-    from updetr.data import ray_pipeline
+    """The task's Ray Data datasets ({} when each worker reads its own part of the data, as detection does)."""
+    from updetr.tasks import get_task
 
-    # Create the pipeline's named EpochClock actor here, so that the driver owns it (epoch_clock keeps the
-    # handle) and it outlives worker-group restarts; a worker-created clock would die with its worker.
-    ray_pipeline.epoch_clock(cfg)
-    return {"train": ray_pipeline.build_pretrain_dataset(cfg, resources)}
+    return get_task(cfg).ray_datasets(resources)
 
 
 def build_trainer(plan: RunPlan, tracker: Tracker, *, datasets: Optional[dict] = None, resources=None,
-                  callbacks: Sequence[Any] = (), env: Optional[dict] = None):
+                  callbacks: Sequence[Any] = (), env: Optional[dict] = None, action: str = "train",
+                  checkpoint: Optional[str] = None):
     """The `TorchTrainer` of a plan (needs Ray initialised: it builds the Ray Data pipeline unless given)."""
     from ray.train.torch import TorchTrainer
 
     from updetr.orchestration.worker import train_fn_per_worker
 
+    if datasets is None:
+        datasets = build_datasets(plan.cfg, resources) if action == "train" else {}
     return TorchTrainer(train_fn_per_worker,
-                        train_loop_config=train_loop_config(plan, tracker.run_id),
+                        train_loop_config=train_loop_config(plan, tracker.run_id, ray_data=bool(datasets),
+                                                            action=action, checkpoint=checkpoint),
                         scaling_config=scaling_config(plan.cfg, resources),
                         run_config=run_config(plan, callbacks, env),
-                        datasets=datasets if datasets is not None else build_datasets(plan.cfg, resources),
-                        dataset_config=dataset_config())
+                        datasets=datasets or None,
+                        dataset_config=dataset_config() if datasets else None)
 
 
 def open_tracking(plan: RunPlan, parent_run_id: Optional[str] = None, extra_tags: Optional[dict] = None) -> Tracker:
@@ -409,6 +405,7 @@ class RunOutcome:
     tracker: Tracker
     seconds: float
     resumed_from: Optional[int]
+    eval_metrics: Optional[dict] = None
 
 
 class RunInterrupted(LaunchError):
@@ -420,7 +417,6 @@ def preflight(cfg: ExperimentConfig, address: Optional[str] = None):
     start its own Ray, the resource plan against this machine. Returns `(num_items, plan or None)`."""
     from updetr.data.preflight import DataSourceError, check_source
 
-    check_supported(cfg)
     try:
         num_items = check_source(cfg)
     except DataSourceError as e:
@@ -436,15 +432,19 @@ def _print_plan(cfg: ExperimentConfig, plan: RunPlan, resources, local: bool, ou
 
 
 def run(cfg: ExperimentConfig, address: Optional[str] = None, out: TextIO = sys.stdout,
-        run_name: Optional[str] = None) -> RunOutcome:
-    """`updetr run`: refuse what cannot work (before Ray and MLflow), connect Ray, plan resources, build the
-    data pipeline, open tracking, fit, close tracking.
+        run_name: Optional[str] = None, parent_run_id: Optional[str] = None) -> RunOutcome:
+    """`updetr run`: prepare the task's data, refuse what cannot work (before Ray and MLflow), connect Ray,
+    plan resources, build the data pipeline, open tracking (a child of `parent_run_id` in a chain), fit,
+    close tracking.
 
     Raises:
         LaunchError: before any work (data, resources, storage, tracking, address, token) or when training
             failed; RunInterrupted on Ctrl-C.
     """
+    from updetr.tasks import get_task
+
     t0 = time.monotonic()
+    cfg = get_task(cfg).prepare()  # absolute data paths, generated data: workers chdir elsewhere
     plan = plan_run(cfg, run_name=run_name)
     num_items, resources = preflight(cfg, address)
     plan.extra["num_items"] = num_items
@@ -459,14 +459,14 @@ def run(cfg: ExperimentConfig, address: Optional[str] = None, out: TextIO = sys.
     _quiet_ray_data()
     from updetr.orchestration import console
 
-    console.install([f"[{cfg.name}] "])
+    console.install([f"[{cfg.tracking.experiment or cfg.name}"])  # a chain: every stage's lines
     try:
         datasets = build_datasets(cfg, resources)
     except LaunchError:
         raise
     except Exception as e:  # noqa: BLE001 - e.g. an object-store path Ray Data cannot list
         raise LaunchError(f"cannot build the data pipeline: {_first_line(e)}") from None
-    tracker = open_tracking(plan)
+    tracker = open_tracking(plan, parent_run_id)
     if resumed_from is not None:
         print(f"[{cfg.name}] resuming from checkpoint step {resumed_from} in {plan.run_dir}", file=out, flush=True)
     print(f"[{cfg.name}] checkpoints -> {plan.run_dir}; tracking -> {tracker.describe()}", file=out, flush=True)
@@ -502,7 +502,43 @@ def run(cfg: ExperimentConfig, address: Optional[str] = None, out: TextIO = sys.
     if ckpt:
         tracker.set_tags({TAG_LAST_CHECKPOINT: ckpt})
     tracker.end("FINISHED")
-    return RunOutcome(plan, step, epoch, ckpt, tracker, time.monotonic() - t0, resumed_from)
+    return RunOutcome(plan, step, epoch, ckpt, tracker, time.monotonic() - t0, resumed_from, ret.get("eval"))
+
+
+def run_eval(cfg: ExperimentConfig, checkpoint: str, address: Optional[str] = None,
+             parent_run_id: Optional[str] = None, out: TextIO = sys.stdout) -> tuple[dict, Optional[str]]:
+    """Score `checkpoint` on the task's evaluation split with `ray.num_workers` Ray Train workers (each
+    rank its part, rank 0 gathers and scores once). Returns (metrics, MLflow run id or None)."""
+    from updetr.checkpoint import load_checkpoint
+    from updetr.tasks import get_task
+
+    load_checkpoint(checkpoint)  # a bad file fails here, in one line, not inside a worker
+    cfg = get_task(cfg).prepare()
+    checkpoint = str(Path(checkpoint).resolve()) if not is_uri(checkpoint) else checkpoint
+    tag = hashlib.sha256(checkpoint.encode()).hexdigest()[:8]
+    plan = plan_run(cfg, run_name=cfg.ray.run_name or f"{run_name_for(cfg)}-eval-{tag}")
+    _, resources = preflight(cfg, address)
+    local, _ = connect_ray(address, cfg, num_cpus=resources.total_cpus if resources is not None else None)
+    if resources is None:
+        from updetr.orchestration.resources import cluster_resources
+
+        resources = resource_plan(cfg, cluster_resources(), local=False)
+    tracker = open_tracking(plan, parent_run_id, {"updetr.eval_checkpoint": checkpoint})
+    print(f"[{cfg.name}] evaluating {checkpoint} on {cfg.ray.num_workers} Ray worker(s); "
+          f"tracking -> {tracker.describe()}", file=out, flush=True)
+    _quiet_ray_data()
+    try:
+        result = build_trainer(plan, tracker, resources=resources, action="eval", checkpoint=checkpoint).fit()
+    except Exception as e:  # noqa: BLE001 - one line + where to look
+        tracker.end("FAILED")
+        raise LaunchError(f"evaluation failed: {_first_line(e)}") from None
+    tracker.end("FINISHED")
+    ret = result.return_value if isinstance(getattr(result, "return_value", None), dict) else {}
+    metrics = ret.get("eval") or {k.removeprefix("eval/"): v for k, v in (result.metrics or {}).items()
+                                  if k.startswith("eval/")}
+    if not metrics:
+        raise LaunchError("evaluation finished without metrics (see the worker logs above)")
+    return dict(metrics), tracker.run_id
 
 
 def _interrupt_on_sigint(trainer) -> None:

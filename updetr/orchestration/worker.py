@@ -1,13 +1,16 @@
-"""`train_fn_per_worker`: what every Ray Train worker runs — the engine's `Trainer`, fed by Ray Data.
+"""`train_fn_per_worker`: what every Ray Train worker runs — the shared runner (updetr/runner.py) with the
+stage's task, plus the Ray report callback.
 
 Per worker: build the `Trainer` on the worker's device (DDP when world_size > 1), restore from
-`ray.train.get_checkpoint()` (our checkpoint schema in `checkpoint.pt`, loaded with `weights_only=True`),
-and train on `get_dataset_shard("train")` through `iter_worker_batches`. Every `schedule.checkpoint_every`
-steps and at the end (the engine's `on_checkpoint`) all ranks call `ray.train.report` — it is a barrier,
-so the number of calls must match — and only rank 0 passes the checkpoint. Rank 0 alone owns the tracker:
-per-step metrics every `schedule.log_every` steps and per-epoch metrics go to a `MetricLedger` and travel in
-the checkpoint that covers them (committed once registered: orchestration/metrics_commit.py); the last
-checkpoint is a tag.
+`ray.train.get_checkpoint()` (our checkpoint schema in `checkpoint.pt`, loaded with `weights_only=True`)
+or initialise from `init.checkpoint`, and train on the task's batches: pre-training reads
+`get_dataset_shard("train")` (Ray Data), detection reads this rank's part of the dataset. Every
+`schedule.checkpoint_every` steps and at the end (the engine's `on_checkpoint`) all ranks call
+`ray.train.report` — it is a barrier, so the number of calls must match — and only rank 0 passes the
+checkpoint. Rank 0 alone owns the tracker: per-step, per-epoch and eval metrics go to a `MetricLedger` and
+travel in the checkpoint that covers them (committed once registered: orchestration/metrics_commit.py), so
+each lands in MLflow exactly once; the last checkpoint is a tag. With `action: eval` the workers only score
+the weights of `checkpoint` (each rank its part of the evaluation split, rank 0 gathers) and report once.
 
 Drill hooks: with `UPDETR_WORKER_PID_DIR` set, each worker writes its pid to `<dir>/rank<r>.pid` at start
 (tests SIGKILL a real worker process by that pid); `UPDETR_DRILL_KILL=after_report:<rank>:<step>` makes
@@ -17,17 +20,18 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
 from updetr.config import ExperimentConfig, config_from_dict
-from updetr.data.skips import split_counts
-from updetr.engine import TrainState, Trainer, total_steps
+from updetr.engine import TrainState
 from updetr.metric_ledger import MetricLedger, write_ledger
-from updetr.tracking import TAG_LAST_CHECKPOINT, MlflowTracker, NullTracker, Tracker, environment_info
+from updetr.runner import (AllWorkers, Callback, CallbackList, Progress, Tracking, WrappedBatches,
+                           evaluate_weights, expected_total, setup, train)
+from updetr.tasks import get_task
+from updetr.tracking import MlflowTracker, NullTracker, Tracker, environment_info
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -58,95 +62,48 @@ def checkpoint_dir_name(step: int) -> str:
     return f"checkpoint_{step:08d}"
 
 
-def restore(trainer: Trainer, cfg: ExperimentConfig) -> Optional[int]:
-    """Load the latest reported checkpoint into `trainer`; returns its step (None: fresh start)."""
+def latest_checkpoint() -> tuple[Optional[dict], str]:
+    """The latest reported checkpoint of this run (our schema) and where it was, or (None, '')."""
     import ray.train
 
     from updetr.checkpoint import load_checkpoint
-    from updetr.local import check_compatible
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return None
+        return None, ""
     with checkpoint.as_directory() as folder:
         path = Path(folder) / CHECKPOINT_FILE
-        ckpt = load_checkpoint(path, map_location="cpu")  # weights_only=True inside
-        check_compatible(cfg, ckpt, path)
-        trainer.load_checkpoint(ckpt)
-    from updetr.config import resume_note
-
-    note = resume_note(ckpt.get("config"), cfg, ray.train.get_context().get_world_size())
-    if note and ray.train.get_context().get_world_rank() == 0:
-        print(f"[{cfg.name}] note: {note}", flush=True)
-    return trainer.state.step
+        return load_checkpoint(path, map_location="cpu"), str(path)  # weights_only=True inside
 
 
-def batches_per_epoch(cfg: ExperimentConfig, world_size: int, num_items: Optional[int] = None) -> Optional[int]:
-    """Batches per rank per epoch when the source size is known (synthetic: configured; folder / shards:
-    counted by the driver's preflight), for the ETA. Bad items still take their row, so they count."""
-    n = cfg.data.synthetic_images if cfg.data.source == "synthetic" else num_items
-    if not n:
-        return None
-    per_rank = n // world_size  # streaming_split(equal=True) drops the remainder
-    return max(1, -(-per_rank // cfg.data.batch_size))
+class LedgerTracking(Tracking):
+    """`Tracking` whose metrics wait in rank 0's `MetricLedger` until a checkpoint covers them
+    (exactly-once, updetr/metric_ledger.py); tags go to the tracker at once."""
+
+    def __init__(self, tracker, ledger: MetricLedger, rank: int, checkpoint_location=None) -> None:
+        super().__init__(tracker, rank, checkpoint_location)
+        self.ledger = ledger
+
+    def log(self, state: TrainState, metrics: dict, step: int) -> None:
+        self.ledger.add((state.step, state.epoch), metrics, step=step)
 
 
-def _all_ranks_sum(counts: dict[str, float], world_size: int) -> dict[str, float]:
-    """Sum a small {name: number} dict over ranks (once per epoch; every rank must call it)."""
-    import torch.distributed as dist
+class RayReport(Callback):
+    """`ray.train.report` on every rank at each checkpoint (rank 0 attaches the checkpoint dir with the
+    metric ledger's covered entries); the last eval metrics ride along, so the final report carries them."""
 
-    if world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
-        return dict(counts)
-    gathered: list[Any] = [None] * world_size
-    dist.all_gather_object(gathered, dict(counts))
-    total: dict[str, float] = {}
-    for part in gathered:
-        for k, v in (part or {}).items():
-            total[k] = total.get(k, 0.0) + float(v)
-    return total
-
-
-class RayCallbacks:
-    """Engine callbacks of one worker: report/checkpoint on every rank, track and print on rank 0."""
-
-    def __init__(self, cfg: ExperimentConfig, rank: int, world_size: int, tracker: Tracker, run_dir: str,
-                 total: Optional[int]):
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.tracker, self.run_dir, self.total = tracker, run_dir, total
+    def __init__(self, rank: int, ledger: Optional[MetricLedger] = None) -> None:
+        self.rank = rank
+        self.ledger = ledger if ledger is not None else MetricLedger()
         self.last: dict[str, float] = {}
-        # Rank 0's metrics wait here until a checkpoint covers them (exactly-once, updetr/metric_ledger.py).
-        self.ledger = MetricLedger()
-        self._t0: Optional[float] = None
-        self._step0 = 0
+        self.eval: dict[str, float] = {}
         self._reported_step: Optional[int] = None
 
-    def on_step(self, state: TrainState, metrics: dict[str, float]) -> None:
+    def on_step(self, state, metrics):
         self.last = dict(metrics)
-        if self.rank != 0:
-            return
-        m = dict(metrics)
-        # DDP keeps ranks in lock-step: the job's rate is rank 0's times the number of workers.
-        if "images_per_s" in m:
-            m["images_per_s_all_workers"] = m["images_per_s"] * self.world_size
-        m["epoch"] = float(state.epoch)
-        # rank 0's own counts so far this epoch (the epoch metrics below are summed over all ranks)
-        dropped, kept = split_counts({k.removeprefix("data/skipped_"): v for k, v in metrics.items()
-                                      if k.startswith("data/skipped_")})
-        m["data/skipped_total"] = float(sum(dropped.values()))
-        m["data/converted_total"] = float(sum(kept.values()))
-        self.ledger.add((state.step, state.epoch), m)
-        self._progress(state, metrics)
 
-    def _progress(self, state: TrainState, metrics: dict[str, float]) -> None:
-        from updetr.local import format_progress
-
-        now = time.perf_counter()
-        if self._t0 is None:
-            self._t0, self._step0 = now, state.step
-        eta = None
-        if self.total and state.step > self._step0:
-            eta = (now - self._t0) / (state.step - self._step0) * (self.total - state.step)
-        print(format_progress(self.cfg.name, state, metrics, self.total, eta), flush=True)
+    def on_eval(self, state, metrics):
+        self.eval = {f"eval/{k}": float(v) for k, v in metrics.items()}
 
     def on_checkpoint(self, state: TrainState, ckpt: dict) -> None:
         import ray.train
@@ -155,8 +112,7 @@ class RayCallbacks:
         from updetr.checkpoint import save_checkpoint
 
         metrics = {"step": state.step, "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
-                   **{k: v for k, v in self.last.items() if k.startswith("loss")}}
-        name = checkpoint_dir_name(state.step)
+                   **{k: v for k, v in self.last.items() if k.startswith("loss")}, **self.eval}
         if state.step == self._reported_step:
             # The engine saves again at the end when the last periodic checkpoint closed an epoch (same step,
             # epoch + 1). Registering the same directory twice made Ray count it twice and delete the previous
@@ -170,29 +126,9 @@ class RayCallbacks:
         with tempfile.TemporaryDirectory(prefix="updetr-ckpt-") as tmp:
             save_checkpoint(ckpt, Path(tmp) / CHECKPOINT_FILE)
             write_ledger(tmp, self.ledger.take(upto=(state.step, state.epoch)))
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=checkpoint_dir_name(state.step))
         _drill_kill("after_report", self.rank, state.step)  # written to storage, maybe not yet registered
-        self.tracker.set_tags({TAG_LAST_CHECKPOINT: f"{self.run_dir}/{name}", "updetr.last_checkpoint_step": state.step})
-
-    def on_epoch_end(self, state: TrainState, metrics: dict[str, float]) -> None:
-        skipped = {k: v for k, v in metrics.items() if k.startswith("epoch/skipped_")}
-        counts = {"images_per_s": metrics.get("epoch/images_per_s", 0.0), **skipped}
-        total = _all_ranks_sum(counts, self.world_size)  # every rank takes part in the gather
-        if self.rank != 0:
-            return
-        m = dict(metrics)
-        m.update({k: v for k, v in total.items() if k.startswith("epoch/skipped_")})
-        m["epoch/images_per_s_all_workers"] = total.get("images_per_s", 0.0)
-        dropped, kept = split_counts({k.removeprefix("epoch/skipped_"): v for k, v in total.items()
-                                      if k.startswith("epoch/skipped_")})
-        m["epoch/skipped_total"] = float(sum(dropped.values()))    # items dropped, all ranks
-        m["epoch/converted_total"] = float(sum(kept.values()))     # items converted / fixed and used, all ranks
-        self.ledger.add((state.step, state.epoch), m, step=state.epoch - 1)
-        from updetr.local import format_epoch_line
-
-        line = format_epoch_line(self.cfg.name, state.epoch - 1, m, "steps/worker",
-                                 m["epoch/images_per_s_all_workers"], "img/s (all workers)")
-        print(line, flush=True)
 
 
 def watched(batches, cfg: ExperimentConfig, rank: int, tracker: Tracker):
@@ -216,12 +152,33 @@ def _tracker(config: dict, rank: int) -> Tracker:
                                 experiment_name=config.get("experiment"))
 
 
+def _local_dir(run_dir: str) -> Optional[Path]:
+    return None if "://" in run_dir else Path(run_dir)
+
+
+def _evaluate_only(cfg: ExperimentConfig, config: dict, rank: int, world_size: int, device) -> dict:
+    import ray.train
+
+    from updetr.checkpoint import load_checkpoint
+
+    task = get_task(cfg)
+    model, _, post = task.build()
+    task.init_weights(model, load_checkpoint(config["checkpoint"]), config["checkpoint"])
+    model.to(device)
+    folder = _local_dir(config["run_dir"])
+    metrics = evaluate_weights(task, model, post, device, rank=rank, world_size=world_size,
+                               results_path=folder / "detections.json" if folder else None,
+                               precision=cfg.runtime.precision)
+    tracker = _tracker(config, rank)
+    tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=0)
+    ray.train.report({f"eval/{k}": float(v) for k, v in metrics.items()}, checkpoint=None)
+    return {"eval": metrics}
+
+
 def train_fn_per_worker(config: dict) -> dict:
     """Ray Train entry point (`train_loop_config` from `launch.train_loop_config`)."""
     import ray.train
     import ray.train.torch
-
-    from updetr.data.ray_pipeline import iter_worker_batches
 
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
@@ -232,8 +189,20 @@ def train_fn_per_worker(config: dict) -> dict:
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    trainer = Trainer(cfg, device)  # seeds torch / numpy / random with cfg.seed + rank
-    resumed_from = restore(trainer, cfg)
+    if config.get("action") == "eval":
+        return _evaluate_only(cfg, config, rank, world_size, device)
+
+    task = get_task(cfg)
+    resume, resume_path = latest_checkpoint()
+    trainer, report = setup(cfg, task, device, resume=resume, resume_path=resume_path,
+                            init_path=cfg.init.checkpoint)
+    resumed_from = trainer.state.step if resume is not None else None
+    if resume is not None and rank == 0:
+        from updetr.config import resume_note
+
+        note = resume_note(resume.get("config"), cfg, world_size)
+        if note:
+            print(f"[{cfg.name}] note: {note}", flush=True)
 
     tracker = _tracker(config, rank)
     if rank == 0:
@@ -242,18 +211,29 @@ def train_fn_per_worker(config: dict) -> dict:
                           "updetr.world_size": world_size})
         where = f"resumed from step {resumed_from}" if resumed_from is not None else "from step 0"
         print(f"[{cfg.name}] rank 0/{world_size} on {device}: training {where}", flush=True)
+        if report is not None:
+            print(f"[{cfg.name}] {report.describe()}", flush=True)
         if resumed_from is not None:
             from updetr.orchestration.metrics_commit import catch_up
 
             catch_up(tracker)
             tracker.log_metrics({"resume/from_step": resumed_from}, step=resumed_from)
 
-    shard = ray.train.get_dataset_shard("train")
-
-    def epoch_batches(epoch: int, skip: int):
-        return watched(iter_worker_batches(shard, cfg, epoch, skip=skip), cfg, rank, tracker)
-
-    callbacks = RayCallbacks(cfg, rank, world_size, tracker, config["run_dir"],
-                             total_steps(cfg, batches_per_epoch(cfg, world_size, config.get("num_items"))))
-    state = trainer.fit(epoch_batches, callbacks)
-    return {"step": state.step, "epoch": state.epoch, "resumed_from": resumed_from}
+    shard = ray.train.get_dataset_shard("train") if config.get("ray_data") else None
+    run_dir = config["run_dir"]
+    folder = _local_dir(run_dir)
+    if config.get("num_items") is not None and hasattr(task, "num_items"):
+        task.num_items = config["num_items"]  # counted by the driver's preflight (ETA)
+    ledger = MetricLedger()  # rank 0's metrics wait here until a checkpoint covers them
+    callbacks = CallbackList([
+        AllWorkers(world_size),
+        Progress(cfg.name, expected_total(cfg, task, world_size, ray=True), rank, world_size),
+        LedgerTracking(tracker, ledger, rank,
+                       checkpoint_location=lambda s: f"{run_dir}/{checkpoint_dir_name(s.step)}"),
+        RayReport(rank, ledger),
+    ])
+    stall_watched = WrappedBatches(task, lambda batches: watched(batches, cfg, rank, tracker))
+    state = train(trainer, stall_watched, callbacks, rank=rank, world_size=world_size, shard=shard,
+                  results_dir=folder / "eval" if folder else None)
+    last_eval = trainer.last_eval[1] if trainer.last_eval else None
+    return {"step": state.step, "epoch": state.epoch, "resumed_from": resumed_from, "eval": last_eval}

@@ -1,0 +1,39 @@
+"""The Ray side of chained experiments: each stage of `updetr run` is one Ray Train run (see
+updetr/pipeline.py for the chain itself: skipping finished stages, MLflow parent and children)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional, TextIO
+
+from updetr.config import ExperimentConfig
+from updetr.pipeline import StageResult
+
+
+class RayDriver:
+    """Stages as Ray Train runs (one `TorchTrainer` each) on the Ray at `address` (or a local one)."""
+
+    name = "ray"
+
+    def __init__(self, address: Optional[str] = None, out: TextIO = sys.stdout) -> None:
+        self.address, self.out = address, out
+
+    def train(self, cfg: ExperimentConfig, parent_run_id: Optional[str]) -> StageResult:
+        from updetr.orchestration.launch import CHECKPOINT_FILE, LaunchError, run, summary
+
+        outcome = run(cfg, address=self.address, out=self.out, parent_run_id=parent_run_id)
+        print(summary(outcome), file=self.out, flush=True)
+        if not outcome.checkpoint:
+            raise LaunchError(f"stage {cfg.name} finished without a checkpoint in {outcome.plan.run_dir}")
+        ckpt = outcome.checkpoint
+        ckpt = f"{ckpt.rstrip('/')}/{CHECKPOINT_FILE}" if "://" in ckpt else str(Path(ckpt) / CHECKPOINT_FILE)
+        return StageResult(ckpt, outcome.eval_metrics or {}, outcome.tracker.run_id)
+
+    def evaluate(self, cfg: ExperimentConfig, checkpoint: str, parent_run_id: Optional[str]) -> StageResult:
+        from updetr.eval import format_table
+        from updetr.orchestration.launch import run_eval
+
+        metrics, run_id = run_eval(cfg, checkpoint, address=self.address, parent_run_id=parent_run_id, out=self.out)
+        print(format_table(metrics, f"[{cfg.name}] {checkpoint}: {int(metrics['images'])} images"),
+              file=self.out, flush=True)
+        return StageResult(None, metrics, run_id)

@@ -1,0 +1,26 @@
+"""Tasks: what a run trains and how it is scored. The config names the task (`task:`); nothing else in
+updetr branches on it. A task owns its model / criterion / postprocessors, its train and eval batches for
+(rank, world size), its evaluator and how it initialises weights from a checkpoint.
+
+    pretrain  random query patch detection (UP-DETR pre-training; no evaluation split)
+    detect    DETR object detection: fine-tuning from pre-trained weights, or from scratch; COCO-style AP
+
+One-shot detection and panoptic segmentation plug in here as further `Task` subclasses.
+"""
+from __future__ import annotations
+
+from updetr.config import ExperimentConfig
+from updetr.tasks.base import InitError, InitReport, Task
+
+_REGISTRY = {"pretrain": "updetr.tasks.pretrain:PretrainTask", "detect": "updetr.tasks.detect:DetectTask"}
+
+
+def get_task(cfg: ExperimentConfig) -> Task:
+    """The task object of `cfg` (`cfg.task` names it)."""
+    import importlib
+
+    module, _, cls = _REGISTRY[cfg.task].partition(":")
+    return getattr(importlib.import_module(module), cls)(cfg)
+
+
+__all__ = ["InitError", "InitReport", "Task", "get_task"]

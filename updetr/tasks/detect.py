@@ -1,0 +1,149 @@
+"""`detect`: DETR object detection on COCO / VOC (or the built-in synthetic shapes set), scored COCO-style.
+
+Training batches use DETR's augmentation; each rank reads only its own slice of the image list (the
+annotation index is small; images are read lazily, never gathered in one process). Evaluation uses DETR's
+evaluation resize and ONE image per batch, so no image is ever padded: a checkpoint's AP cannot depend on
+the batch size or on how many workers share the split (DETR's AP moves with the padding of larger batches).
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from updetr.checkpoint import PRETRAIN_ONLY_PREFIXES
+from updetr.tasks.base import InitReport, Task, load_weights
+
+CLASS_HEAD = ("class_embed.",)
+
+
+class DatasetError(ValueError):
+    """A detection dataset that cannot be used; the message names the file and the reason."""
+
+
+def synthetic_coco_root(cfg) -> Path:
+    d = cfg.data
+    if d.path:
+        return Path(d.path).expanduser().resolve()
+    return (Path(cfg.runtime.output_dir) / "data"
+            / (f"synthetic_coco-{cfg.seed}-{d.synthetic_images}-{d.synthetic_val_images}"
+               f"-{d.synthetic_size[0]}x{d.synthetic_size[1]}")).resolve()
+
+
+def ensure_synthetic_coco(cfg) -> Path:
+    """Write the seeded shapes dataset (train + val splits, real JPEGs + COCO json) once; atomic."""
+    from updetr.data.synthetic import write_coco_dataset
+
+    root = synthetic_coco_root(cfg)
+    if (root / "annotations" / "instances_val.json").is_file():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    lo, hi = cfg.data.synthetic_size
+    write_coco_dataset(tmp, cfg.data.synthetic_images, seed=cfg.seed, size_range=(lo, hi), split="train")
+    write_coco_dataset(tmp, cfg.data.synthetic_val_images, seed=cfg.seed + 1, size_range=(lo, hi), split="val")
+    try:
+        tmp.rename(root)
+    except OSError:  # another process finished first: use its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+class DetectTask(Task):
+    name = "detect"
+    has_eval = True
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self._datasets: dict = {}
+
+    # -- data
+    def prepare(self):
+        cfg = super().prepare()
+        if cfg.data.source == "synthetic_coco":
+            root = ensure_synthetic_coco(cfg)
+            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(root)})})
+        elif cfg.data.path and "://" not in cfg.data.path:
+            # Ray Train workers chdir into Ray's session folder: hand them absolute paths.
+            upd = {"path": str(Path(cfg.data.path).expanduser().resolve())}
+            if cfg.data.val_path:
+                upd["val_path"] = str(Path(cfg.data.val_path).expanduser().resolve())
+            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update=upd)})
+        self.cfg = cfg
+        self._datasets = {}
+        self.dataset("train")  # fail here, in one line, before any worker starts
+        return cfg
+
+    def dataset(self, split: str):
+        """The train / val `DetectionDataset` (annotation index only; images are read per batch)."""
+        if split not in self._datasets:
+            from updetr.data.detection import build_detection_dataset
+
+            cfg = self.cfg
+            if cfg.data.source == "synthetic_coco":  # written on first use (atomic), under data.path if set
+                cfg = cfg.model_copy(update={"data": cfg.data.model_copy(
+                    update={"path": str(ensure_synthetic_coco(cfg))})})
+            try:
+                ds = build_detection_dataset(cfg, split)
+            except FileNotFoundError as e:
+                raise DatasetError(f"data ({split} split): {e.args[0] if e.args else e}") from None
+            except (ValueError, KeyError, TypeError) as e:
+                raise DatasetError(f"data ({split} split): bad annotation file: {type(e).__name__}: {e}") from None
+            if len(ds) == 0:
+                raise DatasetError(f"data ({split} split) under {cfg.data.val_path or cfg.data.path}: "
+                                   "no images listed")
+            n = self.num_classes(ds)
+            bad = sorted(c for c in ds.coco.getCatIds() if c >= n or c < 0)
+            if bad:
+                raise DatasetError(f"data ({split} split): category id(s) {bad[:5]} outside model.num_classes "
+                                   f"= {n} (ids must be < num_classes; DETR's rule is max id + 1)")
+            self._datasets[split] = ds
+        return self._datasets[split]
+
+    def num_classes(self, ds=None) -> int:
+        if self.cfg.model.num_classes is not None:
+            return self.cfg.model.num_classes
+        return (ds if ds is not None else self.dataset("train")).num_classes
+
+    def train_batches(self, epoch: int, skip: int = 0, rank: int = 0, world_size: int = 1,
+                      shard: Any = None) -> Iterator[dict]:
+        from updetr.data.detection import detection_batches
+
+        return detection_batches(self.cfg, self.dataset("train"), epoch, skip, rank, world_size)
+
+    def batches_per_epoch(self, world_size: int = 1, ray: bool = False) -> Optional[int]:
+        n = len(self.dataset("train")) // world_size
+        per = -(-n // self.cfg.data.batch_size)
+        s = self.cfg.schedule.steps_per_epoch
+        return min(per, s) if s else per
+
+    def eval_batches(self, rank: int = 0, world_size: int = 1) -> Iterator[dict]:
+        from updetr.data.detection import detection_batches
+
+        # batch 1 per image: no padding, so predictions do not depend on which images share a batch
+        cfg = self.cfg.model_copy(update={"data": self.cfg.data.model_copy(update={"batch_size": 1})})
+        return detection_batches(cfg, self.dataset("val"), 0, 0, rank, world_size)
+
+    def evaluator(self):
+        from updetr.eval import CocoEvaluator
+
+        return CocoEvaluator(self.dataset("val").coco)
+
+    # -- model
+    def build(self):
+        from updetr.models import build_detr
+
+        return build_detr(self.cfg, self.num_classes())
+
+    def init_weights(self, model, ckpt: dict, source: str) -> InitReport:
+        """From pre-training weights: drop class_embed / patch2query / feature_align and keep everything else
+        (the official detr_main.py --pretrain); the class head starts fresh. From detection weights (ours or
+        a converted official DETR / UP-DETR fine-tuned file): every key, strictly."""
+        sd = ckpt["model"]
+        from_pretrain = any(k.startswith(("patch2query.", "module.patch2query.")) for k in sd) or \
+            (ckpt.get("config") or {}).get("task", (ckpt.get("config") or {}).get("stage")) == "pretrain"
+        if from_pretrain:
+            return load_weights(model, sd, source=source, drop_prefixes=PRETRAIN_ONLY_PREFIXES,
+                                reinit_prefixes=CLASS_HEAD, strict=self.cfg.init.strict)
+        return load_weights(model, sd, source=source, strict=self.cfg.init.strict)

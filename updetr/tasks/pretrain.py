@@ -1,0 +1,55 @@
+"""`pretrain`: random query patch detection on unlabeled images (UP-DETR pre-training)."""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator, Optional
+
+from updetr.tasks.base import Task
+
+
+class PretrainTask(Task):
+    name = "pretrain"
+    has_eval = False
+
+    def prepare(self):
+        """Check the data source before any work (one line naming the path and the reason)."""
+        from updetr.data.preflight import check_source
+
+        self.num_items = check_source(self.cfg)
+        return super().prepare()
+
+    def build(self):
+        from updetr.models import build_updetr
+
+        return build_updetr(self.cfg, self.cfg.num_classes)
+
+    def train_batches(self, epoch: int, skip: int = 0, rank: int = 0, world_size: int = 1,
+                      shard: Any = None) -> Iterator[dict]:
+        if shard is not None:
+            from updetr.data.ray_pipeline import iter_worker_batches
+
+            return iter_worker_batches(shard, self.cfg, epoch, skip=skip)
+        from updetr.data import local_pretrain_batches
+
+        return local_pretrain_batches(self.cfg, epoch, skip=skip, rank=rank, world_size=world_size)
+
+    num_items: Optional[int] = None  # counted by `prepare` (the driver's preflight) when the source is listed
+
+    def batches_per_epoch(self, world_size: int = 1, ray: bool = False) -> Optional[int]:
+        """Ray: streaming_split(equal=True) drops the remainder; bad items still take their row, so count."""
+        d = self.cfg.data
+        n = d.synthetic_images if d.source == "synthetic" else self.num_items
+        if n is None and not ray:
+            from updetr.data.sources import open_source
+
+            n = len(open_source(self.cfg))
+        if not n:
+            return None
+        return max(1, math.ceil((n // world_size) / d.batch_size))
+
+    def ray_datasets(self, resources=None) -> dict:
+        from updetr.data import ray_pipeline
+
+        # The driver creates the named EpochClock actor, so it outlives worker-group restarts.
+        ray_pipeline.epoch_clock(self.cfg)
+        return {"train": ray_pipeline.build_pretrain_dataset(self.cfg, resources)}
