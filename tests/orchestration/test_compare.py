@@ -29,8 +29,11 @@ def _run(client, exp_id, name, parent=None, tags=None, params=None):
 
 @pytest.fixture(scope="module")
 def sweep(mlflow_server):
+    return populate(mlflow_server.client())
+
+
+def populate(client):
     """A sweep parent, three trials (params + final eval metrics), each with its stage runs and curves."""
-    client = mlflow_server.client()
     sweep_name = f"tab5-{uuid.uuid4().hex[:6]}"
     exp_id = client.create_experiment(sweep_name + "-exp")
     parent = _run(client, exp_id, sweep_name, tags={TAG_SWEEP: sweep_name})
