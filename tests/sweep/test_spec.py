@@ -142,3 +142,25 @@ def test_eos_coef_m_over_n_follows_the_patches():
     assert load_config(None).loss.eos_coef == 0.1            # the official default is unchanged
     with pytest.raises(Exception, match="loss.eos_coef"):
         load_config(None, ["loss.eos_coef=N/M"])
+
+
+def test_trials_share_no_run_names_and_no_epoch_clock(tmp_path):
+    """Two trials that differ only in model.freeze_backbone: distinct run names, chain state and Ray Data
+    epoch clock (the clock is named from the config's name, seed, data and pretext, not from the model)."""
+    from updetr.data.ray_pipeline import clock_name
+    from updetr.orchestration.launch import run_name_for
+    from updetr.pipeline import state_path
+
+    sweep = load_sweep(write_sweep(tmp_path, {"name": "fb", "grid": {"stages.pretrain.model.freeze_backbone":
+                                                                      [True, False]}}))
+    trials = [sweep.trial(c) for c in sweep.cells]
+    assert [t.name for t in trials] == ["fb-freeze_backbone-true", "fb-freeze_backbone-false"]
+    pre = [{s.name: s.cfg for s in t.stages}["pretrain"] for t in trials]
+    assert pre[0].name == "fb-freeze_backbone-true-pretrain"
+    assert clock_name(pre[0]) != clock_name(pre[1])
+    assert run_name_for(pre[0]) != run_name_for(pre[1])
+    assert state_path(trials[0], "ray") != state_path(trials[1], "ray")
+    assert all(s.cfg.tracking.experiment == "fb" for t in trials for s in t.stages)
+    # the untouched cells would collide: same names everywhere but the model
+    raw = [{s.name: s.cfg for s in c.experiment.stages}["pretrain"] for c in sweep.cells]
+    assert clock_name(raw[0]) == clock_name(raw[1])

@@ -30,7 +30,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from updetr.config import (_LEGACY_STAGE, ConfigError, Experiment, _format_validation, _read_yaml, load_experiment,
+from updetr.config import (_LEGACY_STAGE, ConfigError, Experiment, Stage, _format_validation, _read_yaml, load_experiment,
                            resolve_dict)
 
 _NAME_RE = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -197,6 +197,20 @@ class Sweep:
     path: Path
     spec: SweepSpec
     cells: tuple[Cell, ...]
+
+    def trial(self, cell: Cell) -> Experiment:
+        """The cell's experiment as a trial of this sweep: named `<sweep>-<trial>` (stages
+        `<sweep>-<trial>-<stage>`), tracked in the sweep's MLflow experiment. Everything a run derives from its
+        name (run folder, Ray Train storage, chain state, the Ray Data epoch clock) is then the trial's own, so
+        concurrent trials share nothing mutable, and a re-run finds the same trial again."""
+        name = f"{self.name}-{cell.name}"
+        stages = []
+        for st in cell.experiment.stages:
+            stage_name = f"{name}-{st.name}" if cell.experiment.chained else name
+            tracking = st.cfg.tracking.model_copy(update={"experiment": self.name})
+            stages.append(Stage(st.name, st.action, st.cfg.model_copy(update={"name": stage_name,
+                                                                              "tracking": tracking})))
+        return Experiment(name, tuple(stages), cell.experiment.chained)
 
     @property
     def varying_keys(self) -> list[str]:
