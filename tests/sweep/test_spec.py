@@ -164,3 +164,12 @@ def test_trials_share_no_run_names_and_no_epoch_clock(tmp_path):
     # the untouched cells would collide: same names everywhere but the model
     raw = [{s.name: s.cfg for s in c.experiment.stages}["pretrain"] for c in sweep.cells]
     assert clock_name(raw[0]) == clock_name(raw[1])
+
+
+def test_every_bad_cell_is_named_up_to_a_limit(tmp_path):
+    path = write_sweep(tmp_path, {"grid": {"stages.pretrain.pretext.num_patches": [1, 3, 4, 6, 7, 9]}})
+    with pytest.raises(SweepError) as err:
+        load_sweep(path)
+    msg = str(err.value)
+    assert "cell num_patches-3:" in msg and "cell num_patches-4:" in msg and "cell num_patches-6:" in msg
+    assert "num_patches-1:" not in msg and "... and 2 more cells fail" in msg

@@ -35,6 +35,7 @@ from updetr.config import (_LEGACY_STAGE, ConfigError, Experiment, Stage, _forma
 
 _NAME_RE = re.compile(r"[^A-Za-z0-9_.-]+")
 MAX_TRIAL_NAME = 96
+MAX_REPORTED = 3        # bad cells named in one error (a typo in a 32-cell grid fails every cell)
 
 
 class SweepError(ValueError):
@@ -299,7 +300,7 @@ def load_sweep(path: str | Path, overrides: Optional[list[str]] = None, name: Op
     fixed = _pairs(spec.overrides)
     if spec.options.workers_per_trial:
         fixed.append(f"ray.num_workers={spec.options.workers_per_trial}")
-    cells = []
+    cells, failures = [], []
     for trial, params, exp_path in plans:
         where = f"{path}: cell {trial}"
         if not exp_path.is_file():
@@ -311,8 +312,12 @@ def load_sweep(path: str | Path, overrides: Optional[list[str]] = None, name: Op
                           + scope_overrides(list(overrides or []), stages, chained, strict=False))
             exp = load_experiment(exp_path, list(items))
         except ConfigError as e:
-            raise SweepError("\n".join(f"{where}: {line}" for line in str(e).splitlines())) from None
+            failures.append("\n".join(f"{where}: {line}" for line in str(e).splitlines()))
+            continue
         cells.append(Cell(trial, params, exp_path, items, exp))
+    if failures:
+        more = f"\n{path}: ... and {len(failures) - MAX_REPORTED} more cells fail" if len(failures) > MAX_REPORTED else ""
+        raise SweepError("\n".join(failures[:MAX_REPORTED]) + more)
     known = {s.name for c in cells for s in c.experiment.stages}
     for item in fixed + list(overrides or []):
         key = item.partition("=")[0]
