@@ -39,9 +39,11 @@ def _fmt_delta(key: str, delta: float) -> str:
 
 
 def varying_params(variants: list[Variant]) -> list[str]:
-    """Param keys whose value is not the same on every variant (absent counts as a value)."""
-    keys = sorted({k for v in variants for k in v.params})
-    return [k for k in keys if len({v.params.get(k) for v in variants}) > 1]
+    """Param keys with two or more values among the variants that have them (a from-scratch row without
+    pre-training params shows `-` under them; a key only some runs log, with one value, is no column)."""
+    params = [v.params for v in variants]
+    keys = sorted({k for p in params for k in p})
+    return [k for k in keys if len({p[k] for p in params if k in p}) > 1]
 
 
 def find_baseline(variants: list[Variant], spec: str, labels: dict[str, str]) -> int:

@@ -15,6 +15,7 @@ from typing import Any, Optional
 TAG_SWEEP = "updetr.sweep"          # on a sweep's parent run: the sweep name
 TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
+_IDENTITY_PARAMS = {"name", "init.checkpoint", "tracking.experiment", "ray.run_name"}
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -39,7 +40,20 @@ class Variant:
 
     @property
     def params(self) -> dict[str, str]:
-        return dict(self.run.data.params)
+        """The run's params; a chain's parent (no params of its own) shows its stage runs' params as
+        `<stage>.<key>` (the stage is the child run's name after `<parent name>-`). Keys that only say where
+        a run lives (`name`, `init.checkpoint`, `tracking.experiment`) are left out: they differ by design."""
+        own = {k: v for k, v in self.run.data.params.items() if k not in _IDENTITY_PARAMS}
+        if own:
+            return own
+        out = {}
+        prefix = self.name + "-"
+        for run in self.descendants:
+            if run.data.tags.get(TAG_PARENT) != self.run_id:
+                continue
+            stage = (run.info.run_name or "").removeprefix(prefix) or run.info.run_id[:8]
+            out.update({f"{stage}.{k}": v for k, v in run.data.params.items() if k not in _IDENTITY_PARAMS})
+        return out
 
     def runs(self) -> list[Any]:
         return [self.run, *self.descendants]
@@ -118,8 +132,9 @@ def resolve(client, ref: str) -> Selection:
     ids = _all_experiment_ids(client)
     for key in (TAG_SWEEP, TAG_RUN_NAME):
         found = _search(client, ids, f"tags.`{key}` = {_quote(ref)}")
-        if key == TAG_SWEEP:
-            found = [r for r in found if TAG_PARENT not in r.data.tags]
+        top = [r for r in found if TAG_PARENT not in r.data.tags]
+        if key == TAG_SWEEP or top:      # a chain's parent and its stage may share a name: the parent
+            found = top
         if found:
             return _expand(client, found[0], ref)            # newest
     exp = client.get_experiment_by_name(ref)
