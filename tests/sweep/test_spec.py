@@ -173,3 +173,18 @@ def test_every_bad_cell_is_named_up_to_a_limit(tmp_path):
     msg = str(err.value)
     assert "cell num_patches-3:" in msg and "cell num_patches-4:" in msg and "cell num_patches-6:" in msg
     assert "num_patches-1:" not in msg and "... and 2 more cells fail" in msg
+
+
+def test_concurrency_fits_the_cluster_and_a_trial_too_big_is_refused(tmp_path):
+    from updetr.sweep.tune import plan_concurrency, trial_cpus
+
+    body = {"grid": {"seed": [1, 2, 3, 4]}, "overrides": {"ray.num_workers": 1, "ray.cpus_per_worker": 0.5,
+                                                         "data.preprocess_cpus": 0.5}}
+    sweep = load_sweep(write_sweep(tmp_path, body))
+    assert trial_cpus(sweep) == pytest.approx(1.01)      # 0.5 Train worker + 0.5 Ray Data actor + driver
+    assert plan_concurrency(sweep, 2.0) == 1 and plan_concurrency(sweep, 8.0) == 7
+    capped = load_sweep(write_sweep(tmp_path, {**body, "options": {"max_concurrent": 2}}))
+    assert plan_concurrency(capped, 8.0) == 2
+    big = load_sweep(write_sweep(tmp_path, {"grid": {"seed": [1]}, "overrides": {"ray.num_workers": 4}}))
+    with pytest.raises(SweepError, match="one trial needs 3.01 CPUs .* the cluster has 2"):
+        plan_concurrency(big, 2.0)

@@ -1,4 +1,5 @@
-"""`updetr sweep SWEEP.yaml [k=v ...] --dry-run`: expand and validate a sweep, list its trials."""
+"""`updetr sweep SWEEP.yaml [k=v ...] [--dry-run] [--address ADDR]`: validate every cell, list the trials, run
+them on Ray Tune (updetr/sweep/tune.py)."""
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,21 @@ def cmd_sweep(args) -> int:
     print(format_plan(sweep), flush=True)
     if args.dry_run:
         return 0
-    return fail("running a sweep on Ray Tune is not available yet; --dry-run validates every cell and lists "
-                "the trials", 3)
+    from updetr.cli import user_errors
+    from updetr.orchestration.launch import LaunchError
+    from updetr.sweep.tune import format_results, run_sweep
+
+    try:
+        outcome = run_sweep(args.sweep, args.overrides, name=args.name, address=args.address)
+    except (SweepError, LaunchError, *user_errors()) as e:
+        return fail(str(e))
+    except KeyboardInterrupt:
+        return fail("interrupted; re-run the same command to resume the sweep", 130)
+    print(format_results(outcome), flush=True)
+    if outcome.parent_run_id:
+        print(f"mlflow: sweep run {outcome.parent_run_id} at {outcome.tracking_uri}; "
+              f"table: updetr compare {outcome.sweep.name} --tracking-uri {outcome.tracking_uri}")
+    return 1 if any(t.error for t in outcome.trials) else 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,4 +54,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="applied to every cell after the sweep's own (stages.<s>.k: only where stage s exists)")
     p.add_argument("--name", help="sweep name instead of the file's name: / stem")
     p.add_argument("--dry-run", action="store_true", help="validate every cell and list the trials; run nothing")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     p.set_defaults(func=cmd_sweep)
