@@ -188,3 +188,12 @@ def test_concurrency_fits_the_cluster_and_a_trial_too_big_is_refused(tmp_path):
     big = load_sweep(write_sweep(tmp_path, {"grid": {"seed": [1]}, "overrides": {"ray.num_workers": 4}}))
     with pytest.raises(SweepError, match="one trial needs 3.01 CPUs .* the cluster has 2"):
         plan_concurrency(big, 2.0)
+
+
+def test_a_failed_trial_is_reported_by_its_exception_line():
+    from updetr.sweep.tune import trial_error
+
+    wrapped = RuntimeError("\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=1, repr=_trial)\n  File \"x.py\", line 3\n"
+                           "    raise DatasetError(...)\nupdetr.tasks.detect.DatasetError: data (train split): /no: "
+                           "no annotations\n")
+    assert trial_error(wrapped) == "updetr.tasks.detect.DatasetError: data (train split): /no: no annotations"

@@ -14,6 +14,7 @@ final `eval/*` metrics; the stage runs sit below it.
 from __future__ import annotations
 
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -100,6 +101,16 @@ def _absolute(overrides: list[str], sweep: Sweep) -> list[str]:
             f"tracking.uri={resolve_tracking_uri(first.tracking.uri)}"]
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def trial_error(err: BaseException) -> str:
+    """A failed trial in one line: the last line of Ray's wrapped traceback is the exception itself
+    (`updetr.tasks.detect.DatasetError: data (train split): ...`)."""
+    lines = [ln.strip() for ln in _ANSI.sub("", str(err)).splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(err).__name__)[:300]
+
+
 def format_results(outcome: SweepOutcome) -> str:
     metric = outcome.sweep.spec.options.metric
     width = max(len(t.name) for t in outcome.trials)
@@ -167,7 +178,7 @@ def run_sweep(path: str | Path, overrides: Optional[list[str]] = None, name: Opt
     trials = []
     for result in grid:
         cell = (result.config or {}).get("cell", "?")
-        err = None if result.error is None else " ".join(str(result.error).split())[:300]
+        err = None if result.error is None else trial_error(result.error)
         metrics = {k: v for k, v in (result.metrics or {}).items() if k.startswith("eval/")}
         trials.append(TrialResult(cell, metrics, err))
     order = {c.name: i for i, c in enumerate(sweep.cells)}
