@@ -98,7 +98,9 @@ class LossConfig(_Strict):
     bbox: float = Field(5.0, ge=0, description="Weight of loss_bbox (L1).")
     giou: float = Field(2.0, ge=0, description="Weight of loss_giou.")
     feature: float = Field(1.0, ge=0, description="Weight of loss_feature (pre-training reconstruction).")
-    eos_coef: float = Field(0.1, gt=0, le=1, description="Relative class weight of no-object (paper's lambda).")
+    eos_coef: float = Field(0.1, gt=0, le=1, description="Relative class weight of no-object (paper's lambda). "
+                            "`M/N` sets it to pretext.num_patches / model.num_queries, the paper's lambda for "
+                            "any M (0.1, the official value, is M/N only for M=10, N=100).")
     set_cost_class: float = Field(1.0, ge=0, description="Matcher cost of the class probability.")
     set_cost_bbox: float = Field(5.0, ge=0, description="Matcher cost of the L1 box distance.")
     set_cost_giou: float = Field(2.0, ge=0, description="Matcher cost of the GIoU.")
@@ -285,6 +287,18 @@ class ExperimentConfig(_Strict):
                 raise ValueError(f"stage: '{stage}' is not pretrain | finetune (the field is now `task`: "
                                  "pretrain | detect)")
             data.setdefault("task", _LEGACY_STAGE[stage])
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _eos_coef_m_over_n(cls, data: Any) -> Any:
+        loss = data.get("loss") if isinstance(data, dict) else None
+        if isinstance(loss, dict) and isinstance(loss.get("eos_coef"), str) and \
+                loss["eos_coef"].replace(" ", "") == "M/N":
+            m = (data.get("pretext") or {}).get("num_patches", PretextConfig.model_fields["num_patches"].default)
+            n = (data.get("model") or {}).get("num_queries", ModelConfig.model_fields["num_queries"].default)
+            if isinstance(m, int) and isinstance(n, int) and n > 0:  # other types: the field checks report them
+                data = {**data, "loss": {**loss, "eos_coef": m / n}}
         return data
 
     @model_validator(mode="after")

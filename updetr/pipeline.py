@@ -83,8 +83,10 @@ def _write_state(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def open_parent(exp: Experiment, path: Path, driver: str) -> tuple[Tracker, Optional[str]]:
-    """The chain's parent MLflow run (re-attached on a re-run), or a NullTracker when tracking is off."""
+def open_parent(exp: Experiment, path: Path, driver: str,
+                parent_run_id: Optional[str] = None) -> tuple[Tracker, Optional[str]]:
+    """The chain's parent MLflow run (re-attached on a re-run), or a NullTracker when tracking is off;
+    `parent_run_id` nests it (a sweep's trial under the sweep's run)."""
     cfg = exp.stages[0].cfg
     if not cfg.tracking.enabled:
         return NullTracker(), None
@@ -95,19 +97,21 @@ def open_parent(exp: Experiment, path: Path, driver: str) -> tuple[Tracker, Opti
         parent = MlflowTracker.open(uri, cfg.tracking.experiment or exp.name, exp.name,
                                     identity={TAG_CHAIN: exp.name, TAG_CHAIN_STATE: str(path)},
                                     tags={"updetr.driver": driver,
-                                          "updetr.stages": ",".join(s.name for s in exp.stages)})
+                                          "updetr.stages": ",".join(s.name for s in exp.stages),
+                                          **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})})
     except TrackingError:
         raise
     return parent, uri
 
 
-def run_chain(exp: Experiment, driver: StageDriver, out: TextIO = sys.stdout) -> ChainOutcome:
+def run_chain(exp: Experiment, driver: StageDriver, out: TextIO = sys.stdout,
+              parent_run_id: Optional[str] = None) -> ChainOutcome:
     """Run every stage in order through `driver`, skipping stages a previous attempt finished."""
     t0 = time.monotonic()
     path = state_path(exp, driver.name)
     state = _read_state(path)
     done: dict = state.setdefault("stages", {})
-    parent, uri = open_parent(exp, path, driver.name)
+    parent, uri = open_parent(exp, path, driver.name, parent_run_id)
     results: dict[str, StageResult] = {}
     skipped: list[str] = []
     previous: Optional[str] = None

@@ -1,0 +1,191 @@
+"""`updetr sweep`: every cell of a sweep runs its experiment's chain as one Ray Tune trial.
+
+The Train V2 pattern (ray-mlflow-notes §3.1): each trial is a small driver function (0.01 CPU) that runs the
+cell's chain with `updetr.pipeline.run_chain` and the Ray stage driver, so every stage is its own
+`TorchTrainer` run. Trials are named from their parameters (`Sweep.trial`), so their run folders, chain
+state and Ray Data epoch clocks are their own and a re-run of the same command finds them: finished stages
+are skipped and an unfinished one resumes from its checkpoint; Tune's own state is restored with
+`Tuner.restore` when the sweep folder holds one.
+
+MLflow: one parent run per sweep (tag `updetr.sweep`, found again on a re-run) with the sweep YAML and the
+result table as artifacts; each trial's chain parent is its child, carrying the cell's parameters and the
+final `eval/*` metrics; the stage runs sit below it.
+"""
+from __future__ import annotations
+
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, TextIO
+
+from updetr.sweep.spec import Sweep, SweepError, load_sweep
+from updetr.tracking_query import TAG_SWEEP
+
+DRIVER_CPU = 0.01       # a trial's own actor; 0 is rejected by Tune (ray-mlflow-notes §3.2)
+
+
+@dataclass
+class TrialResult:
+    name: str
+    metrics: dict
+    error: Optional[str]
+
+
+@dataclass
+class SweepOutcome:
+    sweep: Sweep
+    trials: list[TrialResult]
+    parent_run_id: Optional[str]
+    tracking_uri: Optional[str]
+    concurrency: int
+    seconds: float
+    cpus_free: tuple[float, float] = (0.0, 0.0)    # Ray's available CPUs before and after the trials
+
+
+def trial_cpus(sweep: Sweep) -> float:
+    """CPUs one trial holds at most: its driver, the widest stage's Train workers and, for a stage fed by
+    Ray Data, its preprocessing actors (stages of a chain run one after the other)."""
+    need = 0.0
+    for cell in sweep.cells:
+        for st in cell.experiment.stages:
+            cfg = st.cfg
+            cpus = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+            if st.action == "train" and cfg.task == "pretrain":
+                cpus += max(1, cfg.data.num_workers) * cfg.data.preprocess_cpus
+            need = max(need, cpus)
+    return need + DRIVER_CPU
+
+
+def plan_concurrency(sweep: Sweep, cluster_cpus: float) -> int:
+    """Trials at once: what the cluster's CPUs hold (never more, so no trial waits forever for a placement
+    group), capped by options.max_concurrent."""
+    need = trial_cpus(sweep)
+    if need > cluster_cpus + 1e-9:
+        raise SweepError(f"{sweep.path}: one trial needs {need:g} CPUs (Train workers + Ray Data actors) and the "
+                         f"cluster has {cluster_cpus:g}; lower ray.num_workers / ray.cpus_per_worker / "
+                         f"data.num_workers / data.preprocess_cpus")
+    fit = max(1, math.floor((cluster_cpus + 1e-9) / need))
+    cap = sweep.spec.options.max_concurrent
+    return min(fit, cap) if cap else fit
+
+
+def _trial(config: dict) -> None:
+    """One Tune trial: the cell's chain, then its final metrics to Tune and its parameters to MLflow."""
+    from ray import tune
+
+    from updetr.orchestration.stages import RayDriver
+    from updetr.pipeline import run_chain
+
+    sweep = load_sweep(config["path"], config["overrides"], name=config["sweep"])
+    cell = next(c for c in sweep.cells if c.name == config["cell"])
+    outcome = run_chain(sweep.trial(cell), RayDriver(), parent_run_id=config["parent_run_id"])
+    if outcome.parent.run_id and outcome.tracking_uri:
+        from mlflow.entities import Param, RunTag
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(outcome.tracking_uri).log_batch(
+            outcome.parent.run_id, params=[Param(k, str(v)) for k, v in cell.params.items()],
+            tags=[RunTag("updetr.trial", cell.name)])
+    tune.report({"done": 1, **{f"eval/{k}": float(v) for k, v in outcome.final_metrics.items()}})
+
+
+def _absolute(overrides: list[str], sweep: Sweep) -> list[str]:
+    """Trials run with another working directory: pin the output folder and the tracking store."""
+    from updetr.tracking import resolve_tracking_uri
+
+    first = sweep.cells[0].experiment.stages[0].cfg
+    return [*overrides, f"runtime.output_dir={Path(first.runtime.output_dir).resolve()}",
+            f"tracking.uri={resolve_tracking_uri(first.tracking.uri)}"]
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def trial_error(err: BaseException) -> str:
+    """A failed trial in one line: the last line of Ray's wrapped traceback is the exception itself
+    (`updetr.tasks.detect.DatasetError: data (train split): ...`)."""
+    lines = [ln.strip() for ln in _ANSI.sub("", str(err)).splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(err).__name__)[:300]
+
+
+def format_results(outcome: SweepOutcome) -> str:
+    metric = outcome.sweep.spec.options.metric
+    width = max(len(t.name) for t in outcome.trials)
+    lines = [f"sweep {outcome.sweep.name}: {len(outcome.trials)} trials in {outcome.seconds:.0f} s "
+             f"({outcome.concurrency} at a time); Ray CPUs free: {outcome.cpus_free[0]:g} before, "
+             f"{outcome.cpus_free[1]:g} after"]
+    for t in outcome.trials:
+        value = t.metrics.get(metric)
+        shown = f"{100 * value:.1f}" if value is not None and metric.startswith("eval/") else (
+            f"{value:.4g}" if value is not None else "-")
+        lines.append(f"  {t.name:<{width}}  {metric} {shown}" + (f"  FAILED: {t.error}" if t.error else ""))
+    return "\n".join(lines)
+
+
+def run_sweep(path: str | Path, overrides: Optional[list[str]] = None, name: Optional[str] = None,
+              address: Optional[str] = None, out: TextIO = sys.stdout) -> SweepOutcome:
+    """Validate every cell, open the sweep's MLflow parent, run the trials on Ray Tune, summarise."""
+    import ray
+    from ray import tune
+
+    from updetr.orchestration.launch import connect_ray
+    from updetr.tracking import MlflowTracker, NullTracker
+
+    t0 = time.monotonic()
+    path = Path(path).resolve()
+    sweep = load_sweep(path, overrides, name=name)          # every cell, before anything starts
+    overrides = _absolute(list(overrides or []), sweep)
+    sweep = load_sweep(path, overrides, name=name)
+    first = sweep.cells[0].experiment.stages[0].cfg
+    uri = first.tracking.uri if first.tracking.enabled else None
+    parent = (MlflowTracker.open(uri, sweep.name, sweep.name, identity={TAG_SWEEP: sweep.name},
+                                 tags={"updetr.sweep_file": str(path)}) if uri else NullTracker())
+    parent.log_text(path.read_text(), "sweep.yaml")
+    connect_ray(address, first)
+    concurrency = plan_concurrency(sweep, float(ray.cluster_resources().get("CPU", 0.0)))
+    print(f"sweep {sweep.name}: {len(sweep.cells)} trials, {concurrency} at a time "
+          f"({trial_cpus(sweep):g} CPUs each); tracking -> {parent.describe()}", file=out, flush=True)
+    if sweep.spec.options.early_stopping is not None:
+        print(f"sweep {sweep.name}: note: options.early_stopping is not applied yet; every trial runs to its end",
+              file=out, flush=True)
+    trainable = tune.with_resources(_trial, {"cpu": DRIVER_CPU})
+    storage = Path(first.runtime.output_dir) / "sweeps"
+    folder = storage / sweep.name
+    if tune.Tuner.can_restore(str(folder)):
+        print(f"sweep {sweep.name}: resuming from {folder}", file=out, flush=True)
+        tuner = tune.Tuner.restore(str(folder), trainable, resume_errored=True)
+    else:
+        space = {"cell": tune.grid_search([c.name for c in sweep.cells]), "path": str(path),
+                 "overrides": overrides, "sweep": sweep.name, "parent_run_id": parent.run_id}
+        tuner = tune.Tuner(
+            trainable, param_space=space,
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrency,
+                                        trial_name_creator=lambda t: t.config["cell"],
+                                        trial_dirname_creator=lambda t: t.config["cell"]),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage), verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=1)))
+    before = float(ray.available_resources().get("CPU", 0.0))
+    grid = tuner.fit()
+    # A trial stopped by Tune can leave its Train placement group behind (ray-mlflow-notes §3.4); Ray's
+    # cleaner (needs the dashboard) frees it within seconds: wait for it, then report what is free.
+    deadline = time.monotonic() + 30
+    while float(ray.available_resources().get("CPU", 0.0)) < before - 1e-6 and time.monotonic() < deadline:
+        time.sleep(1)
+    after = float(ray.available_resources().get("CPU", 0.0))
+    trials = []
+    for result in grid:
+        cell = (result.config or {}).get("cell", "?")
+        err = None if result.error is None else trial_error(result.error)
+        metrics = {k: v for k, v in (result.metrics or {}).items() if k.startswith("eval/")}
+        trials.append(TrialResult(cell, metrics, err))
+    order = {c.name: i for i, c in enumerate(sweep.cells)}
+    trials.sort(key=lambda t: order.get(t.name, len(order)))
+    outcome = SweepOutcome(sweep, trials, parent.run_id, uri, concurrency, time.monotonic() - t0, (before, after))
+    table = format_results(outcome)
+    parent.log_text(table + "\n", "results.txt")
+    parent.set_tags({"updetr.failed_trials": str(sum(t.error is not None for t in trials))})
+    parent.end("FINISHED")
+    return outcome
