@@ -109,7 +109,8 @@ def cmd_eval(args) -> int:
         cfg = evals[-1].cfg
         cfg = cfg.model_copy(update={"init": cfg.init.model_copy(update={"checkpoint": None})})
         if args.ray or args.address:
-            from updetr.orchestration.launch import LaunchError, run_eval
+            from updetr.orchestration.launch import run_eval
+            from updetr.orchestration.run_plan import LaunchError
 
             try:
                 metrics, _ = run_eval(cfg, args.checkpoint, address=args.address)

@@ -1,4 +1,5 @@
-"""Where the running code comes from: the one git SHA lookup shared by checkpoints and tracking.
+"""Where the running code comes from: the one git SHA lookup shared by checkpoints and tracking, and the
+software environment (`environment_info`) logged with every run.
 
 `git_info()` asks git once per process (cached): the engine writes a checkpoint every K steps and must not
 shell out each time. A copy without `.git` (a Ray Job's uploaded working dir, a wheel) falls back to
@@ -9,8 +10,10 @@ from __future__ import annotations
 import functools
 import os
 import subprocess
+import sys
+from importlib import metadata
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 UNKNOWN = "unknown"
@@ -46,3 +49,31 @@ def git_sha() -> Optional[str]:
     """The SHA recorded in checkpoints: `git_info()["sha"]`, None when unknown."""
     sha = git_info()["sha"]
     return None if sha == UNKNOWN else sha
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def environment_info(device: Any = None) -> dict[str, str]:
+    """Software versions and accelerator of this process (torch, ray, mlflow, CUDA, device)."""
+    info = {"python": sys.version.split()[0], "torch": _version("torch"), "ray": _version("ray"),
+            "mlflow": _version("mlflow"), "torchvision": _version("torchvision")}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__  # with the build tag (+cu132, +cpu)
+        info["cuda"] = str(torch.version.cuda)
+        info["cuda_available"] = str(torch.cuda.is_available())
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+            info["gpu_count"] = str(torch.cuda.device_count())
+            info["cudnn"] = str(torch.backends.cudnn.version())
+    except Exception:  # noqa: BLE001 - informational only
+        pass
+    if device is not None:
+        info["device"] = str(device)
+    return info

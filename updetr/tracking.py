@@ -18,11 +18,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from updetr.provenance import git_info  # noqa: F401 - the one SHA lookup (re-exported for callers)
+from updetr.provenance import environment_info, git_info  # noqa: F401 - re-exported for callers
 
 TAG_RUN_NAME = "updetr.run_name"
 TAG_STORAGE = "updetr.storage"
@@ -144,34 +143,6 @@ def flatten_params(config: Mapping[str, Any]) -> dict[str, str]:
         text = "None" if value is None else str(value)
         out[name] = text if len(text) <= 6000 else text[:5997] + "..."
     return out
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "absent"
-
-
-def environment_info(device: Any = None) -> dict[str, str]:
-    """Software versions and accelerator of this process (torch, ray, mlflow, CUDA, device)."""
-    info = {"python": sys.version.split()[0], "torch": _version("torch"), "ray": _version("ray"),
-            "mlflow": _version("mlflow"), "torchvision": _version("torchvision")}
-    try:
-        import torch
-
-        info["torch"] = torch.__version__  # with the build tag (+cu132, +cpu)
-        info["cuda"] = str(torch.version.cuda)
-        info["cuda_available"] = str(torch.cuda.is_available())
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-            info["gpu_count"] = str(torch.cuda.device_count())
-            info["cudnn"] = str(torch.backends.cudnn.version())
-    except Exception:  # noqa: BLE001 - informational only
-        pass
-    if device is not None:
-        info["device"] = str(device)
-    return info
 
 
 # --------------------------------------------------------------------------------------- trackers
@@ -414,40 +385,3 @@ def start_tracking(enabled: bool, uri: str, experiment: str, run_name: str, stor
     if not tracker.healthy:
         raise TrackingError(f"MLflow tracking at {uri} failed while logging the run's config")
     return tracker
-
-
-# ------------------------------------------------------------------------------ local server
-def server_command(host: str = "127.0.0.1", port: int = 5000, backend_store_uri: Optional[str] = None,
-                   artifacts_destination: Optional[str] = None, workers: int = 1,
-                   cwd: str | Path | None = None) -> tuple[list[str], dict[str, str]]:
-    """argv and environment of a lean local `mlflow server` (SQLite backend, served artifact root).
-
-    Lean = `MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false` and `--workers 1`: 2 processes / ~0.5 GB instead of
-    13 / ~2.6 GB. The default backend is the embedded store (`./mlflow.db`), so the UI shows local runs.
-    """
-    base = Path(cwd or os.getcwd())
-    backend = resolve_tracking_uri(backend_store_uri or default_tracking_uri(base), base)
-    artifacts = Path(artifacts_destination or base / "mlartifacts")
-    artifacts = artifacts if artifacts.is_absolute() else (base / artifacts).resolve()
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    argv = [str(mlflow_bin) if mlflow_bin.exists() else "mlflow", "server",
-            "--backend-store-uri", backend, "--artifacts-destination", str(artifacts),
-            "--host", host, "--port", str(port), "--workers", str(workers)]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    return argv, env
-
-
-def wait_for_server(uri: str, timeout_s: float = 60.0, proc: Any = None) -> bool:
-    """Poll `<uri>/health` until it answers 200 (False on timeout or when `proc` exits)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            return False
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=2) as r:  # noqa: S310
-                if r.status == 200:
-                    return True
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.3)
-    return False

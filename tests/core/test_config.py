@@ -151,7 +151,7 @@ def test_run_identity_covers_the_arithmetic_not_worker_counts(tmp_path):
     a change of worker count or logging resumes, and the global batch size change is stated."""
     from updetr.checkpoint import CheckpointError
     from updetr.local import check_compatible
-    from updetr.orchestration.launch import config_hash
+    from updetr.orchestration.run_plan import config_hash
 
     smoke = REPO / "experiments" / "smoke.yaml"
     base = load_config(smoke)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from updetr.orchestration.local_cluster import free_port, kill_processes, own_processes
-from updetr.tracking import wait_for_server
+from updetr.tracking_server import wait_for_server
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = str(REPO / "experiments" / "smoke.yaml")

@@ -148,7 +148,7 @@ def test_trials_share_no_run_names_and_no_epoch_clock(tmp_path):
     """Two trials that differ only in model.freeze_backbone: distinct run names, chain state and Ray Data
     epoch clock (the clock is named from the config's name, seed, data and pretext, not from the model)."""
     from updetr.data.ray_pipeline import clock_name
-    from updetr.orchestration.launch import run_name_for
+    from updetr.orchestration.run_plan import run_name_for
     from updetr.pipeline import state_path
 
     sweep = load_sweep(write_sweep(tmp_path, {"name": "fb", "grid": {"stages.pretrain.model.freeze_backbone":

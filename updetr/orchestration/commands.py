@@ -31,7 +31,8 @@ def _experiment_args(p: argparse.ArgumentParser) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from updetr.cli import user_errors
     from updetr.config import load_experiment
-    from updetr.orchestration.launch import LaunchError, RunInterrupted, run, summary
+    from updetr.orchestration.launch import RunInterrupted, run, summary
+    from updetr.orchestration.run_plan import LaunchError
 
     try:
         exp = load_experiment(args.experiment, args.overrides)
@@ -78,7 +79,7 @@ def _shutdown_ray() -> None:
 def cmd_submit(args: argparse.Namespace) -> int:
     from updetr.config import config_to_yaml
     from updetr.orchestration import jobs
-    from updetr.orchestration.launch import is_uri, run_name_for
+    from updetr.orchestration.run_plan import is_uri, run_name_for
 
     try:
         cfg = load_config(args.experiment, args.overrides)
@@ -177,7 +178,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------------------- mlflow-server
 def cmd_mlflow_server(args: argparse.Namespace) -> int:
-    from updetr.tracking import server_command, wait_for_server
+    from updetr.tracking_server import server_command, wait_for_server
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"updetr: warning: binding {args.host}: MLflow's security middleware then needs "

@@ -4,15 +4,9 @@ The builders are separate so a Ray Tune sweep can reuse them: a Tune function ca
 `plan_run(trial_cfg, run_name=f"{sweep}-{trial_id}")`, `open_tracking(plan, parent_run_id=...)`, then
 `build_trainer(plan, tracking, callbacks=[TuneReportCallback()]).fit()` — the same code path as `run`.
 
-Naming and resume: the run name is `ray.run_name`, or `<name>-<8 hex>` hashed from the training-relevant
-config (`config.identity_fields`: every setting that changes the arithmetic, `runtime.precision` included;
-not worker counts, storage or logging). Ray Train V2 resumes a run whose
-`(storage_path, name)` already holds checkpoints, so re-running the same command after a crash continues
-from the last checkpoint, and the MLflow run is found again by its `updetr.run_name` + `updetr.storage`
-tags. A changed config gives a new name, hence a fresh run, never a silent resume with other settings.
-
-Paths: `storage_path` (default `<runtime.output_dir>/ray`) and the sqlite tracking URI are made absolute
-here, on the driver: Ray Train workers chdir into Ray's session folder.
+Naming, storage and resume: `run_plan.py`; joining or starting Ray: `ray_session.py`. Re-running the same
+command after a crash continues from the last checkpoint, and the MLflow run is found again by its
+`updetr.run_name` + `updetr.storage` tags.
 
 Resources: `preflight(cfg, address)` checks the data source and fits training workers, preprocessing
 actors and read tasks into the machine (local Ray, before it starts) — see `resources.plan_resources`;
@@ -21,129 +15,21 @@ is refused in one line before Ray Data starts and before an MLflow run is opened
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
-import socket
 import sys
-import tempfile
 import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, TextIO
 
-from updetr.config import ExperimentConfig, config_to_dict, config_to_yaml, identity_fields
-from updetr.tracking import (TAG_LAST_CHECKPOINT, NullTracker, Tracker, TrackingError, check_tracking_uri,
-                             resolve_tracking_uri, start_tracking)
+from updetr.config import ExperimentConfig, config_to_dict, config_to_yaml
+from updetr.orchestration.ray_session import quiet_ray_data, connect_ray, is_local_address
+from updetr.orchestration.run_plan import LaunchError, RunPlan, existing_checkpoints, is_uri, plan_run, run_name_for
+from updetr.tracking import TAG_LAST_CHECKPOINT, NullTracker, Tracker, TrackingError, start_tracking
 
-CHECKPOINT_FILE = "checkpoint.pt"          # our schema, inside each Ray checkpoint directory
-CHECKPOINT_PREFIX = "checkpoint_"          # Ray checkpoint dirs: checkpoint_<step, 8 digits>
 # Driver env vars forwarded to the training workers (tracking credentials, updetr drills/settings).
 WORKER_ENV_PREFIXES = ("UPDETR_", "MLFLOW_TRACKING_", "AWS_", "GOOGLE_APPLICATION_CREDENTIALS")
-
-
-class LaunchError(RuntimeError):
-    """The run cannot start (storage, address, token, tracking); the message is one line."""
-
-
-# ------------------------------------------------------------------------------------------ plan
-@dataclass
-class RunPlan:
-    """Everything the driver resolved before any work: names and absolute locations."""
-
-    cfg: ExperimentConfig
-    run_name: str
-    storage_path: str            # root: absolute local path or URI
-    run_dir: str                 # storage_path/run_name: where Ray keeps this run's checkpoints
-    tracking_uri: Optional[str]  # None when tracking is disabled
-    experiment: str              # MLflow experiment name
-    extra: dict = field(default_factory=dict)
-
-
-def config_hash(cfg: ExperimentConfig) -> str:
-    """8 hex of every setting that changes the arithmetic (config.identity_fields; not worker counts)."""
-    return hashlib.sha256(json.dumps(identity_fields(cfg), sort_keys=True).encode()).hexdigest()[:8]
-
-
-def run_name_for(cfg: ExperimentConfig) -> str:
-    return cfg.ray.run_name or f"{cfg.name}-{config_hash(cfg)}"
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
-def resolve_storage(cfg: ExperimentConfig, cwd: str | Path | None = None) -> str:
-    """`ray.storage_path` or `<output_dir>/ray`, absolute (object-store URIs unchanged)."""
-    base = Path(cwd or os.getcwd())
-    path = cfg.ray.storage_path or str(Path(cfg.runtime.output_dir) / "ray")
-    if is_uri(path):
-        return path.rstrip("/")
-    path = path.removeprefix("file://")
-    return str((base / Path(path).expanduser()).resolve())
-
-
-def check_storage(storage: str) -> None:
-    """Create the storage folder and write/delete a probe file; LaunchError (one line) if that fails."""
-    probe = f".updetr-write-test-{socket.gethostname()}-{os.getpid()}"
-    if not is_uri(storage):
-        try:
-            Path(storage).mkdir(parents=True, exist_ok=True)
-            (Path(storage) / probe).write_text("")
-            (Path(storage) / probe).unlink()
-        except OSError as e:
-            raise LaunchError(f"ray.storage_path {storage} is not writable ({e.strerror or e}); "
-                              f"set ray.storage_path to a writable folder or object-store URI") from None
-        return
-    try:
-        import pyarrow.fs as pafs
-
-        fs, root = pafs.FileSystem.from_uri(storage)
-        fs.create_dir(root, recursive=True)
-        with fs.open_output_stream(f"{root}/{probe}") as f:
-            f.write(b"")
-        fs.delete_file(f"{root}/{probe}")
-    except Exception as e:  # noqa: BLE001 - pyarrow raises many types
-        raise LaunchError(f"ray.storage_path {storage} is not writable ({' '.join(str(e).split())[:200]})") from None
-
-
-def plan_run(cfg: ExperimentConfig, *, run_name: Optional[str] = None, cwd: str | Path | None = None,
-             check: bool = True) -> RunPlan:
-    """Resolve the run's name, storage and tracking store; with `check`, fail fast if either is unusable."""
-    name = run_name or run_name_for(cfg)
-    storage = resolve_storage(cfg, cwd)
-    uri = resolve_tracking_uri(cfg.tracking.uri, cwd) if cfg.tracking.enabled else None
-    if check:
-        check_storage(storage)
-        if uri is not None:
-            try:
-                check_tracking_uri(uri)
-            except TrackingError as e:
-                raise LaunchError(str(e)) from None
-    return RunPlan(cfg, name, storage, f"{storage}/{name}", uri, cfg.tracking.experiment or cfg.name)
-
-
-def existing_checkpoints(run_dir: str) -> list[tuple[int, str]]:
-    """`[(step, path), ...]` of the run's checkpoint dirs already in storage, oldest first."""
-    found = []
-    try:
-        if is_uri(run_dir):
-            import pyarrow.fs as pafs
-
-            fs, root = pafs.FileSystem.from_uri(run_dir)
-            infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-            names = [(i.base_name, f"{run_dir}/{i.base_name}") for i in infos if i.type == pafs.FileType.Directory]
-        else:
-            p = Path(run_dir)
-            names = [(d.name, str(d)) for d in p.iterdir() if d.is_dir()] if p.is_dir() else []
-    except Exception:  # noqa: BLE001 - informational only
-        return []
-    for name, path in names:
-        if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit():
-            found.append((int(name[len(CHECKPOINT_PREFIX):]), path))
-    return sorted(found)
 
 
 # ----------------------------------------------------------------------------------- Ray configs
@@ -241,160 +127,6 @@ def open_tracking(plan: RunPlan, parent_run_id: Optional[str] = None, extra_tags
         raise LaunchError(str(e)) from None
 
 
-# ---------------------------------------------------------------------------------- Ray session
-def enable_token_auth() -> None:
-    from updetr.orchestration.jobs import enable_token_auth as _enable
-
-    _enable()
-
-
-def check_address(address: str, timeout_s: float = 5.0) -> None:
-    """TCP pre-check of a `host:port` GCS address (so a wrong address fails in seconds, in one line)."""
-    if address in ("auto", "local") or address.startswith("ray://"):
-        return
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise LaunchError(f"--address {address}: expected HOST:PORT of the cluster's head (GCS, e.g. head:6379)")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
-            return
-    except OSError as e:
-        reason = "timed out" if isinstance(e, socket.timeout) else (e.strerror or str(e))
-        raise LaunchError(f"cannot reach the Ray cluster at {address} ({reason}); is it up, and is this the "
-                          f"head's GCS address (HOST:6379)?") from None
-
-
-def is_local_address(address: Optional[str]) -> bool:
-    """True when `updetr run` starts its own Ray (no address, 'local', and no $RAY_ADDRESS)."""
-    if address is None and os.environ.get("RAY_ADDRESS"):
-        return False
-    return address is None or address == "local"
-
-
-def connect_ray(address: Optional[str], cfg: ExperimentConfig,
-                num_cpus: Optional[float] = None) -> tuple[bool, Optional[float]]:
-    """Join `address` (or $RAY_ADDRESS) or start a local Ray sized to the machine (`num_cpus`).
-
-    Returns `(local, cluster_cpus)`: cluster_cpus is set for a local Ray only (it is what we size).
-    """
-    if address is not None and address != "local":
-        enable_token_auth()  # before `import ray`: Ray reads RAY_AUTH_MODE when it loads
-    # torch first: imported after ray.init() joined an existing cluster (e.g. in a Ray Job driver), torch
-    # dies with "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so" (seen with ray 2.60, torch 2.15).
-    import torch  # noqa: F401
-    import ray
-
-    if ray.is_initialized():
-        return False, None
-    if address is None and os.environ.get("RAY_ADDRESS"):
-        address = "auto"  # inside a Ray Job, or the user pointed RAY_ADDRESS at a cluster
-    local = address is None or address == "local"
-    kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
-    saved_env = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
-    if local:
-        import logging
-
-        # Our own Ray on this machine: its token note is for people sharing a cluster, not for this run.
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        cpus = int(num_cpus) if num_cpus else (os.cpu_count() or 1)
-        kwargs.update(address="local", num_cpus=cpus)
-        _pin_local_gcs_address()
-        if cfg.ray.use_gpu is False:
-            kwargs["num_gpus"] = 0
-    else:
-        check_address(address)
-        kwargs["address"] = address
-    cwd = os.getcwd()
-    captured: dict = {}
-    try:
-        # Joining: Ray's C++ client retries a rejected token for ~20 s, one stderr line per second. Hold
-        # that output back; on failure it becomes our one line, on success it is passed through.
-        with (_held_stderr(captured) if not local else nullcontext()):
-            ray.init(**kwargs)
-        sys.stderr.write(captured.get("text", ""))
-        _restore_cwd(cwd)
-    except Exception as e:  # noqa: BLE001 - one line for the user
-        _restore_env(saved_env)
-        from ray.exceptions import AuthenticationError
-
-        text = " ".join(str(getattr(e, "message", e)).split())
-        if isinstance(e, AuthenticationError) or "InvalidAuthToken" in captured.get("text", ""):
-            raise LaunchError(f"the Ray cluster at {address} rejected the auth token ({text.split('. ')[0]}); "
-                              f"set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH to the cluster's token") from None
-        if local:
-            raise LaunchError(f"cannot start a local Ray: {text[:300]}") from None
-        raise LaunchError(f"cannot join the Ray cluster at {address} ({text[:200]}); check the address (the head's "
-                          f"GCS, HOST:6379) and that RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token "
-                          f"holds the cluster's token") from None
-    _restore_env(saved_env)  # the local Ray's processes already carry the pinned address
-    return local, (float(ray.cluster_resources().get("CPU", 0)) if local else None)
-
-
-@contextmanager
-def _held_stderr(box: dict):
-    """Redirect file descriptor 2 (C++ logs included) to a temp file; its text lands in `box["text"]`."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield box
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            box["text"] = tmp.read().decode(errors="replace")
-
-
-def _restore_env(saved: dict) -> None:
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
-def _restore_cwd(path: str) -> None:
-    """Re-enter `path` if it was replaced under us.
-
-    In a Ray Job driver, `ray.init()` can re-extract the job's working dir (the process' CWD) into a new
-    directory at the same path (seen with two nodes sharing one temp dir on one host); the old CWD is then
-    gone and anything calling os.getcwd() (MLflow's sqlite store does) raises FileNotFoundError.
-    """
-    try:
-        if os.path.samefile(os.getcwd(), path):
-            return
-    except (FileNotFoundError, OSError):
-        pass
-    if os.path.isdir(path):
-        os.chdir(path)
-
-
-def _pin_local_gcs_address() -> None:
-    """Choose the local GCS port up front and export RAY_ADDRESS before Ray starts.
-
-    Ray processes inherit this environment, so anything inside the cluster that looks the cluster up
-    (Train's PlacementGroupCleaner uses the State API with address auto-detection) finds *this* one even
-    when other Ray instances run on the host ("Found multiple active Ray instances" otherwise).
-    """
-    from ray._private.services import get_node_ip_address
-
-    from updetr.orchestration.local_cluster import free_port
-
-    port = free_port()
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-    os.environ["RAY_ADDRESS"] = f"{get_node_ip_address()}:{port}"
-
-
-def _quiet_ray_data() -> None:
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = bool(sys.stderr.isatty())
-    ctx.print_on_execution_start = False
-
-
 # ------------------------------------------------------------------------------------------- run
 @dataclass
 class RunOutcome:
@@ -456,7 +188,7 @@ def run(cfg: ExperimentConfig, address: Optional[str] = None, out: TextIO = sys.
     previous = existing_checkpoints(plan.run_dir)
     resumed_from = previous[-1][0] if previous else None
     _print_plan(cfg, plan, resources, local, out)
-    _quiet_ray_data()
+    quiet_ray_data()
     from updetr.orchestration import console
 
     console.install([f"[{cfg.tracking.experiment or cfg.name}"])  # a chain: every stage's lines
@@ -526,7 +258,7 @@ def run_eval(cfg: ExperimentConfig, checkpoint: str, address: Optional[str] = No
     tracker = open_tracking(plan, parent_run_id, {"updetr.eval_checkpoint": checkpoint})
     print(f"[{cfg.name}] evaluating {checkpoint} on {cfg.ray.num_workers} Ray worker(s); "
           f"tracking -> {tracker.describe()}", file=out, flush=True)
-    _quiet_ray_data()
+    quiet_ray_data()
     try:
         result = build_trainer(plan, tracker, resources=resources, action="eval", checkpoint=checkpoint).fit()
     except Exception as e:  # noqa: BLE001 - one line + where to look

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Mapping
 
 # Reading is I/O bound; one read task's reservation stays free so reads can always be scheduled.
 READ_CPUS = 0.25

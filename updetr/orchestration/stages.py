@@ -19,7 +19,8 @@ class RayDriver:
         self.address, self.out = address, out
 
     def train(self, cfg: ExperimentConfig, parent_run_id: Optional[str]) -> StageResult:
-        from updetr.orchestration.launch import CHECKPOINT_FILE, LaunchError, run, summary
+        from updetr.orchestration.launch import run, summary
+        from updetr.orchestration.run_plan import CHECKPOINT_FILE, LaunchError
 
         outcome = run(cfg, address=self.address, out=self.out, parent_run_id=parent_run_id)
         print(summary(outcome), file=self.out, flush=True)

@@ -31,7 +31,8 @@ from updetr.metric_ledger import MetricLedger, write_ledger
 from updetr.runner import (AllWorkers, Callback, CallbackList, Progress, Tracking, WrappedBatches,
                            evaluate_weights, expected_total, setup, train)
 from updetr.tasks import get_task
-from updetr.tracking import MlflowTracker, NullTracker, Tracker, environment_info
+from updetr.provenance import environment_info
+from updetr.tracking import MlflowTracker, NullTracker, Tracker
 
 CHECKPOINT_FILE = "checkpoint.pt"
 

@@ -31,7 +31,7 @@ def cmd_sweep(args) -> int:
     if args.dry_run:
         return 0
     from updetr.cli import user_errors
-    from updetr.orchestration.launch import LaunchError
+    from updetr.orchestration.run_plan import LaunchError
     from updetr.sweep.tune import format_results, run_sweep
 
     try:

@@ -131,7 +131,7 @@ def run_sweep(path: str | Path, overrides: Optional[list[str]] = None, name: Opt
     import ray
     from ray import tune
 
-    from updetr.orchestration.launch import connect_ray
+    from updetr.orchestration.ray_session import connect_ray
     from updetr.tracking import MlflowTracker, NullTracker
 
     t0 = time.monotonic()
