@@ -459,7 +459,7 @@ def load_experiment(path: str | Path | None, overrides: list[str] | None = None)
     its config name becomes `<name>-<stage>` and, after the first stage, `init.checkpoint` defaults to
     `previous` (the previous stage's final checkpoint). An `eval` stage's diff goes over the previous
     stage's settings (it scores that stage's weights on that stage's evaluation split). Overrides `k=v` apply to every stage;
-    `stages.<stage>.k=v` to one stage only. A file without `stages:` is one `train` stage.
+    `stages.<stage>.k=v` to one stage only; `name=X` renames the chain. A file without `stages:` is one `train` stage.
     """
     origin = str(path) if path is not None else "<defaults>"
     tree = resolve_dict(path, None)
@@ -474,7 +474,10 @@ def load_experiment(path: str | Path | None, overrides: list[str] | None = None)
     for key, _ in pairs:
         if key.startswith("stages.") and key.split(".")[1] not in names:
             raise ConfigError(f"override {key}: no stage named '{key.split('.')[1]}' (stages: {names})")
-    base_name = str(tree.get("name", "experiment"))
+    # `name=X` names the chain (its stages become X-<stage>), it does not set every stage's name to X
+    renamed = [v for k, v in pairs if k == "name"]
+    pairs = [(k, v) for k, v in pairs if k != "name"]
+    base_name = str(renamed[-1] if renamed else tree.get("name", "experiment"))
     stages = []
     previous_tree: Optional[dict] = None
     for i, raw in enumerate(raw_stages):

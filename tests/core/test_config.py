@@ -128,6 +128,16 @@ def test_chained_stages_merge_shared_settings_and_scope_overrides(tmp_path):
         load_experiment(exp, ["stages.x.seed=1"])
     with pytest.raises(ConfigError, match=r"stage ft.*data.source"):
         load_experiment(exp, ["stages.ft.data.source=folder"])
+def test_name_override_renames_a_chain_not_each_stage(tmp_path):
+    # `name=X` on a chain used to give every stage the name X, so stage 2 tried to resume stage 1's run
+    exp = write(tmp_path, "chain.yaml", "name: c\nmodel:\n  hidden_dim: 64\n  nheads: 4\n"
+                "stages:\n  - {name: pre, task: pretrain}\n"
+                "  - {name: ft, task: detect, data: {source: synthetic_coco}}\n")
+    e = load_experiment(exp, ["name=mine"])
+    assert e.name == "mine" and [s.cfg.name for s in e.stages] == ["mine-pre", "mine-ft"]
+    assert {s.cfg.tracking.experiment for s in e.stages} == {"mine"}
+
+
 def test_defaults_and_paper_recipe_follow_the_reference():
     cfg = load_config(None)
     assert cfg.data.decode == "full" and cfg.data.drop_last and cfg.runtime.precision == "fp32"
