@@ -15,6 +15,7 @@ is refused in one line before Ray Data starts and before an MLflow run is opened
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import sys
