@@ -98,7 +98,6 @@ class RayReport(Callback):
         self.ledger = ledger if ledger is not None else MetricLedger()
         self.last: dict[str, float] = {}
         self.eval: dict[str, float] = {}
-        self._reported_step: Optional[int] = None
 
     def on_step(self, state, metrics):
         self.last = dict(metrics)
@@ -114,13 +113,6 @@ class RayReport(Callback):
 
         metrics = {"step": state.step, "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
                    **{k: v for k, v in self.last.items() if k.startswith("loss")}, **self.eval}
-        if state.step == self._reported_step:
-            # The engine saves again at the end when the last periodic checkpoint closed an epoch (same step,
-            # epoch + 1). Registering the same directory twice made Ray count it twice and delete the previous
-            # checkpoint (num_to_keep=2 kept one). Every rank skips it alike, so report calls stay matched.
-            ray.train.report(metrics, checkpoint=None)
-            return
-        self._reported_step = state.step
         if self.rank != 0:
             ray.train.report(metrics, checkpoint=None)
             return
