@@ -144,6 +144,24 @@ def cmd_checkpoint_convert(args) -> int:
     return 0
 
 
+def cmd_visualize(args) -> int:
+    """`updetr visualize CHECKPOINT IMAGE`: Fig. 5, the boxes a pre-trained model finds for query patches."""
+    from updetr.visualize import VisualizeError, format_result, visualize
+
+    if args.width < 64:
+        return fail(f"--width {args.width}: must be at least 64")
+    try:
+        results = visualize(args.checkpoint, args.image, patches=args.patches, random=args.random, out=args.out,
+                            compare=args.compare, config=args.config, seed=args.seed, size=args.size,
+                            width=args.width)
+    except (VisualizeError, *user_errors()) as e:
+        return fail(str(e))
+    print(f"wrote {args.out}")
+    for r in results:
+        print(format_result(r))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from updetr import __version__
 
@@ -181,6 +199,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("dst")
     p.set_defaults(func=cmd_checkpoint_convert)
+
+    p = sub.add_parser("visualize", help="Fig. 5: where a pre-trained model finds query patches (PNG)",
+                       description="Crop query patches from IMAGE, run the pre-trained model with them and draw "
+                                   "the best box of each patch's query group into a PNG.")
+    p.add_argument("checkpoint", help="pre-training checkpoint (file, or run folder with checkpoints/last.pt), "
+                                      "ours or converted with `updetr checkpoint convert`")
+    p.add_argument("image", help="image file")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--patches", nargs="+", metavar="x,y,w,h", help="query patches in image pixels")
+    g.add_argument("--random", type=int, metavar="M",
+                   help="draw M patches with the pre-training sampler (default: pretext.num_patches)")
+    p.add_argument("--out", default="patch_queries.png", help="PNG to write (default: patch_queries.png)")
+    p.add_argument("--compare", action="store_true", help="also draw the patch boxes (dashed) and the IoU")
+    p.add_argument("--config", help="pre-training experiment YAML, for a checkpoint that stores no config")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random (default 0)")
+    p.add_argument("--size", type=int, help="shorter side of the model input (default: largest pretext.scales)")
+    p.add_argument("--width", type=int, default=800, help="PNG width in pixels (default 800)")
+    p.set_defaults(func=cmd_visualize)
 
     for name in COMMAND_MODULES:
         try:
