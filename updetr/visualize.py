@@ -87,21 +87,20 @@ def pretrain_config(ckpt: dict, path: Path, config_path: Optional[str | Path] = 
         kind = f"a {stored} checkpoint" if stored else "not a pre-training checkpoint"
         raise VisualizeError(f"{path}: {kind} without patch2query weights; visualize needs an UP-DETR "
                              "pre-training checkpoint (task pretrain, or a converted official pre-training file)")
+    if ckpt.get("config"):
+        tree, origin = dict(ckpt["config"]), "its stored config"
+    elif ckpt.get("official_args"):
+        tree, origin = _official_config(ckpt["official_args"]), "its official args"
+    elif config_path is not None:
+        return _with_weights(load_config(config_path), state)  # ConfigError names the YAML and field
+    else:
+        raise VisualizeError(f"{path}: the checkpoint stores no config; pass the pre-training experiment "
+                             "with --config EXP.yaml")
     try:
-        if ckpt.get("config"):
-            tree = dict(ckpt["config"])
-        elif ckpt.get("official_args"):
-            tree = _official_config(ckpt["official_args"])
-        elif config_path is not None:
-            return _with_weights(load_config(config_path), state)
-        else:
-            raise VisualizeError(f"{path}: the checkpoint stores no config; pass the pre-training experiment "
-                                 "with --config EXP.yaml")
-        return _with_weights(config_from_dict(tree), state)
-    except (ConfigError, ValueError) as e:
-        if isinstance(e, VisualizeError):
-            raise
-        raise VisualizeError(f"{path}: its config is not usable ({str(e).splitlines()[0]})") from None
+        cfg = config_from_dict(tree)
+    except ValueError as e:
+        raise VisualizeError(f"{path}: {origin} is not usable ({str(e).splitlines()[0]})") from None
+    return _with_weights(cfg, state)
 
 
 def _with_weights(cfg: ExperimentConfig, state: dict) -> ExperimentConfig:
