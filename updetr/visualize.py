@@ -247,12 +247,15 @@ def predict(model, inputs: dict, orig_hw: tuple[int, int]):
 
 @dataclass(frozen=True)
 class Layout:
-    """Pixel layout of the PNG: the image on top (scaled to `width`), a strip of M patch tiles below."""
+    """Pixel layout of the PNG: the image on top (longer side scaled to `width`, centred), a strip of M
+    patch tiles below."""
 
     width: int          # PNG width
     height: int         # PNG height
     scale: float        # PNG pixels per original image pixel
-    image_h: int        # height of the image panel (top of the PNG)
+    image_x: int        # left edge of the image panel
+    image_w: int        # size of the image panel (top of the PNG)
+    image_h: int
     tile: int           # side of a patch tile
     gap: int
     label_h: int        # text row above the tiles
@@ -264,15 +267,17 @@ class Layout:
 
     def to_png(self, x: float, y: float) -> tuple[float, float]:
         """Original-image pixel (x, y) -> PNG pixel (column, row)."""
-        return x * self.scale, y * self.scale
+        return self.image_x + x * self.scale, y * self.scale
 
 
 def make_layout(img_w: int, img_h: int, m: int, width: int = 800, max_tile: int = 128) -> Layout:
+    """PNG layout for an (img_w, img_h) image and M patches; the PNG is `width` wide."""
     gap, label_h = 8, 18
-    scale = width / img_w
+    scale = width / max(img_w, img_h)  # a portrait image would otherwise make a very tall PNG
+    image_w, image_h = int(round(img_w * scale)), int(round(img_h * scale))
     tile = max(8, min(max_tile, (width - (m + 1) * gap) // m))
-    image_h = int(round(img_h * scale))
-    return Layout(width, image_h + gap + label_h + tile + gap, scale, image_h, tile, gap, label_h)
+    return Layout(width, image_h + gap + label_h + tile + gap, scale, (width - image_w) // 2, image_w, image_h,
+                  tile, gap, label_h)
 
 
 def patch_colors(m: int) -> list[tuple[float, float, float]]:
@@ -308,11 +313,13 @@ def render(image: np.ndarray, patches_u8: np.ndarray, results: Sequence[PatchRes
     fig = Figure(figsize=(lay.width / dpi, lay.height / dpi), dpi=dpi, facecolor="white")
     colors = patch_colors(m)
 
-    ax = fig.add_axes((0, 1 - lay.image_h / lay.height, 1, lay.image_h / lay.height))
+    ax = fig.add_axes((lay.image_x / lay.width, 1 - lay.image_h / lay.height, lay.image_w / lay.width,
+                       lay.image_h / lay.height))
     ax.imshow(image, extent=(0, w, h, 0), interpolation="nearest", aspect="auto")
     ax.set_xlim(0, w)
     ax.set_ylim(h, 0)
     ax.set_axis_off()
+    placed: list[tuple[float, float]] = []  # PNG positions of the score labels drawn so far
     for r, c in zip(results, colors):
         if compare:
             x0, y0, x1, y1 = r.patch
@@ -322,8 +329,13 @@ def render(image: np.ndarray, patches_u8: np.ndarray, results: Sequence[PatchRes
         # Not antialiased: axis-aligned edges stay the patch's exact colour (what a reader matches by eye).
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=c, linewidth=2.5,
                                antialiased=False))
-        ax.text(x0, y0, f"{r.score:.2f}", color="white", fontsize=8, ha="left", va="top", clip_on=True,
-                bbox=dict(facecolor=c, edgecolor="none", pad=1.0))
+        # Labels that would cover an earlier one stack downwards, so coinciding boxes stay readable.
+        lx, ly = lay.to_png(x0, y0)
+        while any(abs(lx - px) < 44 and abs(ly - py) < 13 for px, py in placed):
+            ly += 13
+        placed.append((lx, ly))
+        ax.text(x0, (ly - lay.to_png(0, 0)[1]) / lay.scale, f"#{r.index} {r.score:.2f}", color="white",
+                fontsize=8, ha="left", va="top", clip_on=True, bbox=dict(facecolor=c, edgecolor="none", pad=1.0))
 
     for i, (r, c) in enumerate(zip(results, colors)):
         left = lay.tile_left(i, m)

@@ -48,30 +48,43 @@ def result(i, patch, pred, score=0.9):
     return PatchResult(i, patch, pred, score, 0.5, i)
 
 
+def two_results():
+    return [result(0, (10, 10, 40, 40), (20.0, 10.0, 80.0, 60.0)),
+            result(1, (100, 20, 150, 70), (120.0, 40.0, 190.0, 90.0))]
+
+
 def test_layout_gives_the_png_size_and_png_opens(tmp_path):
-    res = [result(0, (10, 10, 40, 40), (20.0, 10.0, 80.0, 60.0)), result(1, (100, 20, 150, 70), (120.0, 40.0, 190.0, 90.0))]
+    res = two_results()
     lay = render(gray_image(), np.zeros((2, 32, 32, 3), np.uint8), res, tmp_path / "a.png", width=400)
     # 200x100 image at width 400: scale 2, image panel 200 px; tiles min(128, (400 - 3*8) // 2) = 128;
     # height = 200 + 8 gap + 18 label + 128 tile + 8 gap.
     assert (lay.width, lay.height, lay.scale, lay.image_h, lay.tile) == (400, 362, 2.0, 200, 128)
+    assert (lay.image_x, lay.image_w) == (0, 400)
     with Image.open(tmp_path / "a.png") as im:
         assert im.format == "PNG" and im.size == (400, 362)
     assert make_layout(1000, 500, 10, 800).tile == (800 - 11 * 8) // 10
+    # A portrait image: the longer side fits the width, the panel is centred.
+    tall = make_layout(100, 200, 1, 400)
+    assert (tall.scale, tall.image_w, tall.image_h, tall.image_x, tall.to_png(10, 10)) == (2.0, 200, 400, 100,
+                                                                                         (120.0, 20.0))
 
 
-def test_boxes_are_drawn_where_the_predictions_are(tmp_path):
-    res = [result(0, (10, 10, 40, 40), (20.0, 10.0, 80.0, 60.0)), result(1, (100, 20, 150, 70), (120.0, 40.0, 190.0, 90.0))]
-    lay = render(gray_image(), np.zeros((2, 32, 32, 3), np.uint8), res, tmp_path / "b.png", compare=True, width=400)
+@pytest.mark.parametrize("w, h", [(200, 100), (100, 200)])
+def test_boxes_are_drawn_where_the_predictions_are(tmp_path, w, h):
+    res = [result(0, (10, 10, 40, 40), (20.0, 10.0, 80.0, 60.0)), result(1, (50, 20, 90, 70), (55.0, 40.0, 95.0, 90.0))]
+    lay = render(gray_image(w, h), np.zeros((2, 32, 32, 3), np.uint8), res, tmp_path / "b.png", compare=True, width=400)
     png = np.asarray(Image.open(tmp_path / "b.png").convert("RGB"))
     colors = patch_colors(2)
     for r, c in zip(res, colors):
-        x0, y0, x1, y1 = (v * lay.scale for v in r.pred)
+        x0, y0 = lay.to_png(*r.pred[:2])
+        x1, y1 = lay.to_png(*r.pred[2:])
         assert near(png, x0, (y0 + y1) / 2, c), "left edge"
         assert near(png, x1, (y0 + y1) / 2, c), "right edge"
         assert near(png, (x0 + x1) / 2, y1, c), "bottom edge"
         assert not near(png, (x0 + x1) / 2, (y0 + y1) / 2, c, radius=3), "box is not filled"
         # --compare: the patch box is dashed: part, not all, of its bottom edge has the colour.
-        px0, _, px1, py1 = (v * lay.scale for v in r.patch)
+        px0, _ = lay.to_png(*r.patch[:2])
+        px1, py1 = lay.to_png(*r.patch[2:])
         row = png[int(round(py1)), int(px0) + 4:int(px1) - 4].astype(int)
         hit = (np.abs(row - rgb255(c)).max(-1) <= 12).mean()
         assert 0.3 < hit < 0.95, hit
@@ -80,7 +93,8 @@ def test_boxes_are_drawn_where_the_predictions_are(tmp_path):
         assert near(png, left, lay.height - lay.gap - lay.tile / 2, c)
     # The two patches' colours differ, and far from any box the image is untouched.
     assert np.abs(rgb255(colors[0]) - rgb255(colors[1])).max() > 50
-    assert (png[190, 10] == GRAY).all()
+    fx, fy = lay.to_png(5, 95)
+    assert (png[int(fy), int(fx)] == GRAY).all()
 
 
 def test_best_per_group_picks_each_groups_top_query_and_scales_to_pixels():
