@@ -58,13 +58,14 @@ _OFFICIAL_ARGS = {
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or a run folder (`<run>/checkpoints/last.pt`) / checkpoints folder (`last.pt`)."""
+    """A checkpoint file, or a folder: a `updetr debug` run (`checkpoints/last.pt`), its checkpoints folder
+    (`last.pt`), or a Ray Train checkpoint directory (`checkpoint.pt`, see orchestration.run_plan)."""
     path = Path(path)
     if path.is_dir():
-        for cand in (path / "checkpoints" / "last.pt", path / "last.pt"):
+        for cand in (path / "checkpoints" / "last.pt", path / "last.pt", path / "checkpoint.pt"):
             if cand.is_file():
                 return cand
-        raise VisualizeError(f"{path}: folder holds no checkpoints/last.pt or last.pt")
+        raise VisualizeError(f"{path}: folder holds no checkpoints/last.pt, last.pt or checkpoint.pt")
     if not path.is_file():
         raise VisualizeError(f"{path}: no such checkpoint file or run folder")
     return path

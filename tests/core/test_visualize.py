@@ -219,6 +219,9 @@ def test_unreadable_image_and_wrong_checkpoint_kind_are_one_line_errors(fixed_ck
     assert "no such checkpoint file or run folder" in capsys.readouterr().err
     with pytest.raises(ValueError, match="no checkpoints/last.pt"):
         resolve_checkpoint(tmp_path)
+    (tmp_path / "ray_ckpt").mkdir()
+    (tmp_path / "ray_ckpt" / "checkpoint.pt").write_bytes(b"")
+    assert resolve_checkpoint(tmp_path / "ray_ckpt") == tmp_path / "ray_ckpt" / "checkpoint.pt"
 
 
 def test_converted_official_checkpoint_and_config_fallback(fixed_ckpt, tmp_path, capsys):
