@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("visualize", help="Fig. 5: where a pre-trained model finds query patches (PNG)",
                        description="Crop query patches from IMAGE, run the pre-trained model with them and draw "
                                    "the best box of each patch's query group into a PNG.")
-    p.add_argument("checkpoint", help="pre-training checkpoint (file, or run folder with checkpoints/last.pt), "
+    p.add_argument("checkpoint", help="pre-training checkpoint: file, debug run folder or Ray checkpoint directory; "
                                       "ours or converted with `updetr checkpoint convert`")
     p.add_argument("image", help="image file")
     g = p.add_mutually_exclusive_group()
