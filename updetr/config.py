@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # The paper's image scales for pre-training (reference-notes §2.1: 384 is absent on purpose).
 PRETRAIN_SCALES = [320, 336, 352, 368, 400, 416, 432, 448, 464, 480]
@@ -266,16 +266,17 @@ class OneShotConfig(_Strict):
                                          "training (pre-training's pretext.patch_dropout; off: with one patch a "
                                          "slot without it cannot tell which class to find).")
 
-    @model_validator(mode="after")
-    def _voc_names(self) -> "OneShotConfig":
+    @field_validator("unseen_classes")
+    @classmethod
+    def _voc_names(cls, v: list[str]) -> list[str]:
         from updetr.data.voc import VOC_CLASSES
 
-        bad = [c for c in self.unseen_classes if c not in VOC_CLASSES]
+        bad = [c for c in v if c not in VOC_CLASSES]
         if bad:
-            raise ValueError(f"unseen_classes: {bad} are not VOC classes ({', '.join(VOC_CLASSES)})")
-        if len(set(self.unseen_classes)) == len(VOC_CLASSES):
-            raise ValueError("unseen_classes: every VOC class is unseen; nothing would be trained")
-        return self
+            raise ValueError(f"{bad} are not VOC classes ({', '.join(VOC_CLASSES)})")
+        if len(set(v)) == len(VOC_CLASSES):
+            raise ValueError("every VOC class is unseen; nothing would be trained")
+        return v
 # ------------------------------------------------------------------------------------ end one-shot (issue 9)
 
 
