@@ -40,7 +40,8 @@ def per_class_ap50(coco_gt: COCO, results: list[dict], img_ids: Sequence[int],
     """`{category id: AP50}` of COCO-format `results` against `coco_gt` (-1 where a class has no ground truth)."""
     quiet = io.StringIO()
     with contextlib.redirect_stdout(quiet):
-        coco_dt = coco_gt.loadRes(results) if results else COCO()
+        # loadRes adds id / area / segmentation to the dicts it gets: hand it copies (results stay as written)
+        coco_dt = coco_gt.loadRes([dict(r) for r in results]) if results else COCO()
         ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
         ev.params.imgIds = sorted(set(int(i) for i in img_ids))
         ev.params.catIds = sorted(set(int(c) for c in cat_ids))
