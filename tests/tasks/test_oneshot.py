@@ -152,6 +152,7 @@ def test_init_from_pretraining_keeps_patch2query_feature_align_and_the_match_hea
         assert torch.equal(model.state_dict()[k], pre_model.state_dict()[k]), k
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_smoke_run_ends_with_finite_per_class_ap_and_evaluation_is_repeatable(tmp_path):
     from updetr.local import eval_local, run_debug
