@@ -103,9 +103,9 @@ def cmd_eval(args) -> int:
 
     try:
         exp = load_experiment(args.experiment, args.overrides)
-        evals = [s for s in exp.stages if s.cfg.task == "detect"]
+        evals = [s for s in exp.stages if s.cfg.task in ("detect", "oneshot")]
         if not evals:
-            return fail(f"{args.experiment}: no detection stage to take the evaluation split from")
+            return fail(f"{args.experiment}: no detection or one-shot stage to take the evaluation split from")
         cfg = evals[-1].cfg
         cfg = cfg.model_copy(update={"init": cfg.init.model_copy(update={"checkpoint": None})})
         if args.ray or args.address:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # The paper's image scales for pre-training (reference-notes §2.1: 384 is absent on purpose).
 PRETRAIN_SCALES = [320, 336, 352, 368, 400, 416, 432, 448, 464, 480]
@@ -115,10 +115,12 @@ class LossConfig(_Strict):
 class DataConfig(_Strict):
     """Where images come from and how they are batched (owner: `updetr.data`)."""
 
-    source: Literal["synthetic", "folder", "shards", "coco", "voc", "synthetic_coco"] = Field(
+    source: Literal["synthetic", "folder", "shards", "coco", "voc", "synthetic_coco", "synthetic_voc"] = Field(
         "synthetic", description="Pre-training: synthetic | folder | shards; detection: coco | voc | "
                                  "synthetic_coco (a seeded shapes dataset written on first use under "
-                                 "data.path, default <runtime.output_dir>/data/synthetic_coco-<seed>-<n>-<n val>-<sizes>).")
+                                 "data.path, default <runtime.output_dir>/data/synthetic_coco-<seed>-<n>-<n val>-<sizes>); "
+                                 "one-shot: voc | synthetic_voc (the same shapes in a VOC2007 layout, "
+                                 "trainval = synthetic_images, test = synthetic_val_images, written likewise).")
     path: Optional[str] = Field(None, description="Image folder, shard dir, object-store URI or dataset root.")
     val_path: Optional[str] = Field(None, description="Evaluation split root / annotation (fine-tuning).")
     synthetic_images: int = Field(64, gt=0, description="Number of images in the built-in synthetic source.")
@@ -242,6 +244,42 @@ class RayConfig(_Strict):
                                   "0 disables. Counts per worker attempt (ray.max_failures restarts it).")
 
 
+# ---------------------------------------------------------------------------------------- one-shot (issue 9)
+# The paper's Table 3 split (following CoAE): these four VOC classes are never trained on.
+ONESHOT_UNSEEN = ["cow", "sheep", "cat", "aeroplane"]
+
+
+class OneShotConfig(_Strict):
+    """One-shot detection on VOC (owner: `updetr.tasks.oneshot`): a query patch of a class cropped from another
+    image is added to all N object queries (one patch, as pre-training with M=1); the model finds that class's
+    instances. Query patches use pretext.patch_size and pretext.min_patch_px."""
+
+    unseen_classes: list[str] = Field(
+        default_factory=lambda: list(ONESHOT_UNSEEN),
+        description="VOC classes held out of training and scored apart (paper Table 3 / CoAE: cow, sheep, cat, "
+                    "aeroplane); every other VOC class is seen.")
+    train_images_with_unseen: bool = Field(
+        False, description="Keep training images that also show unseen-class objects (unlabelled, i.e. "
+                           "background). Default: drop them, so no unseen object is ever seen in training.")
+    patch_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Probability of zeroing the query-patch feature in a query slot during "
+                                         "training (pre-training's pretext.patch_dropout; off: with one patch a "
+                                         "slot without it cannot tell which class to find).")
+
+    @field_validator("unseen_classes")
+    @classmethod
+    def _voc_names(cls, v: list[str]) -> list[str]:
+        from updetr.data.voc import VOC_CLASSES
+
+        bad = [c for c in v if c not in VOC_CLASSES]
+        if bad:
+            raise ValueError(f"{bad} are not VOC classes ({', '.join(VOC_CLASSES)})")
+        if len(set(v)) == len(VOC_CLASSES):
+            raise ValueError("every VOC class is unseen; nothing would be trained")
+        return v
+# ------------------------------------------------------------------------------------ end one-shot (issue 9)
+
+
 class TrackingConfig(_Strict):
     """MLflow tracking (owner: `updetr.tracking`)."""
 
@@ -251,7 +289,7 @@ class TrackingConfig(_Strict):
     experiment: Optional[str] = Field(None, description="MLflow experiment name; None = the experiment name.")
 
 
-TASKS = ("pretrain", "detect")
+TASKS = ("pretrain", "detect", "oneshot")
 # The field was called `stage` before tasks existed; old YAMLs and overrides keep working.
 _LEGACY_STAGE = {"pretrain": "pretrain", "finetune": "detect"}
 
@@ -260,10 +298,10 @@ class ExperimentConfig(_Strict):
     """One experiment: a task plus every setting it needs."""
 
     name: str = Field("experiment", min_length=1, description="Experiment name (run names derive from it).")
-    task: Literal["pretrain", "detect"] = Field(
+    task: Literal["pretrain", "detect", "oneshot"] = Field(
         "pretrain", description="What is trained (updetr.tasks): pretrain = random query patch detection, "
-                                "detect = DETR detection fine-tuning / evaluation. (`stage: finetune` is "
-                                "read as detect.)")
+                                "detect = DETR detection fine-tuning / evaluation, oneshot = one-shot "
+                                "detection on VOC (paper Table 3). (`stage: finetune` is read as detect.)")
     seed: int = Field(42, description="Run seed; every random draw derives from it.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Network architecture.")
     pretext: PretextConfig = Field(default_factory=PretextConfig, description="Random query patch detection.")
@@ -276,6 +314,7 @@ class ExperimentConfig(_Strict):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Device and precision.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray Train settings.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
+    oneshot: OneShotConfig = Field(default_factory=OneShotConfig, description="One-shot detection (task oneshot).")
 
     @model_validator(mode="before")
     @classmethod
@@ -311,9 +350,14 @@ class ExperimentConfig(_Strict):
                 # Index num_classes is no-object: with 1 class, the patch label 1 would be no-object.
                 raise ValueError(f"model.num_classes ({self.model.num_classes}) must be >= 2 for pre-training "
                                  "(label 1 = patch; index num_classes is no-object)")
-            if self.data.source in ("coco", "voc", "synthetic_coco"):
+            if self.data.source in ("coco", "voc", "synthetic_coco", "synthetic_voc"):
                 raise ValueError(f"data.source '{self.data.source}' is a detection dataset; pre-training "
                                  "reads synthetic | folder | shards")
+        elif self.task == "oneshot":
+            self._check_oneshot()
+        elif self.data.source == "synthetic_voc":
+            raise ValueError("data.source 'synthetic_voc' is read by task oneshot; detect reads coco | voc | "
+                             "synthetic_coco")
         elif self.data.source in ("synthetic", "folder", "shards"):
             raise ValueError(f"data.source '{self.data.source}' has no labels; detection reads coco | voc | "
                              "synthetic_coco")
@@ -321,12 +365,32 @@ class ExperimentConfig(_Strict):
             raise ValueError(f"data.path is required for data.source '{self.data.source}'")
         return self
 
+    def _check_oneshot(self) -> None:
+        if self.data.source not in ("voc", "synthetic_voc"):
+            raise ValueError(f"data.source '{self.data.source}': one-shot detection reads voc | synthetic_voc")
+        if self.model.num_classes not in (None, 2):
+            raise ValueError(f"model.num_classes ({self.model.num_classes}) must be 2 (or unset) for oneshot: "
+                             "label 1 = instance of the query's class, as pre-training's label 1 = patch")
+        if self.loss.feature != 0:
+            raise ValueError(f"loss.feature ({self.loss.feature}) must be 0 for oneshot: feature reconstruction "
+                             "is a pre-training loss (feature_align is kept in the model, not trained)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _oneshot_defaults(cls, data: Any) -> Any:
+        # One-shot keeps feature_align's weights but has no feature loss: its weight defaults to 0 there.
+        if isinstance(data, dict) and data.get("task") == "oneshot":
+            loss = data.get("loss") if isinstance(data.get("loss"), dict) else {}
+            if "feature" not in loss and not isinstance(data.get("loss"), (str, int, float, list)):
+                data = {**data, "loss": {**loss, "feature": 0.0}}
+        return data
+
     @property
     def num_classes(self) -> int:
         """Classes the head predicts (excluding no-object): 2 for pre-training unless overridden."""
         if self.model.num_classes is not None:
             return self.model.num_classes
-        if self.task == "pretrain":
+        if self.task in ("pretrain", "oneshot"):
             return 2
         raise ValueError("model.num_classes must be set for fine-tuning (max category id + 1)")
 

@@ -96,8 +96,9 @@ def evaluate(model: nn.Module, postprocessors: dict, batches: Iterable[dict], ev
             if not targets:
                 continue
             samples = NestedTensor(batch["images"].to(device), batch["mask"].to(device))
+            patches = batch.get("patches")  # query patches of tasks that take them (one-shot)
             with autocast_context(precision, device):
-                outputs = model(samples)
+                outputs = model(samples, patches.to(device)) if patches is not None else model(samples)
             outputs = _to_float(outputs)
             sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
             results = postprocessors["bbox"](outputs, sizes)

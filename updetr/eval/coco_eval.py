@@ -96,7 +96,12 @@ class CocoEvaluator:
 
 
 def format_table(metrics: Mapping[str, float], title: str = "") -> str:
-    """The COCO summary as a small two-line table (values in %, -1 shown as n/a)."""
+    """The COCO summary as a small two-line table (values in %, -1 shown as n/a); one-shot metrics
+    (`updetr.eval.oneshot_eval`) as Table 3's per-class row."""
+    from updetr.eval.oneshot_eval import format_oneshot_table, is_oneshot_metrics
+
+    if is_oneshot_metrics(metrics):
+        return format_oneshot_table(metrics, title)
     names = [n for n in COCO_METRICS if n in metrics]
     head = " ".join(f"{n:>6}" for n in names)
     vals = " ".join(f"{'n/a':>6}" if metrics[n] < 0 else f"{100 * metrics[n]:6.2f}" for n in names)
