@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from updetr.checkpoint import CheckpointError, load_checkpoint, strip_prefixes
-from updetr.config import ConfigError, ExperimentConfig, PretextConfig, config_from_dict, load_config
+from updetr.checkpoint import load_checkpoint, strip_prefixes
+from updetr.config import ExperimentConfig, PretextConfig, config_from_dict, load_config
 
 # Offsets the random-patch stream away from the per-sample streams of pre-training (same seed, other draws).
 _RANDOM_PATCH_TAG = 0xF165
