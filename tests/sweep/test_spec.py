@@ -197,3 +197,27 @@ def test_a_failed_trial_is_reported_by_its_exception_line():
                            "    raise DatasetError(...)\nupdetr.tasks.detect.DatasetError: data (train split): /no: "
                            "no annotations\n")
     assert trial_error(wrapped) == "updetr.tasks.detect.DatasetError: data (train split): /no: no annotations"
+
+
+def test_a_variant_runs_the_chain_without_its_first_stages(tmp_path):
+    """`variants: [{stages: [finetune, eval]}]`: the same fine-tuning from random init, no pre-training."""
+    path = write_sweep(tmp_path, {"variants": [{"name": "pre"}, {"name": "scratch", "stages": ["finetune", "eval"]}],
+                                  "overrides": {"stages.pretrain.schedule.epochs": 1}})
+    pre, scratch = load_sweep(path).cells
+    assert [s.name for s in pre.experiment.stages] == ["pretrain", "finetune", "eval"]
+    assert [s.name for s in scratch.experiment.stages] == ["finetune", "eval"]
+    ft_pre, ft_scratch = pre.experiment.stages[1].cfg, scratch.experiment.stages[0].cfg
+    assert ft_pre.init.checkpoint == "previous" and ft_scratch.init.checkpoint is None
+    assert ft_scratch == ft_pre.model_copy(update={"init": ft_pre.init.model_copy(update={"checkpoint": None})})
+    assert scratch.experiment.stages[1].cfg.init.checkpoint == "previous"      # eval scores the fine-tuned model
+
+
+@pytest.mark.parametrize("keep, needle", [
+    (["pretrain", "finetune"], "must be the last stages of the chain"),
+    (["eval", "finetune"], "must be the last stages of the chain"),
+    (["eval"], "is an eval stage"),
+])
+def test_a_variant_stage_list_must_be_a_runnable_tail(tmp_path, keep, needle):
+    path = write_sweep(tmp_path, {"variants": [{"name": "part", "stages": keep}]})
+    with pytest.raises(SweepError, match=f"cell part: stages: .*{needle}"):
+        load_sweep(path)
