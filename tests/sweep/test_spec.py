@@ -221,3 +221,22 @@ def test_a_variant_stage_list_must_be_a_runnable_tail(tmp_path, keep, needle):
     path = write_sweep(tmp_path, {"variants": [{"name": "part", "stages": keep}]})
     with pytest.raises(SweepError, match=f"cell part: stages: .*{needle}"):
         load_sweep(path)
+
+
+def test_a_sweep_is_shipped_with_the_files_it_reads(tmp_path):
+    """`updetr submit SWEEP.yaml`: the job's working dir holds the sweep and its experiment and base files, laid
+    out so that the sweep loads there to the same cells."""
+    from updetr.orchestration.jobs import stage_sweep_dir
+    from updetr.sweep.spec import is_sweep_file, source_files
+
+    repo = SMOKE_CHAIN.parents[1]
+    table5 = repo / "experiments" / "sweeps" / "table5_frozen-cnn_feature-recon_smoke.yaml"
+    assert is_sweep_file(table5) and not is_sweep_file(SMOKE_CHAIN)
+    sweep = load_sweep(table5)
+    files = source_files(sweep)
+    assert files[0] == table5 and len(files) == 3         # the sweep, the UP-DETR chain, the DETR chain
+    workdir, inside = stage_sweep_dir(files, tmp_path / "job")
+    assert inside[0] == "sweep/sweeps/table5_frozen-cnn_feature-recon_smoke.yaml"
+    assert (workdir / "updetr" / "cli.py").is_file()
+    staged = load_sweep(workdir / inside[0])
+    assert [(c.name, c.experiment) for c in staged.cells] == [(c.name, c.experiment) for c in sweep.cells]

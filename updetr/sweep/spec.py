@@ -350,3 +350,25 @@ def load_sweep(path: str | Path, overrides: Optional[list[str]] = None, name: Op
             raise SweepError(f"{path}: override {item}: no cell has a stage named '{key.split('.')[1]}' "
                              f"(stages: {sorted(known)})")
     return Sweep(sweep_name, path, spec, tuple(cells))
+
+
+def is_sweep_file(path: str | Path) -> bool:
+    """A sweep YAML names an `experiment:` at the top level (an experiment file cannot: it is no config field)."""
+    try:
+        return "experiment" in _read_yaml(Path(path))
+    except ConfigError:
+        return False
+
+
+def source_files(sweep: Sweep) -> list[Path]:
+    """Every file the sweep reads: the sweep YAML, its experiment files and their `base:` files (what a Ray Job
+    of the sweep must carry), resolved, sweep file first."""
+    files = [sweep.path.resolve()]
+    for cell in sweep.cells:
+        exp = cell.experiment_path.resolve()
+        base = _read_yaml(exp).get("base")
+        for f in (exp, (exp.parent / str(base)).resolve() if base else None):
+            if f is not None and f not in files:
+                files.append(f)
+    return files
+
