@@ -240,3 +240,13 @@ def test_a_sweep_is_shipped_with_the_files_it_reads(tmp_path):
     assert (workdir / "updetr" / "cli.py").is_file()
     staged = load_sweep(workdir / inside[0])
     assert [(c.name, c.experiment) for c in staged.cells] == [(c.name, c.experiment) for c in sweep.cells]
+
+
+def test_submit_of_a_bad_sweep_fails_here_naming_the_cell(tmp_path, capsys):
+    from updetr.cli import main
+
+    path = write_sweep(tmp_path, {"grid": {"stages.pretrain.model.freez_backbone": [True]}})
+    # the address is never contacted: the cells are validated before any job is submitted
+    assert main(["submit", str(path), "--address", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert "cell freez_backbone-true" in err and "cannot reach" not in err

@@ -16,7 +16,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, TextIO
+from typing import TYPE_CHECKING, Optional, TextIO
+
+if TYPE_CHECKING:
+    from updetr.sweep.tune import SweepOutcome
 
 DEMO_SWEEP = Path(__file__).resolve().parents[2] / "experiments" / "sweeps" / "demo_updetr-vs-random-init.yaml"
 BASELINE = "run=random-init"        # deltas: what pre-training adds over random init
@@ -24,7 +27,7 @@ BASELINE = "run=random-init"        # deltas: what pre-training adds over random
 
 @dataclass
 class DemoOutcome:
-    sweep: object                   # updetr.sweep.tune.SweepOutcome
+    sweep: "SweepOutcome"
     table: Optional[str]            # the compare table (None when no trial has eval metrics)
     files: list[Path]               # PNG plots and the table file
     note: Optional[str]             # where the files were logged in MLflow (or a warning)
