@@ -133,7 +133,8 @@ def test_table5_smoke_is_table5_at_smoke_size():
         if "pretrain" in st:
             pre = st["pretrain"]
             assert pre.data.source == "synthetic" and pre.loss.eos_coef == pytest.approx(0.2)    # M/N = 2/10
-            assert (pre.model.freeze_backbone, pre.pretext.feature_recon) == (
-                cell.params["stages.pretrain.model.freeze_backbone"], cell.params["stages.pretrain.pretext.feature_recon"])
+            grid = (cell.params["stages.pretrain.model.freeze_backbone"],
+                    cell.params["stages.pretrain.pretext.feature_recon"])
+            assert (pre.model.freeze_backbone, pre.pretext.feature_recon) == grid
         assert st["finetune"].data.source == "synthetic_coco"
         assert st["finetune"].model.pre_norm is stages(full_cell)["finetune"].model.pre_norm

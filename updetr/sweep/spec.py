@@ -371,4 +371,3 @@ def source_files(sweep: Sweep) -> list[Path]:
             if f is not None and f not in files:
                 files.append(f)
     return files
-
