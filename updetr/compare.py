@@ -202,15 +202,24 @@ def cmd_compare(args) -> int:
     print(text)
     if files:
         print("wrote: " + ", ".join(str(f) for f in files))
-    if sel.parent is not None and files:
-        try:
-            for f in files:
-                client.log_artifact(sel.parent.info.run_id, str(f), artifact_path="compare")
-            print(f"logged to MLflow run {sel.parent.info.run_id} (artifacts/compare)")
-        except Exception as e:     # the table is printed and the files are local: say so and go on
-            print(f"updetr: warning: could not log the files to run {sel.parent.info.run_id}: "
-                  f"{str(e).splitlines()[0][:200]}")
+    note = log_to_sweep(client, sel, files)
+    if note:
+        print(note)
     return 0
+
+
+def log_to_sweep(client, sel: Selection, files: list[Path]) -> Optional[str]:
+    """Log the table and PNGs to the sweep's parent run (artifacts/compare); returns the line to print, or None
+    when the selection is not a sweep. A failure is a warning: the table is printed and the files are local."""
+    if sel.parent is None or not files:
+        return None
+    try:
+        for f in files:
+            client.log_artifact(sel.parent.info.run_id, str(f), artifact_path="compare")
+        return f"logged to MLflow run {sel.parent.info.run_id} (artifacts/compare)"
+    except Exception as e:
+        return (f"updetr: warning: could not log the files to run {sel.parent.info.run_id}: "
+                f"{str(e).splitlines()[0][:200]}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

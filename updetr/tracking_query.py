@@ -160,7 +160,11 @@ def by_tag(client, key: str, value: str) -> Selection:
 def history(client, variant: Variant, key: str, prefer_task: Optional[str] = None) -> list[tuple[int, float]]:
     """(step, value) of `key` from the run of the variant's tree with the longest history of it; with
     `prefer_task`, runs whose `task` param is that task win (the pre-training stage's `loss`, not the
-    fine-tuning stage's)."""
+    fine-tuning stage's), and a variant whose runs name their tasks but not this one has no such curve (a
+    from-scratch chain has no pre-training loss)."""
+    tasks = {run.data.params.get("task") for run in variant.runs()} - {None}
+    if prefer_task is not None and tasks and prefer_task not in tasks:
+        return []
     best: list[tuple[int, float]] = []
     best_rank = (-1, -1)
     for run in variant.runs():

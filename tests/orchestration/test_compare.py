@@ -90,6 +90,10 @@ def test_pretraining_curve_comes_from_the_pretraining_stage(sweep):
     assert len(loss) == 20 and loss[0][1] == pytest.approx(2.7)
     ap = history(client, v, "eval/AP", prefer_task="detect")
     assert [s for s, _ in ap] == [1, 2, 3, 4, 5]
+    # DETR from scratch has no pre-training stage: no pre-training curve (not its fine-tuning loss)
+    scratch = next(v for v in sel.variants if v.name == "detr-scratch")
+    assert history(client, scratch, "loss", prefer_task="pretrain") == []
+    assert len(history(client, scratch, "eval/AP", prefer_task="detect")) == 5
 
 
 def test_cli_writes_pngs_and_logs_them_to_the_sweep(sweep, mlflow_server, tmp_path, capsys):

@@ -28,3 +28,10 @@ def test_failure_tracebacks_dropped_but_retry_decision_kept():
     assert feed(["[FailurePolicy] RAISE", "  Error count: 1 (max allowed: 0)", "Traceback (most recent call last):"],
                 is_err=True) == []  # the final failure is the driver's one line
     assert feed(["a warning that is not a failure"], is_err=True) == ["a warning that is not a failure"]
+
+
+def test_indented_lines_after_ours_are_ours(capsys):
+    rest = feed(["[smoke] eval after epoch 5: 16 images", "      AP   AP50", "    0.91   2.29",
+                 "Ray says", "  not ours: after a foreign line"])
+    assert rest == ["Ray says", "  not ours: after a foreign line"]
+    assert capsys.readouterr().out == "[smoke] eval after epoch 5: 16 images\n      AP   AP50\n    0.91   2.29\n"

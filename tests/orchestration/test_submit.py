@@ -57,6 +57,26 @@ def test_submit_to_local_two_node_cluster(mlflow_server, tmp_path):
         runs = [x for x in mlflow_server.runs("smoke") if x.data.tags.get(TAG_STORAGE, "").startswith(str(tmp_path))]
         assert len(runs) == 1 and runs[0].info.status == "FINISHED"
         assert runs[0].data.params["ray.placement_strategy"] == "STRICT_SPREAD"
+
+        # a sweep: validated here, shipped with the experiment file it names (a relative path), run as
+        # `updetr sweep` on the cluster, tracked as the sweep's parent run with a child per trial
+        (tmp_path / "sweeps").mkdir()
+        shutil.copyfile(SMOKE, tmp_path / "smoke.yaml")
+        name = f"subsw{tmp_path.name[-6:]}".replace("_", "")
+        (tmp_path / "sweeps" / "sw.yaml").write_text(f"name: {name}\nexperiment: ../smoke.yaml\ngrid: {{seed: [3]}}\n"
+                                                     "options: {workers_per_trial: 1}\n")
+        r = updetr("submit", str(tmp_path / "sweeps" / "sw.yaml"), "--address", url, "--follow",
+                   "data.preprocess_cpus=0.5", "schedule.max_steps=4", "schedule.log_every=2",
+                   f"runtime.output_dir={tmp_path}/sw", f"ray.storage_path={tmp_path}/sw-ckpt",
+                   f"tracking.uri={mlflow_server.uri}", cwd=tmp_path, timeout=300)
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+        assert f"(sweep {name}, 1 trials)" in r.stdout and "SUCCEEDED" in r.stdout
+        assert f"sweep {name}: 1 trials in" in r.stdout and "finished at step 4" in r.stdout
+        runs = mlflow_server.runs(name)
+        parent = [x for x in runs if x.data.tags.get("updetr.sweep") == name]
+        assert len(parent) == 1
+        assert [x.info.run_name for x in runs if x.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id] \
+            == [f"{name}-seed-3"]
     finally:
         r = updetr("local-cluster", "down", "--dir", state, cwd=tmp_path, timeout=120)
         assert r.returncode == 0, r.stderr

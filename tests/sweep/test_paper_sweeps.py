@@ -115,3 +115,26 @@ def test_smoke_sized_overrides_reach_every_cell():
         st = stages(cell)
         assert st["finetune"].schedule.epochs == 2 and not st["finetune"].ray.use_gpu
         assert "pretrain" not in st or st["pretrain"].schedule.epochs == 1
+
+
+def test_table5_smoke_is_table5_at_smoke_size():
+    """The smoke file runs Table 5's grid and DETR variant on the same chains, with the smoke chain's sizes."""
+    full = load_sweep(SWEEPS / "table5_frozen-cnn_feature-recon_voc-150e.yaml")
+    smoke = load_sweep(SWEEPS / "table5_frozen-cnn_feature-recon_smoke.yaml")
+    assert full.spec.grid == smoke.spec.grid and full.spec.variants == smoke.spec.variants
+    assert [(c.name, c.params, c.experiment_path) for c in full.cells] == \
+           [(c.name, c.params, c.experiment_path) for c in smoke.cells]
+    for full_cell, cell in zip(full.cells, smoke.cells):
+        st = stages(cell)
+        assert [s.name for s in cell.experiment.stages] == [s.name for s in full_cell.experiment.stages]
+        for cfg in st.values():
+            assert cfg.model.backbone == "resnet18" and cfg.model.backbone_weights is None
+            assert not cfg.ray.use_gpu and cfg.ray.num_workers == 1 and cfg.runtime.precision == "fp32"
+        if "pretrain" in st:
+            pre = st["pretrain"]
+            assert pre.data.source == "synthetic" and pre.loss.eos_coef == pytest.approx(0.2)    # M/N = 2/10
+            grid = (cell.params["stages.pretrain.model.freeze_backbone"],
+                    cell.params["stages.pretrain.pretext.feature_recon"])
+            assert (pre.model.freeze_backbone, pre.pretext.feature_recon) == grid
+        assert st["finetune"].data.source == "synthetic_coco"
+        assert st["finetune"].model.pre_norm is stages(full_cell)["finetune"].model.pre_norm

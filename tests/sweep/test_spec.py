@@ -197,3 +197,56 @@ def test_a_failed_trial_is_reported_by_its_exception_line():
                            "    raise DatasetError(...)\nupdetr.tasks.detect.DatasetError: data (train split): /no: "
                            "no annotations\n")
     assert trial_error(wrapped) == "updetr.tasks.detect.DatasetError: data (train split): /no: no annotations"
+
+
+def test_a_variant_runs_the_chain_without_its_first_stages(tmp_path):
+    """`variants: [{stages: [finetune, eval]}]`: the same fine-tuning from random init, no pre-training."""
+    path = write_sweep(tmp_path, {"variants": [{"name": "pre"}, {"name": "scratch", "stages": ["finetune", "eval"]}],
+                                  "overrides": {"stages.pretrain.schedule.epochs": 1}})
+    pre, scratch = load_sweep(path).cells
+    assert [s.name for s in pre.experiment.stages] == ["pretrain", "finetune", "eval"]
+    assert [s.name for s in scratch.experiment.stages] == ["finetune", "eval"]
+    ft_pre, ft_scratch = pre.experiment.stages[1].cfg, scratch.experiment.stages[0].cfg
+    assert ft_pre.init.checkpoint == "previous" and ft_scratch.init.checkpoint is None
+    assert ft_scratch == ft_pre.model_copy(update={"init": ft_pre.init.model_copy(update={"checkpoint": None})})
+    assert scratch.experiment.stages[1].cfg.init.checkpoint == "previous"      # eval scores the fine-tuned model
+
+
+@pytest.mark.parametrize("keep, needle", [
+    (["pretrain", "finetune"], "must be the last stages of the chain"),
+    (["eval", "finetune"], "must be the last stages of the chain"),
+    (["eval"], "is an eval stage"),
+])
+def test_a_variant_stage_list_must_be_a_runnable_tail(tmp_path, keep, needle):
+    path = write_sweep(tmp_path, {"variants": [{"name": "part", "stages": keep}]})
+    with pytest.raises(SweepError, match=f"cell part: stages: .*{needle}"):
+        load_sweep(path)
+
+
+def test_a_sweep_is_shipped_with_the_files_it_reads(tmp_path):
+    """`updetr submit SWEEP.yaml`: the job's working dir holds the sweep and its experiment and base files, laid
+    out so that the sweep loads there to the same cells."""
+    from updetr.orchestration.jobs import stage_sweep_dir
+    from updetr.sweep.spec import is_sweep_file, source_files
+
+    repo = SMOKE_CHAIN.parents[1]
+    table5 = repo / "experiments" / "sweeps" / "table5_frozen-cnn_feature-recon_smoke.yaml"
+    assert is_sweep_file(table5) and not is_sweep_file(SMOKE_CHAIN)
+    sweep = load_sweep(table5)
+    files = source_files(sweep)
+    assert files[0] == table5 and len(files) == 3         # the sweep, the UP-DETR chain, the DETR chain
+    workdir, inside = stage_sweep_dir(files, tmp_path / "job")
+    assert inside[0] == "sweep/sweeps/table5_frozen-cnn_feature-recon_smoke.yaml"
+    assert (workdir / "updetr" / "cli.py").is_file()
+    staged = load_sweep(workdir / inside[0])
+    assert [(c.name, c.experiment) for c in staged.cells] == [(c.name, c.experiment) for c in sweep.cells]
+
+
+def test_submit_of_a_bad_sweep_fails_here_naming_the_cell(tmp_path, capsys):
+    from updetr.cli import main
+
+    path = write_sweep(tmp_path, {"grid": {"stages.pretrain.model.freez_backbone": [True]}})
+    # the address is never contacted: the cells are validated before any job is submitted
+    assert main(["submit", str(path), "--address", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert "cell freez_backbone-true" in err and "cannot reach" not in err

@@ -80,10 +80,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from updetr.config import config_to_yaml
     from updetr.orchestration import jobs
     from updetr.orchestration.run_plan import is_uri, run_name_for
+    from updetr.sweep.spec import SweepError, is_sweep_file, load_sweep, source_files
 
+    sweep = None
     try:
-        cfg = load_config(args.experiment, args.overrides)
-    except ConfigError as e:
+        if is_sweep_file(args.experiment):
+            sweep = load_sweep(args.experiment, args.overrides, name=args.name)    # every cell, before submitting
+            cfg = sweep.cells[0].experiment.stages[0].cfg
+        else:
+            if args.name:
+                return _fail("--name applies to a sweep; name a run with name=NAME")
+            cfg = load_config(args.experiment, args.overrides)
+    except (ConfigError, SweepError) as e:
         return _fail(str(e))
     env = {}
     for item in args.env or []:
@@ -92,6 +100,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
             return _fail(f"--env {item}: expected KEY=VALUE")
         env[key] = value
     warnings = []
+    if sweep is not None and not os.path.isabs(cfg.runtime.output_dir):
+        warnings.append("runtime.output_dir is relative: the sweep's run folders and Tune state land in the job's "
+                        "working dir on the head node; set runtime.output_dir=/mnt/shared/... so a resubmit resumes")
     if not (cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")) and cfg.tracking.enabled:
         warnings.append("tracking.uri is not set: the job tracks into a SQLite file in its working dir on the head "
                         "node; set tracking.uri=http://MLFLOW:5000 (see cluster/README.md)")
@@ -100,14 +111,24 @@ def cmd_submit(args: argparse.Namespace) -> int:
         warnings.append("ray.storage_path is not an absolute shared path or URI: checkpoints land in the job's "
                         "working dir on the head node; set ray.storage_path=s3://... or /mnt/shared/...")
     try:
-        job_id = jobs.submit(args.address, config_to_yaml(cfg), job_id=args.job_id, env=env,
-                             entrypoint_num_cpus=args.entrypoint_num_cpus)
+        if sweep is not None:
+            job_id = jobs.submit_sweep(args.address, source_files(sweep), args.overrides, name=args.name,
+                                       job_id=args.job_id, env=env, entrypoint_num_cpus=args.entrypoint_num_cpus)
+        else:
+            job_id = jobs.submit(args.address, config_to_yaml(cfg), job_id=args.job_id, env=env,
+                                 entrypoint_num_cpus=args.entrypoint_num_cpus)
     except jobs.JobsError as e:
         return _fail(str(e))
     address = jobs.normalize_address(args.address)
     cli = _cli()
-    print(f"submitted job {job_id} (run {run_name_for(cfg)}) to {address}", flush=True)
-    print(f"  its MLflow run: {_job_tracking_hint(cfg)}", flush=True)
+    what = f"sweep {sweep.name}, {len(sweep.cells)} trials" if sweep is not None else f"run {run_name_for(cfg)}"
+    print(f"submitted job {job_id} ({what}) to {address}", flush=True)
+    print(f"  its MLflow run{'s' if sweep is not None else ''}: "
+          f"{_job_tracking_hint(cfg, sweep.name if sweep is not None else None)}", flush=True)
+    if sweep is not None and cfg.tracking.enabled:
+        uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+        print(f"  its table, once done: {cli} compare {sweep.name}" + (f" --tracking-uri {uri}" if uri else ""),
+              flush=True)
     for text in warnings:
         print(f"updetr: warning: {text}", file=sys.stderr, flush=True)
     if not args.follow:
@@ -131,13 +152,16 @@ def _cli() -> str:
     return cli_command()
 
 
-def _job_tracking_hint(cfg) -> str:
+def _job_tracking_hint(cfg, experiment: Optional[str] = None) -> str:
     """Where a submitted job's MLflow run can be looked at, from here."""
     uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    experiment = experiment or cfg.tracking.experiment or cfg.name
     if not cfg.tracking.enabled:
         return "tracking is off (tracking.enabled=false)"
     if uri and uri.startswith(("http://", "https://")):
-        return f"open {uri} (experiment '{cfg.tracking.experiment or cfg.name}')"
+        return f"open {uri} (experiment '{experiment}')"
+    if uri and (uri.startswith(("sqlite:////", "file:///")) or os.path.isabs(uri)):
+        return f"in {uri} on the head node (experiment '{experiment}')"
     return ("in a SQLite file in the job's working dir on the head node, not reachable from here; "
             "set tracking.uri=http://MLFLOW:5000 to see it")
 
@@ -238,10 +262,13 @@ def register(subparsers) -> None:
                         "(or $RAY_ADDRESS when set, e.g. inside a Ray Job)")
     p.set_defaults(func=cmd_run)
 
-    p = subparsers.add_parser("submit", help="submit the experiment as a Ray Job to a cluster",
+    p = subparsers.add_parser("submit", help="submit the experiment (or a sweep) as a Ray Job to a cluster",
                               description="Submit `updetr run` of the resolved experiment as a Ray Job. The job's "
-                                          "working dir holds the updetr package and the experiment.")
+                                          "working dir holds the updetr package and the experiment. A sweep YAML "
+                                          "(experiments/sweeps/) is validated here and submitted as `updetr sweep` "
+                                          "with the files it reads.")
     _experiment_args(p)
+    p.add_argument("--name", default=None, help="a sweep's name instead of the file's (see `updetr sweep --name`)")
     p.add_argument("--address", default=None, help="Ray dashboard / Jobs API, e.g. http://HEAD:8265 "
                                                    "(default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS)")
     p.add_argument("--follow", action="store_true", help="stream the job's logs until it ends (exit 1 unless it succeeded)")

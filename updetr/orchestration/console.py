@@ -39,6 +39,7 @@ NOISE = tuple(re.compile(p) for p in (
     r"Execution plan of Dataset",
     r"Ray deduplicates logs by default",
     r"Tip: Use `take_batch\(\)`",
+    r"PYTHON worker processes have been started on node",   # expected: a sweep's trial drivers take 0.01 CPU
 ))
 
 
@@ -67,8 +68,11 @@ def _filtered(original, own_prefixes: Sequence[str], data: dict) -> None:
         # failure (RAISE) is the driver's own one line
         retry = any("[FailurePolicy] RETRY" in ln for ln in lines)
         lines = [ln for ln in lines if retry and ("[FailurePolicy] RETRY" in ln or ln.startswith("  Error count:"))]
-    own = [ln for ln in lines if ln.startswith(tuple(own_prefixes))]
-    rest = [ln for ln in lines if not ln.startswith(tuple(own_prefixes))]
+    own, rest, after_own = [], [], False
+    for ln in lines:
+        # an indented line right after one of ours continues it (a stage summary, the rows of an AP table)
+        after_own = ln.startswith(tuple(own_prefixes)) or (after_own and ln[:1].isspace() and bool(ln.strip()))
+        (own if after_own else rest).append(ln)
     if own:
         sink = sys.stderr if data.get("is_err") else sys.stdout
         sink.write("".join(f"{ln}\n" for ln in own))

@@ -2,8 +2,9 @@
 
 `submit` stages a small working dir (the `updetr` package and the *resolved* experiment as
 `experiment.yaml`), submits `python -m updetr.orchestration run experiment.yaml --address auto` as a Ray
-Job with a runtime env (working dir, tracking env vars, git SHA), and returns the job id. The job driver
-runs on the head node and joins the cluster through `RAY_ADDRESS`, which the Jobs server sets.
+Job with a runtime env (working dir, tracking env vars, git SHA), and returns the job id. A sweep
+(`submit_sweep`) ships the sweep YAML with the experiment files it reads and runs `python -m updetr sweep` instead.
+The job driver runs on the head node and joins the cluster through `RAY_ADDRESS`, which the Jobs server sets.
 
 Every failure to talk to the cluster becomes `JobsError` with one line (unreachable address, rejected
 token, refused request). Token auth: when `RAY_AUTH_MODE` is unset and a token is configured
@@ -107,12 +108,29 @@ def _call(address: str, fn, *args, **kwargs):
         raise _translate(address, e) from None
 
 
-def stage_working_dir(config_yaml: str, dest: Optional[Path] = None) -> Path:
-    """A folder with `updetr/` (no caches) and `experiment.yaml` (the resolved config): the job's working dir."""
+def stage_working_dir(config_yaml: Optional[str], dest: Optional[Path] = None) -> Path:
+    """A folder with `updetr/` (no caches) and `experiment.yaml` (the resolved config, when given): the job's
+    working dir."""
     dest = Path(dest or tempfile.mkdtemp(prefix="updetr-job-"))
     shutil.copytree(PACKAGE_DIR, dest / "updetr", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    (dest / "experiment.yaml").write_text(config_yaml)
+    if config_yaml is not None:
+        (dest / "experiment.yaml").write_text(config_yaml)
     return dest
+
+
+def stage_sweep_dir(files: list[Path], dest: Optional[Path] = None) -> tuple[Path, list[str]]:
+    """A job working dir with `updetr/` and the sweep's files under `sweep/`, laid out as they are here
+    (relative to their common folder), so the sweep's relative `experiment:` and `base:` paths still resolve.
+    Returns the folder and each file's path inside it, in the order given."""
+    dest = stage_working_dir(None, dest)
+    root = Path(os.path.commonpath([str(f.parent) for f in files]))
+    inside = []
+    for f in files:
+        rel = Path("sweep") / f.relative_to(root)
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, dest / rel)
+        inside.append(str(rel))
+    return dest, inside
 
 
 def job_env(extra: Optional[Mapping[str, str]] = None) -> dict[str, str]:
@@ -132,11 +150,31 @@ def submit(address: Optional[str], config_yaml: str, *, run_args: Iterable[str] 
     address = normalize_address(address)
     jobs = client(address)
     workdir = stage_working_dir(config_yaml)
+    entry = ["python", "-m", "updetr.orchestration", "run", "experiment.yaml", "--address", "auto", *run_args]
+    return _submit(address, jobs, workdir, entry, job_id, env, entrypoint_num_cpus)
+
+
+def submit_sweep(address: Optional[str], files: list[Path], overrides: Iterable[str] = (), *,
+                 name: Optional[str] = None, job_id: Optional[str] = None, env: Optional[Mapping[str, str]] = None,
+                 entrypoint_num_cpus: Optional[float] = None) -> str:
+    """Submit `updetr sweep` of a sweep file as a Ray Job: `files` are the sweep YAML first, then the
+    experiment (and `base:`) files it reads (`updetr.sweep.spec.source_files`); the job's driver runs the
+    trials on the cluster (`--address auto`). Returns the job (submission) id."""
+    import shlex
+
+    address = normalize_address(address)
+    jobs = client(address)
+    workdir, inside = stage_sweep_dir(files)
+    entry = ["python", "-m", "updetr", "sweep", inside[0], *map(shlex.quote, overrides), "--address", "auto",
+             *(["--name", shlex.quote(name)] if name else [])]
+    return _submit(address, jobs, workdir, entry, job_id, env, entrypoint_num_cpus)
+
+
+def _submit(address: str, jobs, workdir: Path, entry: list[str], job_id: Optional[str],
+            env: Optional[Mapping[str, str]], entrypoint_num_cpus: Optional[float]) -> str:
     try:
-        entry = " ".join(["python", "-m", "updetr.orchestration", "run", "experiment.yaml", "--address", "auto",
-                          *run_args])
         runtime_env = {"working_dir": str(workdir), "env_vars": job_env(env)}
-        return _call(address, jobs.submit_job, entrypoint=entry, runtime_env=runtime_env,
+        return _call(address, jobs.submit_job, entrypoint=" ".join(entry), runtime_env=runtime_env,
                      submission_id=job_id, entrypoint_num_cpus=entrypoint_num_cpus)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -88,11 +88,17 @@ def _ray_bin() -> str:
     return str(exe) if exe.exists() else "ray"
 
 
-def _env() -> dict[str, str]:
+def _env(address: Optional[str] = None) -> dict[str, str]:
     # Job entrypoints run `python ...` from PATH: put this interpreter's folder (e.g. an unactivated
     # venv's bin/) first, so jobs on the local cluster see the same packages as the updetr that started it.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return {**os.environ, "PATH": path, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    if address:
+        # The cluster's processes inherit it: what looks the cluster up from inside (Train's
+        # PlacementGroupCleaner uses the State API with address auto-detection) finds this one even when
+        # other Ray instances run on the host ("Found multiple active Ray instances" otherwise).
+        env["RAY_ADDRESS"] = address
+    return env
 
 
 def _node_ports(avoid: set[int]) -> dict:
@@ -159,10 +165,10 @@ def kill_processes(procs: list, grace_s: float = 5.0) -> int:
     return len(procs)
 
 
-def _start(args: list[str], log: Path, timeout_s: float) -> None:
+def _start(args: list[str], log: Path, timeout_s: float, address: str) -> None:
     with open(log, "ab") as out:
-        proc = subprocess.run([_ray_bin(), "start", *args], env=_env(), stdout=out, stderr=subprocess.STDOUT,
-                              timeout=timeout_s)
+        proc = subprocess.run([_ray_bin(), "start", *args], env=_env(address), stdout=out,
+                              stderr=subprocess.STDOUT, timeout=timeout_s)
     if proc.returncode != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-5:]
         raise RuntimeError(f"ray start failed (exit {proc.returncode}); see {log}: " + " | ".join(tail))
@@ -211,9 +217,11 @@ def up(dir: str | Path = DEFAULT_DIR, port: Optional[int] = None, dashboard_port
     try:
         _start(["--head", f"--port={gcs}", f"--num-cpus={head_cpus}", "--num-gpus=0",
                 "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-                f"--temp-dir={cluster.temp_dir}", *common, *_flags(cluster.node_ports[0])], log, timeout_s)
+                f"--temp-dir={cluster.temp_dir}", *common, *_flags(cluster.node_ports[0])], log, timeout_s,
+               cluster.address)
         _start([f"--address={cluster.address}", f"--num-cpus={worker_cpus}", "--num-gpus=0",
-                f"--temp-dir={cluster.worker_temp_dir}", *common, *_flags(cluster.node_ports[1])], log, timeout_s)
+                f"--temp-dir={cluster.worker_temp_dir}", *common, *_flags(cluster.node_ports[1])], log, timeout_s,
+               cluster.address)
         _wait_dashboard(cluster, timeout_s)
     except BaseException:
         kill_processes(own_processes(cluster.dir + "/"))

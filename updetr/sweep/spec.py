@@ -10,6 +10,7 @@ zip:                                                     # fields that vary toge
   stages.pretrain.pretext.num_patches: [1, 10]
 variants:                                                # extra cells, e.g. another experiment
   - {name: detr-scratch, experiment: ../detect_detr-r50-scratch_voc_8xb2-150e.yaml}
+  - {name: random-init, stages: [finetune, eval]}        # the same chain without its pre-training stage
 options: {max_concurrent: 2, workers_per_trial: 1, metric: eval/AP, mode: max}
 ```
 
@@ -78,6 +79,9 @@ class Variant(_Strict):
     experiment: Optional[str] = Field(None, description="Experiment file (relative to the sweep file); None: "
                                                         "the sweep's experiment.")
     overrides: dict[str, Any] = Field(default_factory=dict, description="Dotted key -> value for this cell.")
+    stages: Optional[list[str]] = Field(
+        None, min_length=1, description="Run only these last stages of the chain (e.g. [finetune, eval]: "
+                                        "fine-tuning from random init, no pre-training); None: every stage.")
 
 
 class SweepSpec(_Strict):
@@ -255,6 +259,24 @@ def scope_overrides(items: list[str], stages: list[str], chained: bool, strict: 
     return out
 
 
+def tail_stages(exp: Experiment, keep: list[str]) -> Experiment:
+    """The chain's last stages `keep` (a variant without the chain's first stages, e.g. fine-tuning from random
+    init without pre-training). The first kept stage loses `init.checkpoint: previous` (its previous stage is
+    not run); its settings are otherwise those of the full chain, so the two trials differ only in that."""
+    names = [s.name for s in exp.stages]
+    if not exp.chained or keep != names[len(names) - len(keep):]:
+        raise ConfigError(f"stages: {keep} must be the last stages of the chain, in order (stages: {names})")
+    kept = list(exp.stages[len(names) - len(keep):])
+    first = kept[0]
+    if first.action == "eval":
+        raise ConfigError(f"stages: the first stage run ({first.name}) is an eval stage: it needs the weights of "
+                          f"a stage before it")
+    if first.cfg.init.checkpoint == "previous":
+        init = first.cfg.init.model_copy(update={"checkpoint": None})
+        kept[0] = Stage(first.name, first.action, first.cfg.model_copy(update={"init": init}))
+    return Experiment(exp.name, tuple(kept), True)
+
+
 def _grid_params(spec: SweepSpec) -> list[dict[str, Any]]:
     axes: list[list[dict[str, Any]]] = [[{key: v} for v in values] for key, values in spec.grid.items()]
     if spec.zip:
@@ -289,10 +311,11 @@ def load_sweep(path: str | Path, overrides: Optional[list[str]] = None, name: Op
     base_path = (path.parent / spec.experiment)
     grid = _grid_params(spec)
     labels = short_keys(list(spec.grid) + list(spec.zip))
-    plans: list[tuple[str, dict[str, Any], Path]] = [(trial_name(p, labels), p, base_path) for p in grid]
+    plans: list[tuple[str, dict[str, Any], Path, Optional[list[str]]]] = [
+        (trial_name(p, labels), p, base_path, None) for p in grid]
     for v in spec.variants:
         plans.append((_slug(v.name), dict(v.overrides),
-                      (path.parent / v.experiment) if v.experiment else base_path))
+                      (path.parent / v.experiment) if v.experiment else base_path, v.stages))
     seen = [p[0] for p in plans]
     dupes = sorted({n for n in seen if seen.count(n) > 1})
     if dupes:
@@ -301,7 +324,7 @@ def load_sweep(path: str | Path, overrides: Optional[list[str]] = None, name: Op
     if spec.options.workers_per_trial:
         fixed.append(f"ray.num_workers={spec.options.workers_per_trial}")
     cells, failures = [], []
-    for trial, params, exp_path in plans:
+    for trial, params, exp_path, keep in plans:
         where = f"{path}: cell {trial}"
         if not exp_path.is_file():
             raise SweepError(f"{where}: experiment: {exp_path}: no such file")
@@ -311,6 +334,8 @@ def load_sweep(path: str | Path, overrides: Optional[list[str]] = None, name: Op
                           + scope_overrides(_pairs(params), stages, chained, strict=True)
                           + scope_overrides(list(overrides or []), stages, chained, strict=False))
             exp = load_experiment(exp_path, list(items))
+            if keep is not None:
+                exp = tail_stages(exp, keep)
         except ConfigError as e:
             failures.append("\n".join(f"{where}: {line}" for line in str(e).splitlines()))
             continue
@@ -325,3 +350,24 @@ def load_sweep(path: str | Path, overrides: Optional[list[str]] = None, name: Op
             raise SweepError(f"{path}: override {item}: no cell has a stage named '{key.split('.')[1]}' "
                              f"(stages: {sorted(known)})")
     return Sweep(sweep_name, path, spec, tuple(cells))
+
+
+def is_sweep_file(path: str | Path) -> bool:
+    """A sweep YAML names an `experiment:` at the top level (an experiment file cannot: it is no config field)."""
+    try:
+        return "experiment" in _read_yaml(Path(path))
+    except ConfigError:
+        return False
+
+
+def source_files(sweep: Sweep) -> list[Path]:
+    """Every file the sweep reads: the sweep YAML, its experiment files and their `base:` files (what a Ray Job
+    of the sweep must carry), resolved, sweep file first."""
+    files = [sweep.path.resolve()]
+    for cell in sweep.cells:
+        exp = cell.experiment_path.resolve()
+        base = _read_yaml(exp).get("base")
+        for f in (exp, (exp.parent / str(base)).resolve() if base else None):
+            if f is not None and f not in files:
+                files.append(f)
+    return files

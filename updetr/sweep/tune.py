@@ -145,6 +145,9 @@ def run_sweep(path: str | Path, overrides: Optional[list[str]] = None, name: Opt
                                  tags={"updetr.sweep_file": str(path)}) if uri else NullTracker())
     parent.log_text(path.read_text(), "sweep.yaml")
     connect_ray(address, first)
+    from updetr.orchestration import console
+
+    console.install([f"[{sweep.name}-"])       # the trials' own lines without Ray's prefix, Ray's chatter dropped
     concurrency = plan_concurrency(sweep, float(ray.cluster_resources().get("CPU", 0.0)))
     print(f"sweep {sweep.name}: {len(sweep.cells)} trials, {concurrency} at a time "
           f"({trial_cpus(sweep):g} CPUs each); tracking -> {parent.describe()}", file=out, flush=True)
