@@ -100,3 +100,23 @@ def test_pil_resize_is_the_reference_pixels():
     for i, box in enumerate(d.boxes.tolist()):
         crop = np.asarray(img.crop(tuple(box)).resize((32, 32), Image.BILINEAR))
         assert np.array_equal(rec["patches"][i], _reference(crop, d.aug, i)), i
+
+
+@pytest.mark.parametrize("box,out_hw", [((0, 0, 260, 180), (300, 433)), ((13, 7, 141, 96), (32, 32)),
+                                        ((40, 21, 49, 170), (32, 32)), ((5, 5, 255, 175), (61, 90))])
+def test_resize_u8_in_place_equals_torch_interpolate(box, out_hw):
+    """`resize_u8` writes the kernel's channels-last result straight into the HWC array (no NCHW round
+    trip); the pixels are `F.interpolate(antialias=True)`'s, for crop views, up- and down-scaling."""
+    import torch
+    import torch.nn.functional as F
+    from updetr.data.pretext import resize_u8
+
+    arr = np.asarray(synthetic_image(5, 0, (180, 260)))
+    x0, y0, x1, y1 = box
+    crop = arr[y0:y1, x0:x1]
+    ref = F.interpolate(torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)[None], size=out_hw,
+                        mode="bilinear", antialias=True, align_corners=False)[0].permute(1, 2, 0).numpy()
+    assert np.array_equal(resize_u8(crop, out_hw[1], out_hw[0]), ref)
+    stack = np.zeros((3,) + out_hw + (3,), dtype=np.uint8)
+    resize_u8(crop, out_hw[1], out_hw[0], out=stack[1])
+    assert np.array_equal(stack[1], ref) and not stack[0].any() and not stack[2].any()
