@@ -120,3 +120,20 @@ def test_resize_u8_in_place_equals_torch_interpolate(box, out_hw):
     stack = np.zeros((3,) + out_hw + (3,), dtype=np.uint8)
     resize_u8(crop, out_hw[1], out_hw[0], out=stack[1])
     assert np.array_equal(stack[1], ref) and not stack[0].any() and not stack[2].any()
+
+
+@pytest.mark.parametrize("op", [0, 1, 2])
+def test_blend_ops_equal_pil_enhance_bit_for_bit(op):
+    """Brightness / contrast / saturation in numpy float32 give PIL's `Image.blend` bytes: on 2 x 2^20
+    colours spread over the whole RGB cube and on photo-like patches, for
+    factors across ColorJitter's range and its ends (both the interpolating and the clipping branch)."""
+    from PIL import ImageEnhance
+
+    from updetr.data.augment import blend_op_u8
+
+    enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+    images = [_all_colours(op)[::4], _all_colours(3)[1::4]] + list(_patches(op, 3))
+    for img in images:
+        for f in (0.6, 0.6180339, 0.93, 1.0, 1.2345678, 1.4):
+            ref = np.asarray(enhancers[op](Image.fromarray(img)).enhance(f))
+            assert np.array_equal(blend_op_u8(img.copy(), op, f), ref), (op, f)
