@@ -68,51 +68,80 @@ def _hue_tables() -> dict:
     return _TABLES
 
 
-def rgb_to_hsv_u8(rgb: np.ndarray) -> np.ndarray:
-    """PIL's `convert("HSV")`: uint8 `[..., 3]` -> uint8 `[..., 3]`, bit for bit."""
+def _planes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """uint8 `[..., 3]` -> three contiguous uint8 planes `[N]`: one transposing copy, after which every
+    elementwise op below runs on contiguous data (numpy is several times slower on stride-3 views)."""
+    a, b, c = np.ascontiguousarray(x.reshape(-1, 3).T)
+    return a, b, c
+
+
+def _interleave(a: np.ndarray, b: np.ndarray, c: np.ndarray, shape) -> np.ndarray:
+    return np.stack([a, b, c], axis=-1).reshape(shape)
+
+
+def _hsv_planes(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PIL's RGB -> HSV on uint8 planes `[N]` -> uint8 planes (h, s, v)."""
     t = _hue_tables()
-    flat = rgb.reshape(-1, 3)
-    r, g, b = flat[:, 0], flat[:, 1], flat[:, 2]  # uint8 throughout: every difference below is >= 0
     v = np.maximum(np.maximum(r, g), b)
-    dr, dg, db = v - r, v - g, v - b
+    dr, dg, db = v - r, v - g, v - b  # uint8 throughout: every difference is >= 0
     cr = np.maximum(np.maximum(dr, dg), db)  # max - min
     r_max = dr == 0
     g_max = ~r_max & (dg == 0)
     # case 0 (R is max): key (dG, dB); case 1 (G, R below): (dR, dB); case 2 (B, R and G below): (dG, dR)
-    first = np.where(g_max, dr, dg).astype(np.int32)
-    second = np.where(r_max | g_max, db, dr).astype(np.int32)
-    case = np.where(r_max, 0, np.where(g_max, 1 << 16, 2 << 16)).astype(np.int32)
-    out = np.empty(flat.shape, dtype=np.uint8)
-    out[:, 0] = t["hue"].take(case | (first << 8) | second)
-    out[:, 1] = t["sat"].take((v.astype(np.int32) << 8) | cr)
-    out[:, 2] = v
-    return out.reshape(rgb.shape)
+    key = np.where(g_max, dr, dg).astype(np.intp)
+    key <<= 8
+    key |= np.where(r_max | g_max, db, dr)
+    key |= (2 - 2 * r_max.view(np.uint8) - g_max.view(np.uint8)).astype(np.intp) << 16
+    h = t["hue"].take(key)
+    key = v.astype(np.intp)
+    key <<= 8
+    key |= cr
+    return h, t["sat"].take(key), v
+
+
+def _rgb_planes(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PIL's HSV -> RGB on uint8 planes `[N]` -> uint8 planes (r, g, b)."""
+    t = _hue_tables()
+    hi = h.astype(np.intp)
+    sh = s.astype(np.intp)
+    sh <<= 8
+    sh |= hi
+    vi = v.astype(np.int32)
+    # C round(v * factor) in fixed point (factor * 2^23, v * factor < 2^31): equal to the C double
+    # computation on every (v, s, h) (checked exhaustively in the tests).
+    word = vi.copy()  # the four candidates v, p, q, t of each pixel, one byte each
+    for k, (table, idx) in enumerate(((t["fx_p"], s), (t["fx_q"], sh), (t["fx_t"], sh))):
+        c = table.take(idx)
+        c *= vi
+        c += _HALF
+        c >>= _FX
+        c <<= 8 * (k + 1)
+        word |= c
+    out = []
+    for c in range(3):  # channel c takes the candidate its sector says
+        w = word >> t["shift"][c].take(hi)
+        out.append(w.astype(np.uint8))  # low byte
+    return out[0], out[1], out[2]
+
+
+def rgb_to_hsv_u8(rgb: np.ndarray) -> np.ndarray:
+    """PIL's `convert("HSV")`: uint8 `[..., 3]` -> uint8 `[..., 3]`, bit for bit."""
+    return _interleave(*_hsv_planes(*_planes(rgb)), rgb.shape)
 
 
 def hsv_to_rgb_u8(hsv: np.ndarray) -> np.ndarray:
     """PIL's `convert("RGB")` of an HSV image: uint8 `[..., 3]` -> uint8 `[..., 3]`, bit for bit."""
-    t = _hue_tables()
-    flat = hsv.reshape(-1, 3)
-    h, s, v = (flat[:, c].astype(np.int32) for c in range(3))
-    sh = (s << 8) | h
-    # C round(v * factor) in fixed point (factor * 2^23, v * factor < 2^31): equal to the C double
-    # computation on every (v, s, h) (checked exhaustively in the tests).
-    p = (v * t["fx_p"].take(s) + _HALF) >> _FX
-    q = (v * t["fx_q"].take(sh) + _HALF) >> _FX
-    tt = (v * t["fx_t"].take(sh) + _HALF) >> _FX
-    word = v | (p << 8) | (q << 16) | (tt << 24)  # the four candidates of each pixel, one byte each
-    out = np.empty(flat.shape, dtype=np.uint8)
-    for c in range(3):
-        out[:, c] = (word >> t["shift"][c].take(h)) & 255  # channel c takes the candidate its sector says
-    return out.reshape(hsv.shape)
+    return _interleave(*_rgb_planes(*_planes(hsv)), hsv.shape)
 
 
 def adjust_hue_u8(rgb: np.ndarray, factors) -> np.ndarray:
-    """torchvision's PIL `adjust_hue` on a stack: uint8 `[K, H, W, 3]`, factors `[K]` in [-0.5, 0.5]."""
+    """torchvision's PIL `adjust_hue` on a stack: uint8 `[K, H, W, 3]`, factors `[K]` in [-0.5, 0.5].
+    HSV stays in planes between the two conversions (no interleaved HSV image)."""
     shift = np.array([int(float(f) * 255) % 256 for f in factors], dtype=np.uint8)
-    hsv = rgb_to_hsv_u8(rgb)
-    hsv[..., 0] += shift.reshape((-1,) + (1,) * (rgb.ndim - 2))  # uint8 wrap-around = hue rotation
-    return hsv_to_rgb_u8(hsv)
+    h, s, v = _hsv_planes(*_planes(rgb))
+    h = h.reshape(len(shift), -1)
+    h += shift[:, None]  # uint8 wrap-around = hue rotation
+    return _interleave(*_rgb_planes(h.reshape(-1), s, v), rgb.shape)
 
 
 # ColorJitter's op indices (torchvision's order of its four ops).
