@@ -137,3 +137,15 @@ def test_blend_ops_equal_pil_enhance_bit_for_bit(op):
         for f in (0.6, 0.6180339, 0.93, 1.0, 1.2345678, 1.4):
             ref = np.asarray(enhancers[op](Image.fromarray(img)).enhance(f))
             assert np.array_equal(blend_op_u8(img.copy(), op, f), ref), (op, f)
+
+
+def test_grey_patch_blur_on_one_band_equals_rgb_blur():
+    """A grey patch is blurred as one L band and replicated: the same bytes as PIL's RGB blur."""
+    for i, g in enumerate(_patches(7, 4, p=48)):
+        lum = np.asarray(Image.fromarray(g).convert("L"))
+        grey = np.repeat(lum[..., None], 3, axis=-1)
+        for sigma in (0.1, 0.77, 1.3, 2.0):
+            blur = ImageFilter.GaussianBlur(radius=sigma)
+            ref = np.asarray(Image.fromarray(grey).filter(blur))
+            assert np.array_equal(np.asarray(Image.fromarray(lum).filter(blur)), ref[..., 0]), (i, sigma)
+            assert (ref == ref[..., :1]).all()
