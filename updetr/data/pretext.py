@@ -26,7 +26,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from updetr.data import skips
@@ -133,7 +132,7 @@ def resize_u8(arr: np.ndarray, out_w: int, out_h: int, out: Optional[np.ndarray]
     is written into `out` (a writable uint8 `[out_h, out_w, 3]`, e.g. one slot of the patch stack) or a new
     array. The kernel computes channels-last; `F.interpolate` would hand back an NCHW copy that then needs a
     second, strided copy back to HWC (together ~3x the resize itself), so the `.out` variant writes the HWC
-    result in place (same values: tests/data/test_pretext.py)."""
+    result in place (same values: tests/data/test_augment.py)."""
     if out is None:
         out = np.empty((out_h, out_w, 3), dtype=np.uint8)
     with warnings.catch_warnings():
