@@ -174,11 +174,11 @@ def blend_op_u8(x: np.ndarray, op: int, factor: float, work: Optional[np.ndarray
     shape; reusing it across calls matters (a fresh 200 KB array is a fresh mmap whose page faults cost
     about as much as the arithmetic)."""
     y = np.empty(x.shape, dtype=np.float32) if work is None else work
-    np.copyto(y, x)
     alpha = np.float32(factor)
     if op == BRIGHTNESS:
-        y *= alpha
+        np.multiply(x, alpha, out=y)  # uint8 * float32 -> float32 in one pass
     else:
+        np.copyto(y, x)
         lum = _luma_f32(y)
         if op == CONTRAST:  # ImageStat's mean: exact integer sum / count in double, then int(mean + 0.5)
             d = np.float32(int(float(lum.sum(dtype=np.float64)) / lum.size + 0.5))
@@ -192,7 +192,10 @@ def blend_op_u8(x: np.ndarray, op: int, factor: float, work: Optional[np.ndarray
             y += d
         else:
             raise ValueError(f"blend op must be 0, 1 or 2, got {op}")
-    np.clip(y, 0.0, 255.0, out=y)
+    if not 0.0 <= alpha <= 1.0:
+        # PIL clips only when extrapolating; for alpha in [0, 1], d + alpha * (x - d) stays within [d, x]
+        # even after float32 rounding (rounding is monotonic and x - d is exact), so there is nothing to clip.
+        np.clip(y, 0.0, 255.0, out=y)
     np.copyto(x, y, casting="unsafe")  # float -> uint8 truncates toward zero, as the C cast
     return x
 
