@@ -214,8 +214,8 @@ class RuntimeConfig(_Strict):
         True, description="Run the CNN in channels-last (NHWC) memory format, which oneDNN (CPU) and cuDNN "
                           "(GPU) convolutions prefer; the feature map is handed on in the usual layout.")
     fused_adamw: Optional[bool] = Field(
-        None, description="AdamW's fused kernel (one launch for all parameters). None = on for CUDA, off on "
-                          "CPU (the CPU step is a few ms).")
+        None, description="AdamW's fused kernel (one kernel for all parameters; rounding-level differences "
+                          "only). None = on (CUDA and CPU).")
     compile: Optional[bool] = Field(
         None, description="torch.compile the model (inductor). None = on for CUDA, off on CPU, where the "
                           "compile time outweighs the gain for runs of this size (README, Benchmarks).")

@@ -220,9 +220,10 @@ def build_optimizer(model: nn.Module, optim: OptimConfig, fused: bool = False) -
 
 
 def use_fused_adamw(cfg: ExperimentConfig, device: torch.device) -> bool:
-    """`runtime.fused_adamw`, where None means: on for CUDA, off on CPU."""
+    """`runtime.fused_adamw`, where None means on (CUDA and CPU: on CPU the fused kernel is ~3x faster than
+    the per-tensor loop, ~20 ms of a paper-shape step at one thread)."""
     flag = cfg.runtime.fused_adamw
-    return device.type == "cuda" if flag is None else flag
+    return True if flag is None else flag
 
 
 def use_compile(cfg: ExperimentConfig, device: torch.device) -> bool:

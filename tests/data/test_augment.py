@@ -100,3 +100,52 @@ def test_pil_resize_is_the_reference_pixels():
     for i, box in enumerate(d.boxes.tolist()):
         crop = np.asarray(img.crop(tuple(box)).resize((32, 32), Image.BILINEAR))
         assert np.array_equal(rec["patches"][i], _reference(crop, d.aug, i)), i
+
+
+@pytest.mark.parametrize("box,out_hw", [((0, 0, 260, 180), (300, 433)), ((13, 7, 141, 96), (32, 32)),
+                                        ((40, 21, 49, 170), (32, 32)), ((5, 5, 255, 175), (61, 90))])
+def test_resize_u8_in_place_equals_torch_interpolate(box, out_hw):
+    """`resize_u8` writes the kernel's channels-last result straight into the HWC array (no NCHW round
+    trip); the pixels are `F.interpolate(antialias=True)`'s, for crop views, up- and down-scaling."""
+    import torch
+    import torch.nn.functional as F
+    from updetr.data.pretext import resize_u8
+
+    arr = np.asarray(synthetic_image(5, 0, (180, 260)))
+    x0, y0, x1, y1 = box
+    crop = arr[y0:y1, x0:x1]
+    ref = F.interpolate(torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)[None], size=out_hw,
+                        mode="bilinear", antialias=True, align_corners=False)[0].permute(1, 2, 0).numpy()
+    assert np.array_equal(resize_u8(crop, out_hw[1], out_hw[0]), ref)
+    stack = np.zeros((3,) + out_hw + (3,), dtype=np.uint8)
+    resize_u8(crop, out_hw[1], out_hw[0], out=stack[1])
+    assert np.array_equal(stack[1], ref) and not stack[0].any() and not stack[2].any()
+
+
+@pytest.mark.parametrize("op", [0, 1, 2])
+def test_blend_ops_equal_pil_enhance_bit_for_bit(op):
+    """Brightness / contrast / saturation in numpy float32 give PIL's `Image.blend` bytes: on 2 x 2^20
+    colours spread over the whole RGB cube and on photo-like patches, for
+    factors across ColorJitter's range and its ends (both the interpolating and the clipping branch)."""
+    from PIL import ImageEnhance
+
+    from updetr.data.augment import blend_op_u8
+
+    enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+    images = [_all_colours(op)[::4], _all_colours(3)[1::4]] + list(_patches(op, 3))
+    for img in images:
+        for f in (0.6, 0.6180339, 0.93, 1.0, 1.2345678, 1.4):
+            ref = np.asarray(enhancers[op](Image.fromarray(img)).enhance(f))
+            assert np.array_equal(blend_op_u8(img.copy(), op, f), ref), (op, f)
+
+
+def test_grey_patch_blur_on_one_band_equals_rgb_blur():
+    """A grey patch is blurred as one L band and replicated: the same bytes as PIL's RGB blur."""
+    for i, g in enumerate(_patches(7, 4, p=48)):
+        lum = np.asarray(Image.fromarray(g).convert("L"))
+        grey = np.repeat(lum[..., None], 3, axis=-1)
+        for sigma in (0.1, 0.77, 1.3, 2.0):
+            blur = ImageFilter.GaussianBlur(radius=sigma)
+            ref = np.asarray(Image.fromarray(grey).filter(blur))
+            assert np.array_equal(np.asarray(Image.fromarray(lum).filter(blur)), ref[..., 0]), (i, sigma)
+            assert (ref == ref[..., :1]).all()

@@ -96,8 +96,20 @@ def _assert_close(fast, ref) -> None:
         assert rel(fg[k], rg[k]) <= RTOL, f"grad {k}: rel diff {rel(fg[k], rg[k]):.2e}"
 
 
-@pytest.mark.parametrize("name,channels_last", [("resnet18", False), ("resnet18", True), ("resnet50", True)])
-def test_folded_backbone_matches_conv_then_frozen_bn(name, channels_last):
+@pytest.mark.parametrize("name,channels_last,threads", [("resnet18", False, None), ("resnet18", True, None),
+                                                        ("resnet50", True, None), ("resnet50", True, 1)])
+def test_folded_backbone_matches_conv_then_frozen_bn(name, channels_last, threads):
+    """At one thread the reference runs the 1x1 convs of a small batch on PyTorch's native kernel and the
+    fold on oneDNN: still the same numbers up to fp32 rounding."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        _check_fold(name, channels_last)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_fold(name, channels_last):
     torch.manual_seed(0)
     ref = Backbone(name, train_backbone=False)
     _randomise_frozen_bn(ref)
@@ -164,10 +176,11 @@ def test_train_step_and_fused_adamw_match_reference_weights():
         assert rel(f, r) <= RTOL, k
 
 
-def test_fused_adamw_defaults_off_on_cpu():
+def test_fused_adamw_is_the_cpu_default_and_off_on_the_reference_path():
     model = build_model(tiny_cfg())[0]
     assert not build_optimizer(model, tiny_cfg().optim).defaults.get("fused")
-    assert not Trainer(tiny_cfg(), torch.device("cpu")).optimizer.defaults.get("fused")
+    assert Trainer(tiny_cfg(), torch.device("cpu")).optimizer.defaults.get("fused")
+    assert not Trainer(tiny_cfg(*REFERENCE), torch.device("cpu")).optimizer.defaults.get("fused")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

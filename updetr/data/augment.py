@@ -4,18 +4,23 @@ The reference applies, per patch and in this order, `RandomApply(ColorJitter(0.4
 `RandomGrayscale(p=0.2)` and `RandomApply(GaussianBlur(sigma), p=0.5)` to 8-bit PIL images. The parameters
 are drawn beforehand (`updetr.data.pretext.draw_patch_aug`); this module only renders them, bit for bit
 as torchvision + PIL do (tests/data/test_augment.py):
-    hue                 PIL's RGB -> HSV -> RGB as table look-ups over the stack of patches whose hue is
-                        due (numpy, ~1.7x faster than PIL per patch); equal on all 2^24 colours.
+    hue                 PIL's RGB -> HSV -> RGB as table look-ups on contiguous planes of the stack of
+                        patches whose hue is due (numpy, ~2x faster than PIL per patch); equal on all
+                        2^24 colours.
+    brightness, contrast, saturation
+                        PIL's `Image.blend(degenerate, img, f)` arithmetic (float32, truncation) in numpy
+                        per patch with a reused scratch buffer, ~2x faster than a PIL image + enhancer.
     grayscale           PIL's integer RGB -> L, for all grey patches at once.
-    brightness, contrast, saturation, blur
-                        PIL's own `ImageEnhance` / `GaussianBlur` per patch, as torchvision calls them:
-                        their C loops are already the fastest exact path (a batched torch blur that
-                        reproduces PIL's fixed-point box passes was no faster on CPU).
+    blur                PIL's own `GaussianBlur` per patch, as torchvision calls it: its C loops are the
+                        fastest exact path found (a batched torch blur that reproduces PIL's fixed-point
+                        box passes was no faster on CPU).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
-from PIL import Image, ImageEnhance, ImageFilter
+from PIL import Image, ImageFilter
 
 # ------------------------------------------------------------------------------------------------ hue
 # torchvision's PIL adjust_hue is RGB -> HSV (8 bit) -> H += shift -> RGB, in PIL's C code
@@ -66,51 +71,133 @@ def _hue_tables() -> dict:
     return _TABLES
 
 
-def rgb_to_hsv_u8(rgb: np.ndarray) -> np.ndarray:
-    """PIL's `convert("HSV")`: uint8 `[..., 3]` -> uint8 `[..., 3]`, bit for bit."""
+def _planes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """uint8 `[..., 3]` -> three contiguous uint8 planes `[N]`: one transposing copy, after which every
+    elementwise op below runs on contiguous data (numpy is several times slower on stride-3 views)."""
+    a, b, c = np.ascontiguousarray(x.reshape(-1, 3).T)
+    return a, b, c
+
+
+def _interleave(a: np.ndarray, b: np.ndarray, c: np.ndarray, shape) -> np.ndarray:
+    return np.stack([a, b, c], axis=-1).reshape(shape)
+
+
+def _hsv_planes(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PIL's RGB -> HSV on uint8 planes `[N]` -> uint8 planes (h, s, v)."""
     t = _hue_tables()
-    flat = rgb.reshape(-1, 3)
-    r, g, b = flat[:, 0], flat[:, 1], flat[:, 2]  # uint8 throughout: every difference below is >= 0
     v = np.maximum(np.maximum(r, g), b)
-    dr, dg, db = v - r, v - g, v - b
+    dr, dg, db = v - r, v - g, v - b  # uint8 throughout: every difference is >= 0
     cr = np.maximum(np.maximum(dr, dg), db)  # max - min
     r_max = dr == 0
     g_max = ~r_max & (dg == 0)
     # case 0 (R is max): key (dG, dB); case 1 (G, R below): (dR, dB); case 2 (B, R and G below): (dG, dR)
-    first = np.where(g_max, dr, dg).astype(np.int32)
-    second = np.where(r_max | g_max, db, dr).astype(np.int32)
-    case = np.where(r_max, 0, np.where(g_max, 1 << 16, 2 << 16)).astype(np.int32)
-    out = np.empty(flat.shape, dtype=np.uint8)
-    out[:, 0] = t["hue"].take(case | (first << 8) | second)
-    out[:, 1] = t["sat"].take((v.astype(np.int32) << 8) | cr)
-    out[:, 2] = v
-    return out.reshape(rgb.shape)
+    key = np.where(g_max, dr, dg).astype(np.intp)
+    key <<= 8
+    key |= np.where(r_max | g_max, db, dr)
+    key |= (2 - 2 * r_max.view(np.uint8) - g_max.view(np.uint8)).astype(np.intp) << 16
+    h = t["hue"].take(key)
+    key = v.astype(np.intp)
+    key <<= 8
+    key |= cr
+    return h, t["sat"].take(key), v
+
+
+def _rgb_planes(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PIL's HSV -> RGB on uint8 planes `[N]` -> uint8 planes (r, g, b)."""
+    t = _hue_tables()
+    hi = h.astype(np.intp)
+    sh = s.astype(np.intp)
+    sh <<= 8
+    sh |= hi
+    vi = v.astype(np.int32)
+    # C round(v * factor) in fixed point (factor * 2^23, v * factor < 2^31): equal to the C double
+    # computation on every (v, s, h) (checked exhaustively in the tests).
+    word = vi.copy()  # the four candidates v, p, q, t of each pixel, one byte each
+    for k, (table, idx) in enumerate(((t["fx_p"], s), (t["fx_q"], sh), (t["fx_t"], sh))):
+        c = table.take(idx)
+        c *= vi
+        c += _HALF
+        c >>= _FX
+        c <<= 8 * (k + 1)
+        word |= c
+    out = []
+    for c in range(3):  # channel c takes the candidate its sector says
+        w = word >> t["shift"][c].take(hi)
+        out.append(w.astype(np.uint8))  # low byte
+    return out[0], out[1], out[2]
+
+
+def rgb_to_hsv_u8(rgb: np.ndarray) -> np.ndarray:
+    """PIL's `convert("HSV")`: uint8 `[..., 3]` -> uint8 `[..., 3]`, bit for bit."""
+    return _interleave(*_hsv_planes(*_planes(rgb)), rgb.shape)
 
 
 def hsv_to_rgb_u8(hsv: np.ndarray) -> np.ndarray:
     """PIL's `convert("RGB")` of an HSV image: uint8 `[..., 3]` -> uint8 `[..., 3]`, bit for bit."""
-    t = _hue_tables()
-    flat = hsv.reshape(-1, 3)
-    h, s, v = (flat[:, c].astype(np.int32) for c in range(3))
-    sh = (s << 8) | h
-    # C round(v * factor) in fixed point (factor * 2^23, v * factor < 2^31): equal to the C double
-    # computation on every (v, s, h) (checked exhaustively in the tests).
-    p = (v * t["fx_p"].take(s) + _HALF) >> _FX
-    q = (v * t["fx_q"].take(sh) + _HALF) >> _FX
-    tt = (v * t["fx_t"].take(sh) + _HALF) >> _FX
-    word = v | (p << 8) | (q << 16) | (tt << 24)  # the four candidates of each pixel, one byte each
-    out = np.empty(flat.shape, dtype=np.uint8)
-    for c in range(3):
-        out[:, c] = (word >> t["shift"][c].take(h)) & 255  # channel c takes the candidate its sector says
-    return out.reshape(hsv.shape)
+    return _interleave(*_rgb_planes(*_planes(hsv)), hsv.shape)
 
 
 def adjust_hue_u8(rgb: np.ndarray, factors) -> np.ndarray:
-    """torchvision's PIL `adjust_hue` on a stack: uint8 `[K, H, W, 3]`, factors `[K]` in [-0.5, 0.5]."""
+    """torchvision's PIL `adjust_hue` on a stack: uint8 `[K, H, W, 3]`, factors `[K]` in [-0.5, 0.5].
+    HSV stays in planes between the two conversions (no interleaved HSV image)."""
     shift = np.array([int(float(f) * 255) % 256 for f in factors], dtype=np.uint8)
-    hsv = rgb_to_hsv_u8(rgb)
-    hsv[..., 0] += shift.reshape((-1,) + (1,) * (rgb.ndim - 2))  # uint8 wrap-around = hue rotation
-    return hsv_to_rgb_u8(hsv)
+    h, s, v = _hsv_planes(*_planes(rgb))
+    h = h.reshape(len(shift), -1)
+    h += shift[:, None]  # uint8 wrap-around = hue rotation
+    return _interleave(*_rgb_planes(h.reshape(-1), s, v), rgb.shape)
+
+
+# ColorJitter's op indices (torchvision's order of its four ops).
+BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
+
+# ------------------------------------------------------------------------- brightness, contrast, saturation
+# torchvision's PIL backend runs each of these as `ImageEnhance.X(img).enhance(f)`, i.e. PIL's
+# `Image.blend(degenerate, img, f)`, whose C loop computes, per byte and in float32 (`alpha` is a C float):
+#     out = (uint8) clip(d + alpha * (x - d), 0, 255)      (truncation toward zero)
+# with the degenerate d = 0 (brightness), the rounded mean of the patch's L image (contrast:
+# int(mean + 0.5), as ImageStat computes it), or the pixel's own L value (saturation). The same float32
+# operations in numpy give the same bytes (checked on all 256 x 256 (d, x) pairs in the tests), without a
+# PIL image, an enhancer, a degenerate image and two numpy <-> PIL copies per op (~2-3x faster).
+_L_WEIGHTS = np.array([19595.0, 38470.0, 7471.0], dtype=np.float32)
+
+
+def _luma_f32(y: np.ndarray) -> np.ndarray:
+    """PIL's integer `convert("L")`, (19595 R + 38470 G + 7471 B + 2^15) >> 16, of an integer-valued
+    float32 `[..., 3]` -> float32 `[...]`. Exact in float32: every product and partial sum is an integer
+    below 2^24 (the weights sum to 2^16 and 2^16 * 255 + 2^15 < 2^24), and the scaling is by 2^-16."""
+    return np.floor((y @ _L_WEIGHTS + np.float32(32768.0)) * np.float32(1.0 / 65536.0))
+
+
+def blend_op_u8(x: np.ndarray, op: int, factor: float, work: Optional[np.ndarray] = None) -> np.ndarray:
+    """torchvision's PIL `adjust_brightness` (op 0) / `adjust_contrast` (1) / `adjust_saturation` (2) on one
+    uint8 `[P, P, 3]` patch, in place (returned), bit for bit. `work`: optional float32 scratch of x's
+    shape; reusing it across calls matters (a fresh 200 KB array is a fresh mmap whose page faults cost
+    about as much as the arithmetic)."""
+    y = np.empty(x.shape, dtype=np.float32) if work is None else work
+    alpha = np.float32(factor)
+    if op == BRIGHTNESS:
+        np.multiply(x, alpha, out=y)  # uint8 * float32 -> float32 in one pass
+    else:
+        np.copyto(y, x)
+        lum = _luma_f32(y)
+        if op == CONTRAST:  # ImageStat's mean: exact integer sum / count in double, then int(mean + 0.5)
+            d = np.float32(int(float(lum.sum(dtype=np.float64)) / lum.size + 0.5))
+            y -= d
+            y *= alpha
+            y += d
+        elif op == SATURATION:
+            d = np.repeat(lum[..., None], 3, axis=-1)  # no inner broadcasting below (numpy's slow case)
+            y -= d
+            y *= alpha
+            y += d
+        else:
+            raise ValueError(f"blend op must be 0, 1 or 2, got {op}")
+    if not 0.0 <= alpha <= 1.0:
+        # PIL clips only when extrapolating; for alpha in [0, 1], d + alpha * (x - d) stays within [d, x]
+        # even after float32 rounding (rounding is monotonic and x - d is exact), so there is nothing to clip.
+        np.clip(y, 0.0, 255.0, out=y)
+    np.copyto(x, y, casting="unsafe")  # float -> uint8 truncates toward zero, as the C cast
+    return x
 
 
 # ------------------------------------------------------------------------------------- grey, pipeline
@@ -122,31 +209,10 @@ def gray3_u8(x: np.ndarray) -> np.ndarray:
     return np.repeat(lum[..., None], 3, axis=-1)
 
 
-# ColorJitter's ops 0..2 as torchvision's PIL backend runs them (torchvision itself is not imported: it adds
-# seconds to every Ray preprocessing actor's start); op 3 is the hue.
-_ENHANCE = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
-HUE = 3
-
-
-def augment_patches(patches: np.ndarray, aug) -> np.ndarray:
-    """All M patches of an image: uint8 `[M, P, P, 3]` (modified in place and returned).
-
-    Per patch i, torchvision's order: if jitter[i], ColorJitter's four ops in order[i] with factors[i]; if
-    gray[i], grayscale; if blur[i], GaussianBlur(sigma[i]). The jitter runs in four rounds (the
-    k-th op of every jittered patch in round k), so the patches whose k-th op is the hue share one batched
-    hue call; brightness / contrast / saturation / blur are per patch (PIL's own C code, as torchvision:
-    the fastest exact path for them)."""
-    held: dict = {}  # patch index -> PIL image holding its current pixels (patches[i] is stale meanwhile)
-
-    def image(i: int) -> Image.Image:
-        return held.pop(i) if i in held else Image.fromarray(patches[i])
-
-    def sync(rows) -> None:  # consecutive PIL ops skip the round trip through numpy
-        for i in rows:
-            if i in held:
-                patches[i] = np.asarray(held.pop(i))
-
-    jit = np.flatnonzero(aug.jitter)
+def _jitter(patches: np.ndarray, aug, jit: np.ndarray) -> None:
+    """ColorJitter of the patches `jit` (in place), in four rounds: round k applies every jittered patch's
+    k-th op; the patches whose k-th op is the hue share one batched hue call."""
+    work = np.empty(patches.shape[1:], dtype=np.float32)
     for k in range(4):
         hue_rows = []
         for i in jit:
@@ -154,15 +220,29 @@ def augment_patches(patches: np.ndarray, aug) -> np.ndarray:
             if op == HUE:
                 hue_rows.append(i)
             else:
-                held[i] = _ENHANCE[op](image(i)).enhance(float(aug.factors[i, op]))
+                blend_op_u8(patches[i], op, float(aug.factors[i, op]), work)
         if hue_rows:
-            sync(hue_rows)
             patches[hue_rows] = adjust_hue_u8(patches[hue_rows], aug.factors[hue_rows, HUE])
+
+
+def augment_patches(patches: np.ndarray, aug) -> np.ndarray:
+    """All M patches of an image: uint8 `[M, P, P, 3]` (modified in place and returned).
+
+    Per patch i, torchvision's order: if jitter[i], ColorJitter's four ops in order[i] with factors[i]; if
+    gray[i], grayscale; if blur[i], GaussianBlur(sigma[i]). The jitter in numpy (`_jitter`), the
+    grayscale on all grey patches at once, the blur per patch with PIL's own C code (as torchvision: the
+    fastest exact path for it)."""
+    jit = np.flatnonzero(aug.jitter)
+    _jitter(patches, aug, jit)
     rows = np.flatnonzero(aug.gray)
     if len(rows):
-        sync(rows)
         patches[rows] = gray3_u8(patches[rows])
     for i in np.flatnonzero(aug.blur):
-        patches[i] = np.asarray(image(i).filter(ImageFilter.GaussianBlur(radius=float(aug.sigma[i]))))
-    sync(list(held))
+        blur = ImageFilter.GaussianBlur(radius=float(aug.sigma[i]))
+        if aug.gray[i]:
+            # R = G = B: PIL blurs each band with the same integer box passes, so blurring the one L band
+            # gives every channel's result at a third of the work (bit for bit: tests/data/test_augment.py).
+            patches[i] = np.asarray(Image.fromarray(patches[i, :, :, 0]).filter(blur))[..., None]
+        else:
+            patches[i] = np.asarray(Image.fromarray(patches[i]).filter(blur))
     return patches

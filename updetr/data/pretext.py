@@ -26,7 +26,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from updetr.data import skips
@@ -125,16 +124,23 @@ def draw_sample(w: int, h: int, pcfg, seed_tuple: Sequence[int]) -> SampleDraws:
     return SampleDraws(ow, oh, boxes, aug)
 
 
-def resize_u8(arr: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
+def resize_u8(arr: np.ndarray, out_w: int, out_h: int, out: Optional[np.ndarray] = None) -> np.ndarray:
     """uint8 `[h, w, 3]` (any strides, e.g. a crop view) -> uint8 `[out_h, out_w, 3]`, bilinear + antialias.
 
     torch's uint8 channels-last kernel: about 3x faster than PIL's resize here and within one grey level
-    of it (mean abs difference ~0.002 levels), so it stands in for torchvision's PIL `Resize`."""
+    of it (mean abs difference ~0.002 levels), so it stands in for torchvision's PIL `Resize`. The result
+    is written into `out` (a writable uint8 `[out_h, out_w, 3]`, e.g. one slot of the patch stack) or a new
+    array. The kernel computes channels-last; `F.interpolate` would hand back an NCHW copy that then needs a
+    second, strided copy back to HWC (together ~3x the resize itself), so the `.out` variant writes the HWC
+    result in place (same values: tests/data/test_augment.py)."""
+    if out is None:
+        out = np.empty((out_h, out_w, 3), dtype=np.uint8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # read-only numpy views (PIL buffers, Arrow); never written
         t = torch.from_numpy(arr).permute(2, 0, 1)[None]
-    out = F.interpolate(t, size=(out_h, out_w), mode="bilinear", antialias=True, align_corners=False)
-    return np.ascontiguousarray(out[0].permute(1, 2, 0).numpy())
+    dst = torch.from_numpy(out).permute(2, 0, 1)[None]
+    torch.ops.aten._upsample_bilinear2d_aa.out(t, [out_h, out_w], False, None, None, out=dst)
+    return out
 
 
 def render_record(img: Image.Image, orig_w: int, orig_h: int, d: SampleDraws, pcfg, image_id: int,
@@ -150,14 +156,17 @@ def render_record(img: Image.Image, orig_w: int, orig_h: int, d: SampleDraws, pc
     elif sx == 1.0 and sy == 1.0:
         arr = np.asarray(img)
         image = resize_u8(arr, d.out_w, d.out_h)
-        # Reference order: crop the original at the integer box, then Resize((P, P)).
-        patches = [resize_u8(arr[y0:y1, x0:x1], p, p) for x0, y0, x1, y1 in d.boxes.tolist()]
+        # Reference order: crop the original at the integer box, then Resize((P, P)), into the stack.
+        patches = np.empty((len(d.boxes), p, p, 3), dtype=np.uint8)
+        for i, (x0, y0, x1, y1) in enumerate(d.boxes.tolist()):
+            resize_u8(arr[y0:y1, x0:x1], p, p, out=patches[i])
     else:
         # Reduced decode: fractional boxes in decoded pixels, which PIL's resize(box=) takes exactly.
         image = np.asarray(img.resize((d.out_w, d.out_h), Image.BILINEAR, box=(0, 0, orig_w / sx, orig_h / sy)))
         patches = [np.asarray(img.resize((p, p), Image.BILINEAR, box=(b[0] / sx, b[1] / sy, b[2] / sx, b[3] / sy)))
                    for b in d.boxes.tolist()]
-    patches = np.stack(patches)
+    if isinstance(patches, list):
+        patches = np.stack(patches)
     if pcfg.augment:
         augment_patches(patches, d.aug)
     return {
