@@ -147,7 +147,7 @@ def format_results(outcome: SweepOutcome) -> str:
     lost = [t for t in outcome.trials if t.tracking_lost]
     if lost or outcome.tracking_lost:
         why = outcome.tracking_lost or lost[0].tracking_lost
-        lines.append(f"tracking lost during the sweep ({why}); trials ran on untracked "
+        lines.append(f"tracking lost during the sweep ({why}); the trials ran on, untracked from then on "
                      f"({len(lost)} trial(s) affected); their metrics are in the run folders and Ray storage")
     return "\n".join(lines)
 
