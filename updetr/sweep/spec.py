@@ -331,7 +331,8 @@ def load_sweep(path: str | Path, overrides: Optional[list[str]] = None, name: Op
             raise SweepError(f"{path}: override {item}: no cell has a stage named '{key.split('.')[1]}' "
                              f"(stages: {sorted(known)})")
     es = spec.options.early_stopping
-    if es is not None and es.stage is not None and es.stage not in known:
-        raise SweepError(f"{path}: options.early_stopping.stage: no cell has a stage named '{es.stage}' "
-                         f"(stages: {sorted(known)})")
+    trains = {s.name for c in cells for s in c.experiment.stages if s.action == "train"}
+    if es is not None and es.stage is not None and es.stage not in trains:
+        raise SweepError(f"{path}: options.early_stopping.stage: no cell has a training stage named '{es.stage}' "
+                         f"(training stages: {sorted(trains)})")
     return Sweep(sweep_name, path, spec, tuple(cells))
