@@ -10,6 +10,10 @@ are skipped and an unfinished one resumes from its checkpoint; Tune's own state 
 MLflow: one parent run per sweep (tag `updetr.sweep`, found again on a re-run) with the sweep YAML and the
 result table as artifacts; each trial's chain parent is its child, carrying the cell's parameters and the
 final `eval/*` metrics; the stage runs sit below it.
+
+Early stopping (`options.early_stopping`, ASHA on per-epoch results relayed from one stage) lives in
+updetr/sweep/early_stop.py; the stage driver of a trial, which also runs stages untracked once the tracking
+server stops answering, in updetr/sweep/trial_driver.py.
 """
 from __future__ import annotations
 
