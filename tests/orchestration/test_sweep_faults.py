@@ -124,7 +124,9 @@ def test_driver_killed_mid_sweep_then_same_command_resumes(mlflow_server, tmp_pa
         reap(first_tmp)                                # what the crash left of that local Ray
     assert not own_processes(first_tmp)
     first = log.read_text()
-    assert "finished at step 6" in first and "resumed from step" in first          # survived its worker's death
+    # the short trial survived its worker's death: Ray Train restarted it from its last checkpoint
+    assert (pids / "drill-after_report-0-4.done").exists()
+    assert f"[{short}] rank 0/1 on cpu: training resumed from step" in first and "finished at step 6" in first
     assert "finished at step 16" not in first
     killed_at = steps(mlflow_server, stage_run(mlflow_server, name, "max_steps-16"), "loss")
     second_tmp = short_tmpdir("usk")
