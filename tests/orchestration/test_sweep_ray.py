@@ -27,7 +27,8 @@ def test_sweep_runs_every_trial_with_one_parent_and_a_child_each(mlflow_server, 
                                                    "stages.finetune.optim.lr_backbone": [1.0e-4, 1.0e-5]},
                                           "variants": [{"name": "bad-data", "overrides": {
                                               "stages.pretrain.data.source": "folder",
-                                              "stages.pretrain.data.path": str(tmp_path / "missing")}}]}))
+                                              "stages.pretrain.data.path": str(tmp_path / "missing")}}]},
+                                         sort_keys=False))
     args = ["sweep", str(sweep_file), *SMALL, f"tracking.uri={mlflow_server.uri}",
             f"runtime.output_dir={tmp_path}/runs"]
     ray_tmp = short_tmpdir("usw")
