@@ -122,3 +122,17 @@ def test_data_shard_of_an_empty_folder_writes_nothing(tmp_path):
     r = updetr("data", "shard", str(tmp_path / "src"), str(tmp_path / "out"), cwd=tmp_path)
     assert r.returncode == 1 and "no image files" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out" / "manifest.json").exists()  # a manifest means a complete shard set
+
+
+def test_sweep_tracking_server_down_at_start(tmp_path):
+    import yaml
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    sweep = tmp_path / "sw.yaml"
+    sweep.write_text(yaml.safe_dump({"experiment": SMOKE, "grid": {"loss.bbox": [5.0, 2.0]}}))
+    t0 = time.monotonic()
+    r = updetr("sweep", str(sweep), f"tracking.uri={uri}", f"runtime.output_dir={tmp_path}/runs", cwd=tmp_path)
+    one_error_line(r, uri, "not reachable")
+    assert time.monotonic() - t0 < 60
+    assert "at a time" not in r.stdout          # no Ray started, no trial planned on it
+    assert not (tmp_path / "runs").exists()     # no run folder, no Tune state

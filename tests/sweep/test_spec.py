@@ -250,3 +250,29 @@ def test_submit_of_a_bad_sweep_fails_here_naming_the_cell(tmp_path, capsys):
     assert main(["submit", str(path), "--address", "http://127.0.0.1:9"]) == 2
     err = capsys.readouterr().err
     assert "cell freez_backbone-true" in err and "cannot reach" not in err
+
+
+def test_early_stopping_watches_one_stage_per_cell_and_reads_stopped_trials(tmp_path):
+    from updetr.sweep.early_stop import FINISHED_KEY, max_epochs, stopped_at, watched_stage
+
+    detr = Path(__file__).resolve().parents[2] / "experiments" / "detect_detr-r50-scratch_voc_8xb2-150e.yaml"
+    path = write_sweep(tmp_path, {"grid": {"stages.finetune.schedule.epochs": [4, 6]},
+                                  "variants": [{"name": "detr", "experiment": str(detr)}],
+                                  "options": {"early_stopping": {"metric": "eval/AP", "grace_period": 2}}})
+    sweep = load_sweep(path)
+    es = sweep.spec.options.early_stopping
+    # eval/AP: the fine-tuning stage of the chain; the single-stage detection variant's own stage
+    assert [watched_stage(c.experiment, es) for c in sweep.cells] == ["finetune", "finetune", "detect"]
+    assert max_epochs(sweep, es) == 150                     # the longest watched stage (the VOC variant)
+    loss = es.model_copy(update={"metric": "epoch/loss", "mode": "min", "max_t": 3})
+    assert watched_stage(sweep.cells[0].experiment, loss) == "pretrain" and max_epochs(sweep, loss) == 3
+    # a trial's last Tune result: finished, stopped by ASHA on a relayed epoch, or cut off before any
+    assert stopped_at({FINISHED_KEY: 1, "eval/AP": 0.3, "epoch": 6}, es) is None
+    assert stopped_at({"eval/AP": 0.125, "epoch": 2, "stage": "finetune"}, es) == \
+        "ASHA at epoch 2 of stage finetune (eval/AP 0.125)"
+    assert stopped_at({"time_total_s": 3.0}, es) is None and stopped_at({"eval/AP": 0.1, "epoch": 2}, None) is None
+
+    bad = write_sweep(tmp_path, {"grid": {"optim.lr": [1e-4, 2e-4]},
+                                 "options": {"early_stopping": {"stage": "eval"}}}, name="bad.yaml")
+    with pytest.raises(SweepError, match="early_stopping.stage: no cell has a training stage named 'eval'"):
+        load_sweep(bad)

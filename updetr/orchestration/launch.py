@@ -80,12 +80,13 @@ def dataset_config():
 
 
 def train_loop_config(plan: RunPlan, tracking_run_id: Optional[str], *, ray_data: bool = True,
-                      action: str = "train", checkpoint: Optional[str] = None) -> dict:
-    """What each worker gets: the config as a plain dict and the resolved absolute locations."""
+                      action: str = "train", checkpoint: Optional[str] = None, report_epochs: bool = False) -> dict:
+    """What each worker gets: the config as a plain dict and the resolved absolute locations
+    (`report_epochs`: also `ray.train.report` every epoch's and evaluation's metrics, for Tune schedulers)."""
     return {"config": config_to_dict(plan.cfg), "run_name": plan.run_name, "run_dir": plan.run_dir,
             "tracking_uri": plan.tracking_uri if tracking_run_id else None, "tracking_run_id": tracking_run_id,
             "experiment": plan.experiment, "num_items": plan.extra.get("num_items"), "ray_data": ray_data,
-            "action": action, "checkpoint": checkpoint}
+            "action": action, "checkpoint": checkpoint, "report_epochs": report_epochs}
 
 
 def build_datasets(cfg: ExperimentConfig, resources=None) -> dict:
@@ -97,7 +98,7 @@ def build_datasets(cfg: ExperimentConfig, resources=None) -> dict:
 
 def build_trainer(plan: RunPlan, tracker: Tracker, *, datasets: Optional[dict] = None, resources=None,
                   callbacks: Sequence[Any] = (), env: Optional[dict] = None, action: str = "train",
-                  checkpoint: Optional[str] = None):
+                  checkpoint: Optional[str] = None, report_epochs: bool = False):
     """The `TorchTrainer` of a plan (needs Ray initialised: it builds the Ray Data pipeline unless given)."""
     from ray.train.torch import TorchTrainer
 
@@ -107,7 +108,8 @@ def build_trainer(plan: RunPlan, tracker: Tracker, *, datasets: Optional[dict] =
         datasets = build_datasets(plan.cfg, resources) if action == "train" else {}
     return TorchTrainer(train_fn_per_worker,
                         train_loop_config=train_loop_config(plan, tracker.run_id, ray_data=bool(datasets),
-                                                            action=action, checkpoint=checkpoint),
+                                                            action=action, checkpoint=checkpoint,
+                                                            report_epochs=report_epochs),
                         scaling_config=scaling_config(plan.cfg, resources),
                         run_config=run_config(plan, callbacks, env),
                         datasets=datasets or None,
@@ -165,10 +167,11 @@ def _print_plan(cfg: ExperimentConfig, plan: RunPlan, resources, local: bool, ou
 
 
 def run(cfg: ExperimentConfig, address: Optional[str] = None, out: TextIO = sys.stdout,
-        run_name: Optional[str] = None, parent_run_id: Optional[str] = None) -> RunOutcome:
+        run_name: Optional[str] = None, parent_run_id: Optional[str] = None, callbacks: Sequence[Any] = (),
+        report_epochs: bool = False) -> RunOutcome:
     """`updetr run`: prepare the task's data, refuse what cannot work (before Ray and MLflow), connect Ray,
     plan resources, build the data pipeline, open tracking (a child of `parent_run_id` in a chain), fit,
-    close tracking.
+    close tracking. `callbacks` (more Train callbacks) and `report_epochs` serve a sweep's early stopping.
 
     Raises:
         LaunchError: before any work (data, resources, storage, tracking, address, token) or when training
@@ -208,7 +211,7 @@ def run(cfg: ExperimentConfig, address: Optional[str] = None, out: TextIO = sys.
         from updetr.orchestration.metrics_commit import commit_callbacks
 
         trainer = build_trainer(plan, tracker, datasets=datasets, resources=resources,
-                                callbacks=commit_callbacks(tracker))
+                                callbacks=[*commit_callbacks(tracker), *callbacks], report_epochs=report_epochs)
         _interrupt_on_sigint(trainer)
         result = trainer.fit()
         status = "FINISHED"

@@ -18,11 +18,18 @@ class RayDriver:
     def __init__(self, address: Optional[str] = None, out: TextIO = sys.stdout) -> None:
         self.address, self.out = address, out
 
+    def stage_hooks(self, cfg: ExperimentConfig) -> tuple[list, bool]:
+        """(extra Train callbacks, report every epoch) for a training stage; a sweep's early stopping
+        overrides this (updetr/sweep/early_stop.py)."""
+        return [], False
+
     def train(self, cfg: ExperimentConfig, parent_run_id: Optional[str]) -> StageResult:
         from updetr.orchestration.launch import run, summary
         from updetr.orchestration.run_plan import CHECKPOINT_FILE, LaunchError
 
-        outcome = run(cfg, address=self.address, out=self.out, parent_run_id=parent_run_id)
+        callbacks, report_epochs = self.stage_hooks(cfg)
+        outcome = run(cfg, address=self.address, out=self.out, parent_run_id=parent_run_id,
+                      callbacks=callbacks, report_epochs=report_epochs)
         print(summary(outcome), file=self.out, flush=True)
         if not outcome.checkpoint:
             raise LaunchError(f"stage {cfg.name} finished without a checkpoint in {outcome.plan.run_dir}")

@@ -91,19 +91,42 @@ class LedgerTracking(Tracking):
 
 class RayReport(Callback):
     """`ray.train.report` on every rank at each checkpoint (rank 0 attaches the checkpoint dir with the
-    metric ledger's covered entries); the last eval metrics ride along, so the final report carries them."""
+    metric ledger's covered entries); the last eval metrics ride along, so the final report carries them.
 
-    def __init__(self, rank: int, ledger: Optional[MetricLedger] = None) -> None:
+    With `per_epoch` (a sweep with early stopping), each closed epoch's `epoch/*` metrics and each
+    evaluation's `eval/*` are reported too, keyed by `epoch` (epochs done) and listed under `fresh`: the
+    per-epoch results a Tune scheduler compares (updetr/sweep/early_stop.py). They ride on the checkpoint
+    taken right after the epoch when there is one (so a trial stopped on them has that checkpoint and its
+    metrics committed), else go alone at the next logged step."""
+
+    def __init__(self, rank: int, ledger: Optional[MetricLedger] = None, per_epoch: bool = False) -> None:
         self.rank = rank
         self.ledger = ledger if ledger is not None else MetricLedger()
+        self.per_epoch = per_epoch
         self.last: dict[str, float] = {}
         self.eval: dict[str, float] = {}
+        self.pending: dict[str, float] = {}     # per-epoch results not reported yet
+
+    def _fresh(self) -> dict:
+        fresh, self.pending = self.pending, {}
+        return {**fresh, "fresh": sorted(fresh)} if fresh else {}
 
     def on_step(self, state, metrics):
         self.last = dict(metrics)
+        if self.pending:
+            import ray.train
+
+            # Every rank gets here at the same step (report is a barrier); rank 0's metrics are the ones read.
+            ray.train.report({"step": state.step, "epoch": state.epoch, **self._fresh()}, checkpoint=None)
+
+    def on_epoch_end(self, state, metrics):
+        if self.per_epoch:
+            self.pending.update({k: float(v) for k, v in metrics.items()})
 
     def on_eval(self, state, metrics):
         self.eval = {f"eval/{k}": float(v) for k, v in metrics.items()}
+        if self.per_epoch:
+            self.pending.update(self.eval)
 
     def on_checkpoint(self, state: TrainState, ckpt: dict) -> None:
         import ray.train
@@ -112,7 +135,7 @@ class RayReport(Callback):
         from updetr.checkpoint import save_checkpoint
 
         metrics = {"step": state.step, "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
-                   **{k: v for k, v in self.last.items() if k.startswith("loss")}, **self.eval}
+                   **{k: v for k, v in self.last.items() if k.startswith("loss")}, **self.eval, **self._fresh()}
         if self.rank != 0:
             ray.train.report(metrics, checkpoint=None)
             return
@@ -223,7 +246,7 @@ def train_fn_per_worker(config: dict) -> dict:
         Progress(cfg.name, expected_total(cfg, task, world_size, ray=True), rank, world_size),
         LedgerTracking(tracker, ledger, rank,
                        checkpoint_location=lambda s: f"{run_dir}/{checkpoint_dir_name(s.step)}"),
-        RayReport(rank, ledger),
+        RayReport(rank, ledger, per_epoch=bool(config.get("report_epochs"))),
     ])
     stall_watched = WrappedBatches(task, lambda batches: watched(batches, cfg, rank, tracker))
     state = train(trainer, stall_watched, callbacks, rank=rank, world_size=world_size, shard=shard,

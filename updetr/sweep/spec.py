@@ -51,12 +51,18 @@ class EarlyStopping(_Strict):
     """ASHA early stopping of trials on a metric reported per epoch (Ray Tune `ASHAScheduler`)."""
 
     scheduler: Literal["asha"] = Field("asha", description="Only ASHA is offered.")
-    metric: str = Field("eval/AP", description="Metric the scheduler compares (e.g. eval/AP, epoch/loss).")
+    metric: str = Field("eval/AP", description="Metric the scheduler compares: an `eval/*` metric of a "
+                                                "fine-tuning stage or an `epoch/*` one (epoch/loss: pre-training loss).")
     mode: Literal["max", "min"] = Field("max", description="Whether higher or lower is better.")
-    time_attr: str = Field("epoch", description="Reported counter the rungs are keyed on.")
+    time_attr: Literal["epoch"] = Field("epoch", description="Counter the rungs are keyed on: the stage's epochs "
+                                                            "done (Tune's own iteration count restarts on a resume).")
     grace_period: int = Field(1, gt=0, description="Epochs every trial runs before it may be stopped.")
     reduction_factor: float = Field(2.0, gt=1, description="ASHA halving rate.")
-    max_t: Optional[int] = Field(None, gt=0, description="Last rung; None: the longest stage's epochs.")
+    max_t: Optional[int] = Field(None, gt=0, description="Last rung; None: the stage's epochs (the longest "
+                                                         "over the cells).")
+    stage: Optional[str] = Field(None, min_length=1, description="Stage whose per-epoch results are compared; "
+                                 "None: the first detection training stage for eval/* metrics, else the first "
+                                 "training stage.")
 
 
 class SweepOptions(_Strict):
@@ -349,6 +355,11 @@ def load_sweep(path: str | Path, overrides: Optional[list[str]] = None, name: Op
         if key.startswith("stages.") and key.count(".") >= 2 and key.split(".")[1] not in known:
             raise SweepError(f"{path}: override {item}: no cell has a stage named '{key.split('.')[1]}' "
                              f"(stages: {sorted(known)})")
+    es = spec.options.early_stopping
+    trains = {s.name for c in cells for s in c.experiment.stages if s.action == "train"}
+    if es is not None and es.stage is not None and es.stage not in trains:
+        raise SweepError(f"{path}: options.early_stopping.stage: no cell has a training stage named '{es.stage}' "
+                         f"(training stages: {sorted(trains)})")
     return Sweep(sweep_name, path, spec, tuple(cells))
 
 

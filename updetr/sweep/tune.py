@@ -10,10 +10,15 @@ are skipped and an unfinished one resumes from its checkpoint; Tune's own state 
 MLflow: one parent run per sweep (tag `updetr.sweep`, found again on a re-run) with the sweep YAML and the
 result table as artifacts; each trial's chain parent is its child, carrying the cell's parameters and the
 final `eval/*` metrics; the stage runs sit below it.
+
+Early stopping (`options.early_stopping`, ASHA on per-epoch results relayed from one stage) lives in
+updetr/sweep/early_stop.py; the stage driver of a trial, which also runs stages untracked once the tracking
+server stops answering, in updetr/sweep/trial_driver.py.
 """
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
 import time
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, TextIO
 
+from updetr.sweep.early_stop import asha, mark_stopped, max_epochs, stopped_at
 from updetr.sweep.spec import Sweep, SweepError, load_sweep
 from updetr.tracking_query import TAG_SWEEP
 
@@ -32,6 +38,8 @@ class TrialResult:
     name: str
     metrics: dict
     error: Optional[str]
+    stopped: Optional[str] = None          # early-stopped: by what, where (not an error)
+    tracking_lost: Optional[str] = None    # the tracking store stopped answering during this trial
 
 
 @dataclass
@@ -43,6 +51,7 @@ class SweepOutcome:
     concurrency: int
     seconds: float
     cpus_free: tuple[float, float] = (0.0, 0.0)    # Ray's available CPUs before and after the trials
+    tracking_lost: Optional[str] = None             # the sweep's own MLflow run stopped answering
 
 
 def trial_cpus(sweep: Sweep) -> float:
@@ -73,23 +82,39 @@ def plan_concurrency(sweep: Sweep, cluster_cpus: float) -> int:
 
 
 def _trial(config: dict) -> None:
-    """One Tune trial: the cell's chain, then its final metrics to Tune and its parameters to MLflow."""
+    """One Tune trial: the cell's chain, then its final metrics to Tune and its parameters to MLflow.
+
+    With early stopping, the watched stage's per-epoch results reach Tune while it trains (TrialDriver); a
+    tracking server that stopped answering makes the rest of the trial run untracked instead of failing."""
     from ray import tune
 
-    from updetr.orchestration.stages import RayDriver
     from updetr.pipeline import run_chain
+    from updetr.sweep.early_stop import FINISHED_KEY
+    from updetr.sweep.trial_driver import TrialDriver, tracking_down, untracked_experiment
 
     sweep = load_sweep(config["path"], config["overrides"], name=config["sweep"])
     cell = next(c for c in sweep.cells if c.name == config["cell"])
-    outcome = run_chain(sweep.trial(cell), RayDriver(), parent_run_id=config["parent_run_id"])
+    exp = sweep.trial(cell)
+    driver = TrialDriver(exp, sweep.spec.options.early_stopping)
+    lost = tracking_down(exp.stages[0].cfg)
+    if lost:
+        print(f"[{exp.name}] note: {lost}; this trial runs untracked", flush=True)
+        driver.tracking_lost, exp = lost, untracked_experiment(exp)
+    outcome = run_chain(exp, driver, parent_run_id=None if lost else config["parent_run_id"])
     if outcome.parent.run_id and outcome.tracking_uri:
         from mlflow.entities import Param, RunTag
         from mlflow.tracking import MlflowClient
 
-        MlflowClient(outcome.tracking_uri).log_batch(
-            outcome.parent.run_id, params=[Param(k, str(v)) for k, v in cell.params.items()],
-            tags=[RunTag("updetr.trial", cell.name)])
-    tune.report({"done": 1, **{f"eval/{k}": float(v) for k, v in outcome.final_metrics.items()}})
+        try:
+            MlflowClient(outcome.tracking_uri).log_batch(
+                outcome.parent.run_id, params=[Param(k, str(v)) for k, v in cell.params.items()],
+                tags=[RunTag("updetr.trial", cell.name)])
+        except Exception as e:  # noqa: BLE001 - the store went away after the chain: the trial still counts
+            driver.tracking_lost = driver.tracking_lost or f"MLflow at {outcome.tracking_uri}: {type(e).__name__}"
+    if not getattr(outcome.parent, "healthy", True):    # went away while the chain ran (calls were dropped)
+        driver.tracking_lost = driver.tracking_lost or f"MLflow at {outcome.tracking_uri} stopped answering"
+    tune.report({FINISHED_KEY: 1, "tracking_lost": driver.tracking_lost or "",
+                 **{f"eval/{k}": float(v) for k, v in outcome.final_metrics.items()}})
 
 
 def _absolute(overrides: list[str], sweep: Sweep) -> list[str]:
@@ -121,7 +146,13 @@ def format_results(outcome: SweepOutcome) -> str:
         value = t.metrics.get(metric)
         shown = f"{100 * value:.1f}" if value is not None and metric.startswith("eval/") else (
             f"{value:.4g}" if value is not None else "-")
-        lines.append(f"  {t.name:<{width}}  {metric} {shown}" + (f"  FAILED: {t.error}" if t.error else ""))
+        lines.append(f"  {t.name:<{width}}  {metric} {shown}" + (f"  FAILED: {t.error}" if t.error else "")
+                     + (f"  EARLY-STOPPED: {t.stopped}" if t.stopped else ""))
+    lost = [t for t in outcome.trials if t.tracking_lost]
+    if lost or outcome.tracking_lost:
+        why = outcome.tracking_lost or lost[0].tracking_lost
+        lines.append(f"tracking lost during the sweep ({why}); the trials ran on, untracked from then on "
+                     f"({len(lost)} trial(s) affected); their metrics are in the run folders and Ray storage")
     return "\n".join(lines)
 
 
@@ -151,8 +182,13 @@ def run_sweep(path: str | Path, overrides: Optional[list[str]] = None, name: Opt
     concurrency = plan_concurrency(sweep, float(ray.cluster_resources().get("CPU", 0.0)))
     print(f"sweep {sweep.name}: {len(sweep.cells)} trials, {concurrency} at a time "
           f"({trial_cpus(sweep):g} CPUs each); tracking -> {parent.describe()}", file=out, flush=True)
-    if sweep.spec.options.early_stopping is not None:
-        print(f"sweep {sweep.name}: note: options.early_stopping is not applied yet; every trial runs to its end",
+    es = sweep.spec.options.early_stopping
+    if es is not None:
+        # Results without the scheduler's metric (a trial's final one) are expected: only the watched stage's
+        # epochs carry it (updetr/sweep/early_stop.py).
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+        print(f"sweep {sweep.name}: early stopping: ASHA on {es.metric} ({es.mode}) per {es.time_attr}, grace "
+              f"{es.grace_period}, reduction {es.reduction_factor:g}, last rung {max_epochs(sweep, es)}",
               file=out, flush=True)
     trainable = tune.with_resources(_trial, {"cpu": DRIVER_CPU})
     storage = Path(first.runtime.output_dir) / "sweeps"
@@ -165,7 +201,7 @@ def run_sweep(path: str | Path, overrides: Optional[list[str]] = None, name: Opt
                  "overrides": overrides, "sweep": sweep.name, "parent_run_id": parent.run_id}
         tuner = tune.Tuner(
             trainable, param_space=space,
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrency,
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, scheduler=asha(sweep),
                                         trial_name_creator=lambda t: t.config["cell"],
                                         trial_dirname_creator=lambda t: t.config["cell"]),
             run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage), verbose=0,
@@ -182,13 +218,22 @@ def run_sweep(path: str | Path, overrides: Optional[list[str]] = None, name: Opt
     for result in grid:
         cell = (result.config or {}).get("cell", "?")
         err = None if result.error is None else trial_error(result.error)
-        metrics = {k: v for k, v in (result.metrics or {}).items() if k.startswith("eval/")}
-        trials.append(TrialResult(cell, metrics, err))
+        last = result.metrics or {}
+        metrics = {k: v for k, v in last.items() if k.startswith("eval/")}
+        stopped = stopped_at(last, es) if err is None else None
+        trials.append(TrialResult(cell, metrics, err, stopped, last.get("tracking_lost") or None))
     order = {c.name: i for i, c in enumerate(sweep.cells)}
     trials.sort(key=lambda t: order.get(t.name, len(order)))
+    by_name = {c.name: c for c in sweep.cells}
+    for t in trials:
+        if t.stopped and uri and t.name in by_name:
+            mark_stopped(uri, sweep.name, sweep.trial(by_name[t.name]).name, by_name[t.name].params, t.name, t.stopped)
     outcome = SweepOutcome(sweep, trials, parent.run_id, uri, concurrency, time.monotonic() - t0, (before, after))
     table = format_results(outcome)
     parent.log_text(table + "\n", "results.txt")
-    parent.set_tags({"updetr.failed_trials": str(sum(t.error is not None for t in trials))})
+    parent.set_tags({"updetr.failed_trials": str(sum(t.error is not None for t in trials)),
+                     "updetr.early_stopped_trials": str(sum(t.stopped is not None for t in trials))})
     parent.end("FINISHED")
+    if not getattr(parent, "healthy", True):
+        outcome.tracking_lost = f"MLflow at {uri} stopped answering"
     return outcome
