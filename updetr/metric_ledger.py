@@ -11,13 +11,16 @@ tracker. Instead the process that owns tracking (Ray Train rank 0, or any single
      after the atomic save), `commit(state, tracker)` logs the entries to the tracker and then advances a
      committed-position marker (the run tag `updetr.metrics_committed`);
   4. committing again (a restarted worker catching up after a driver crash, a repeated callback) skips every
-     entry at or before the marker, so it is idempotent.
+     entry at or before the marker, so it is idempotent;
+  5. every entry carries the wall-clock time it was recorded at, and is logged with it: a commit cut off between
+     logging and moving the marker (a kill in that instant) repeats byte-identical metric rows on the next
+     commit, and MLflow's store keeps identical rows once.
 
 Steps re-run after a restore are added again, and commit only when a later checkpoint covers them, by which
 time the marker has moved past the old ones: each step lands in the tracker once, with the value of the run
-that the checkpoints continue. Guarantee: exactly once across worker and driver failures; if the tracking
-server itself fails between logging a batch and moving the marker, the next commit of that batch may log it
-again (the tracker's own outage handling drops calls, so nothing is retried blindly).
+that the checkpoints continue. Guarantee: exactly once across worker and driver failures, including a kill
+between logging a batch and moving the marker (step 5); the tracker's own outage handling drops calls, so
+nothing is retried blindly.
 
 Position = `(step, epoch)` of the `TrainState` after the event, ordered lexicographically: a step at
 `(s, e)`; the end of epoch e after step s at `(s, e + 1)`; a checkpoint covers every position <= its state.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Protocol
 
@@ -43,7 +47,7 @@ class MarkerUnavailable(RuntimeError):
 class CommitTarget(Protocol):
     """What `commit` needs from a tracker (updetr.tracking.Tracker implements it)."""
 
-    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None: ...
+    def log_metrics(self, metrics: Mapping[str, Any], step: int, timestamp_ms: Optional[int] = None) -> None: ...
     def set_tags(self, tags: Mapping[str, Any]) -> None: ...
     def get_tag(self, key: str) -> Optional[str]:
         """The run's tag value (None: not set); raises MarkerUnavailable when the run cannot be read."""
@@ -78,7 +82,8 @@ class MetricLedger:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def add(self, position: Position, metrics: Mapping[str, Any], step: Optional[int] = None) -> None:
+    def add(self, position: Position, metrics: Mapping[str, Any], step: Optional[int] = None,
+            timestamp_ms: Optional[int] = None) -> None:
         """Buffer `metrics` (non-numeric values dropped) recorded at `position`.
 
         Args:
@@ -86,6 +91,8 @@ class MetricLedger:
             metrics: name -> number.
             step: the tracker's x axis for these metrics (default: the global step); epoch summaries
                 use the epoch index.
+            timestamp_ms: when it was recorded (default: now); logged with it, so a repeated commit writes
+                identical rows.
         """
         pos = _pos(position)
         clean: dict[str, float] = {}
@@ -95,7 +102,8 @@ class MetricLedger:
             except (TypeError, ValueError):
                 continue
         self._entries.append({"pos": list(pos), "step": int(pos[0] if step is None else step),
-                              "metrics": clean})
+                              "metrics": clean,
+                              "ts": int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)})
 
     def take(self, upto: Position) -> dict:
         """Remove and return (as a state dict) the entries at or before `upto`: what a checkpoint covers."""
@@ -130,10 +138,12 @@ def commit(state: Mapping[str, Any], tracker: CommitTarget) -> int:
         return 0
     fresh = [e for e in state.get("entries", []) if marker is None or _pos(e["pos"]) > marker]
     by_step: dict[int, dict[str, float]] = {}
+    stamp: dict[int, Optional[int]] = {}
     for e in fresh:  # one tracker call per x-axis step; later entries win within a step
         by_step.setdefault(int(e["step"]), {}).update(e["metrics"])
+        stamp.setdefault(int(e["step"]), e.get("ts"))    # ledgers written before timestamps: None (now)
     for step in sorted(by_step):
-        tracker.log_metrics(by_step[step], step=step)
+        tracker.log_metrics(by_step[step], step=step, timestamp_ms=stamp[step])
     tracker.set_tags({TAG_COMMITTED: format_marker(upto)})
     return len(fresh)
 

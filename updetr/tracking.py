@@ -156,8 +156,9 @@ class Tracker:
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params (values as text); params already logged with the same value are skipped."""
 
-    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
-        """Log numeric metrics at a global step; non-numeric values are ignored."""
+    def log_metrics(self, metrics: Mapping[str, Any], step: int, timestamp_ms: Optional[int] = None) -> None:
+        """Log numeric metrics at a global step; non-numeric values are ignored. `timestamp_ms` (default: now)
+        lets a repeated write carry the same timestamp, which MLflow's store keeps once."""
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set run tags (overwrites)."""
@@ -303,10 +304,10 @@ class MlflowTracker(Tracker):
                   f"({', '.join(sorted(changed)[:5])}); kept as tags updetr.param_override.*")
             self.set_tags({f"updetr.param_override.{k}": v for k, v in changed.items()})
 
-    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+    def log_metrics(self, metrics: Mapping[str, Any], step: int, timestamp_ms: Optional[int] = None) -> None:
         from mlflow.entities import Metric
 
-        ts = int(time.time() * 1000)
+        ts = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
         items = []
         for key, value in metrics.items():
             try:

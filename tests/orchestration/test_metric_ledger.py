@@ -6,6 +6,8 @@ crash); the last test commits into a real MLflow server.
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from updetr import tracking as T
@@ -19,7 +21,7 @@ class RecordingTracker(T.Tracker):
         self.history: list[tuple[int, str, float]] = []
         self.tags: dict[str, str] = {}
 
-    def log_metrics(self, metrics, step):
+    def log_metrics(self, metrics, step, timestamp_ms=None):
         self.history += [(step, k, float(v)) for k, v in metrics.items()]
 
     def set_tags(self, tags):
@@ -111,3 +113,29 @@ def test_commit_into_mlflow_twice_logs_once(mlflow_server):
     assert commit(state, again) == 0
     history = mlflow_server.client().get_metric_history(t.run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, 7))
+
+
+def test_a_commit_cut_off_before_its_marker_logs_each_step_once_when_repeated(mlflow_server):
+    """A kill between logging a checkpoint's metrics and moving the marker: the resumed run commits the same
+    ledger again; its rows carry the recorded timestamps, so MLflow keeps one row per step."""
+    t = T.start_tracking(True, mlflow_server.uri, "t-ledger", "r2", "/store/ledger2", {}, "")
+    ledger = MetricLedger()
+    train(ledger, range(1, 5), lambda s: 0)
+    state = json.loads(json.dumps(ledger.take(upto=(4, 0))))  # as read back from the checkpoint folder
+
+    class CutBeforeMarker:  # the process dies after log_metrics, before set_tags
+        def log_metrics(self, metrics, step, timestamp_ms=None):
+            t.log_metrics(metrics, step, timestamp_ms)
+
+        def set_tags(self, tags):
+            raise KeyboardInterrupt("killed")
+
+        def get_tag(self, key):
+            return t.get_tag(key)
+
+    with pytest.raises(KeyboardInterrupt):
+        commit(state, CutBeforeMarker())
+    again = T.MlflowTracker.attach(mlflow_server.uri, t.run_id)
+    assert commit(state, again) == 4
+    history = mlflow_server.client().get_metric_history(t.run_id, "loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]
