@@ -1,4 +1,5 @@
 """Sweep YAML: expansion into cells, deterministic trial names, every cell validated before any trial."""
+import json
 from pathlib import Path
 
 import pytest
@@ -276,3 +277,19 @@ def test_early_stopping_watches_one_stage_per_cell_and_reads_stopped_trials(tmp_
                                  "options": {"early_stopping": {"stage": "eval"}}}, name="bad.yaml")
     with pytest.raises(SweepError, match="early_stopping.stage: no cell has a training stage named 'eval'"):
         load_sweep(bad)
+
+
+def test_a_rerun_with_changed_settings_is_refused_instead_of_resuming_the_old_trials(tmp_path):
+    """Tune restores a saved sweep with the settings it started with; a re-run whose cells now resolve to other
+    settings must say so (and how to start a new study), not quietly print the old results."""
+    from updetr.sweep.tune import SETTINGS_FILE, cell_settings, check_same_settings
+
+    path = write_sweep(tmp_path, {"grid": {"stages.pretrain.model.freeze_backbone": [True, False]}})
+    folder = tmp_path / "sweeps" / "sw"
+    folder.mkdir(parents=True)
+    (folder / SETTINGS_FILE).write_text(json.dumps(cell_settings(load_sweep(path))))
+    check_same_settings(load_sweep(path), folder)                       # same settings: resumes
+    check_same_settings(load_sweep(path, ["stages.pretrain.ray.num_workers=1"]), folder)  # not arithmetic
+    with pytest.raises(SweepError, match=r"started with other settings \(cells changed: freeze_backbone-false, "
+                                         r"freeze_backbone-true\).*--name NEW"):
+        check_same_settings(load_sweep(path, ["stages.finetune.schedule.epochs=3"]), folder)

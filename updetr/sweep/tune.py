@@ -17,6 +17,7 @@ server stops answering, in updetr/sweep/trial_driver.py.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -156,6 +157,32 @@ def format_results(outcome: SweepOutcome) -> str:
     return "\n".join(lines)
 
 
+SETTINGS_FILE = "updetr-sweep-settings.json"   # beside Tune's state: what the sweep's cells resolved to
+
+
+def cell_settings(sweep: Sweep) -> dict[str, list[str]]:
+    """Cell -> the identity hash of each of its stages (every setting that changes the arithmetic)."""
+    from updetr.orchestration.run_plan import config_hash
+
+    return {c.name: [f"{st.name}:{config_hash(st.cfg)}" for st in c.experiment.stages] for c in sweep.cells}
+
+
+def check_same_settings(sweep: Sweep, folder: Path) -> None:
+    """A re-run resumes the sweep Tune saved in `folder`, whose trials keep the settings they started with.
+    Refuse (before any work) when the cells now resolve to other settings: resuming would silently report the
+    old ones."""
+    saved_path = folder / SETTINGS_FILE
+    if not saved_path.is_file():
+        return
+    saved, now = json.loads(saved_path.read_text()), cell_settings(sweep)
+    if saved == now:
+        return
+    changed = sorted(set(saved) ^ set(now)) or sorted(k for k in now if saved.get(k) != now[k])
+    raise SweepError(f"{sweep.path}: sweep '{sweep.name}' in {folder} was started with other settings "
+                     f"(cells changed: {', '.join(changed)}); re-run with the same file and overrides to resume "
+                     f"it, or give the changed study a new name (--name NEW)")
+
+
 def run_sweep(path: str | Path, overrides: Optional[list[str]] = None, name: Optional[str] = None,
               address: Optional[str] = None, out: TextIO = sys.stdout) -> SweepOutcome:
     """Validate every cell, open the sweep's MLflow parent, run the trials on Ray Tune, summarise."""
@@ -171,6 +198,9 @@ def run_sweep(path: str | Path, overrides: Optional[list[str]] = None, name: Opt
     overrides = _absolute(list(overrides or []), sweep)
     sweep = load_sweep(path, overrides, name=name)
     first = sweep.cells[0].experiment.stages[0].cfg
+    storage = Path(first.runtime.output_dir) / "sweeps"
+    folder = storage / sweep.name
+    check_same_settings(sweep, folder)
     uri = first.tracking.uri if first.tracking.enabled else None
     parent = (MlflowTracker.open(uri, sweep.name, sweep.name, identity={TAG_SWEEP: sweep.name},
                                  tags={"updetr.sweep_file": str(path)}) if uri else NullTracker())
@@ -191,8 +221,6 @@ def run_sweep(path: str | Path, overrides: Optional[list[str]] = None, name: Opt
               f"{es.grace_period}, reduction {es.reduction_factor:g}, last rung {max_epochs(sweep, es)}",
               file=out, flush=True)
     trainable = tune.with_resources(_trial, {"cpu": DRIVER_CPU})
-    storage = Path(first.runtime.output_dir) / "sweeps"
-    folder = storage / sweep.name
     if tune.Tuner.can_restore(str(folder)):
         print(f"sweep {sweep.name}: resuming from {folder}", file=out, flush=True)
         tuner = tune.Tuner.restore(str(folder), trainable, resume_errored=True)
@@ -206,6 +234,8 @@ def run_sweep(path: str | Path, overrides: Optional[list[str]] = None, name: Opt
                                         trial_dirname_creator=lambda t: t.config["cell"]),
             run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=1)))
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / SETTINGS_FILE).write_text(json.dumps(cell_settings(sweep), indent=1))
     before = float(ray.available_resources().get("CPU", 0.0))
     grid = tuner.fit()
     # A trial stopped by Tune can leave its Train placement group behind (ray-mlflow-notes §3.4); Ray's
