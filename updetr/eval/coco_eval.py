@@ -47,6 +47,12 @@ class CocoEvaluator:
         self.img_ids: list[int] = []
         self.results: list[dict] = []
 
+    def add_batch(self, outputs: dict, targets: list[dict], postprocessors: dict) -> None:
+        """One batch of model outputs: boxes scaled to each target's `orig_size` by postprocessors['bbox']."""
+        sizes = torch.stack([t["orig_size"] for t in targets]).to(outputs["pred_boxes"].device)
+        results = postprocessors["bbox"](outputs, sizes)
+        self.update({int(t["image_id"]): {k: v.cpu() for k, v in r.items()} for t, r in zip(targets, results)})
+
     def update(self, predictions: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
         unknown = [i for i in predictions if int(i) not in self.coco_gt.imgs]
         if unknown:
@@ -96,8 +102,11 @@ class CocoEvaluator:
 
 
 def format_table(metrics: Mapping[str, float], title: str = "") -> str:
-    """The COCO summary as a small two-line table (values in %, -1 shown as n/a)."""
-    names = [n for n in COCO_METRICS if n in metrics]
+    """The COCO (box) or panoptic (PQ ... AP^seg) summary as a small two-line table (values in %, -1 and NaN
+    shown as n/a)."""
+    from updetr.eval.panoptic_eval import PANOPTIC_METRICS
+
+    names = [n for n in (*COCO_METRICS, *PANOPTIC_METRICS) if n in metrics]
     head = " ".join(f"{n:>6}" for n in names)
-    vals = " ".join(f"{'n/a':>6}" if metrics[n] < 0 else f"{100 * metrics[n]:6.2f}" for n in names)
+    vals = " ".join(f"{'n/a':>6}" if not metrics[n] >= 0 else f"{100 * metrics[n]:6.2f}" for n in names)
     return (f"{title}\n" if title else "") + f"  {head}\n  {vals}"

@@ -4,6 +4,7 @@ updetr branches on it. A task owns its model / criterion / postprocessors, its t
 
     pretrain  random query patch detection (UP-DETR pre-training; no evaluation split)
     detect    DETR object detection: fine-tuning from pre-trained weights, or from scratch; COCO-style AP
+    panoptic  DETR's mask head on a frozen detector (the detect stage's weights); PQ / SQ / RQ and AP^seg
 
 One-shot detection and panoptic segmentation plug in here as further `Task` subclasses.
 """
@@ -12,7 +13,8 @@ from __future__ import annotations
 from updetr.config import ExperimentConfig
 from updetr.tasks.base import InitError, InitReport, Task
 
-_REGISTRY = {"pretrain": "updetr.tasks.pretrain:PretrainTask", "detect": "updetr.tasks.detect:DetectTask"}
+_REGISTRY = {"pretrain": "updetr.tasks.pretrain:PretrainTask", "detect": "updetr.tasks.detect:DetectTask",
+             "panoptic": "updetr.tasks.panoptic:PanopticTask"}
 
 
 def get_task(cfg: ExperimentConfig) -> Task:
