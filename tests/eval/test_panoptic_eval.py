@@ -52,7 +52,11 @@ def score(pan, seg: np.ndarray, cats: list[int], thing_masks: list[np.ndarray]) 
     ev.update_image(1, {"segments": torch.from_numpy(seg), "segments_info": info}, dets, masks)
     # through the distributed path too: one rank's state merged is the same evaluator
     ev.merge([ev.state()])
-    return ev.summarize()
+    metrics = ev.summarize()
+    # the masks as a COCO segm results file, still plain JSON after COCOeval has read them
+    written = json.loads(ev.write_results(pan.png_dir / "segm.json").read_text())
+    assert len(written) == len(thing_masks) and all(r["category_id"] == 1 for r in written)
+    return metrics
 
 
 def as_index(ids: np.ndarray, order: list[int]) -> np.ndarray:

@@ -159,7 +159,8 @@ class PanopticEvaluator:
               "annotations": [{**a, "id": k + 1} for k, a in enumerate(self.gt_anns)],
               "categories": [{"id": c, "name": str(self.pan.categories[c].get("name", c))} for c in things]}
         coco_gt = coco_from_dict(gt)
-        results = [r for r in self.results if r["category_id"] in set(things)]
+        # copies: loadRes adds numpy `area` / `bbox` fields to the dicts it gets (write_results needs plain ones)
+        results = [dict(r) for r in self.results if r["category_id"] in set(things)]
         with contextlib.redirect_stdout(io.StringIO()):
             coco_dt = coco_gt.loadRes(results) if results else COCO()
             ev = COCOeval(coco_gt, coco_dt, iouType="segm")
