@@ -113,7 +113,7 @@ def test_smoke_two_stage_debug_ends_with_finite_pq_tracked(tmp_path, monkeypatch
              "stages.panoptic.schedule.epochs=1", "runtime.threads=2", f"tracking.uri=sqlite:///{tmp_path}/m.db"]
     exp = load_experiment(REPO / "experiments" / "smoke_panoptic.yaml", small)
     out = io.StringIO()
-    outcome = run_chain(exp, DebugDriver(out=out))
+    outcome = run_chain(exp, DebugDriver(out=out), out=out)
     text = out.getvalue() + chain_summary(outcome)
     assert "stage 2/2 panoptic: train panoptic from" in text and "re-initialised" in text
     final = outcome.final_metrics
