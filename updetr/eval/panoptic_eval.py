@@ -128,21 +128,22 @@ class PanopticEvaluator:
                                      "score": float(score)})
 
     # -- distributed
-    def state(self) -> dict:
-        """What one rank contributes (plain Python / CPU tensors, for `all_gather_object`)."""
+    def state(self) -> tuple[list[int], dict]:
+        """What one rank contributes (plain Python / CPU tensors, for `all_gather_object`): (image ids, the
+        rest); image ids first, as `CocoEvaluator.state()` (the engine counts them)."""
         m = self.metric
-        return {"img_ids": list(self.img_ids), "results": list(self.results), "gt_anns": list(self.gt_anns),
-                "sums": [t.clone().cpu() for t in (m.iou_sum, m.true_positives, m.false_positives,
-                                                   m.false_negatives)]}
+        return list(self.img_ids), {
+            "results": list(self.results), "gt_anns": list(self.gt_anns),
+            "sums": [t.clone().cpu() for t in (m.iou_sum, m.true_positives, m.false_positives, m.false_negatives)]}
 
-    def merge(self, parts: Iterable[dict]) -> None:
+    def merge(self, parts: Iterable[tuple[list[int], dict]]) -> None:
         """Replace the accumulated state by the union of `parts` (every rank's `state()`, this one included)."""
         parts = list(parts)
         m = self.metric
         m.reset()
         self.img_ids, self.results, self.gt_anns = [], [], []
-        for p in parts:
-            self.img_ids.extend(p["img_ids"])
+        for ids, p in parts:
+            self.img_ids.extend(ids)
             self.results.extend(p["results"])
             self.gt_anns.extend(p["gt_anns"])
             m.iou_sum += p["sums"][0].to(m.iou_sum)
