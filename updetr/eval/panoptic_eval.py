@@ -39,7 +39,10 @@ def panoptic_quality_metric(things: Iterable[int], stuffs: Iterable[int]):
     """The torchmetrics metric this evaluator uses (per-class PQ, SQ, RQ as `[C, 3]`)."""
     from torchmetrics.detection import PanopticQuality
 
-    return PanopticQuality(things=set(things), stuffs=set(stuffs), return_sq_and_rq=True, return_per_class=True)
+    # sync_on_compute off: ranks are gathered by `PanopticEvaluator.merge` (rank 0 alone computes; torchmetrics'
+    # own all-gather there would wait forever for the other ranks, and would count their parts twice)
+    return PanopticQuality(things=set(things), stuffs=set(stuffs), return_sq_and_rq=True, return_per_class=True,
+                           sync_on_compute=False)
 
 
 def pq_summary(metric, things: Iterable[int], stuffs: Iterable[int]) -> dict[str, float]:
