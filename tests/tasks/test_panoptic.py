@@ -128,3 +128,34 @@ def test_smoke_two_stage_debug_ends_with_finite_pq_tracked(tmp_path, monkeypatch
         assert k in pan, k
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags).data.metrics
     assert parent["eval/PQ"] == pytest.approx(final["PQ"])
+
+
+def _pan_eval(root, rank=0, world=1):
+    from updetr.runner import evaluate_weights
+
+    task = get_task(load_config(None, TINY_PAN + ["task=panoptic", f"data.path={root}", "panoptic.threshold=0.1"]))
+    torch.manual_seed(0)
+    model, _, post = task.build()
+    return evaluate_weights(task, model, post, torch.device("cpu"), rank=rank, world_size=world)
+
+
+def _ddp_worker(rank, world, init_file, root, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        torch.save(_pan_eval(root, rank, world), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_panoptic_evaluation_equals_single_process(pan_root, tmp_path):
+    import torch.multiprocessing as mp
+
+    single = _pan_eval(pan_root)
+    assert single["images"] == 3
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(pan_root), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for k in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st", "segm_AP", "images"):
+        assert r0[k] == r1[k] == single[k] or (math.isnan(single[k]) and math.isnan(r0[k])), k
