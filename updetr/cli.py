@@ -103,7 +103,7 @@ def cmd_eval(args) -> int:
 
     try:
         exp = load_experiment(args.experiment, args.overrides)
-        evals = [s for s in exp.stages if s.cfg.task in ("detect", "oneshot")]
+        evals = [s for s in exp.stages if s.cfg.task in ("detect", "oneshot", "panoptic")]
         if not evals:
             return fail(f"{args.experiment}: no detection or one-shot stage to take the evaluation split from")
         cfg = evals[-1].cfg

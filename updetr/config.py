@@ -115,12 +115,15 @@ class LossConfig(_Strict):
 class DataConfig(_Strict):
     """Where images come from and how they are batched (owner: `updetr.data`)."""
 
-    source: Literal["synthetic", "folder", "shards", "coco", "voc", "synthetic_coco", "synthetic_voc"] = Field(
+    source: Literal["synthetic", "folder", "shards", "coco", "voc", "synthetic_coco", "synthetic_voc",
+                    "coco_panoptic", "synthetic_panoptic"] = Field(
         "synthetic", description="Pre-training: synthetic | folder | shards; detection: coco | voc | "
                                  "synthetic_coco (a seeded shapes dataset written on first use under "
                                  "data.path, default <runtime.output_dir>/data/synthetic_coco-<seed>-<n>-<n val>-<sizes>); "
                                  "one-shot: voc | synthetic_voc (the same shapes in a VOC2007 layout, "
-                                 "trainval = synthetic_images, test = synthetic_val_images, written likewise).")
+                                 "trainval = synthetic_images, test = synthetic_val_images, written likewise); "
+                                 "panoptic (and detection of its things + stuff boxes): coco_panoptic | "
+                                 "synthetic_panoptic (seeded shapes on stuff regions, written on first use).")
     path: Optional[str] = Field(None, description="Image folder, shard dir, object-store URI or dataset root.")
     val_path: Optional[str] = Field(None, description="Evaluation split root / annotation (fine-tuning).")
     synthetic_images: int = Field(64, gt=0, description="Number of images in the built-in synthetic source.")
@@ -289,7 +292,24 @@ class TrackingConfig(_Strict):
     experiment: Optional[str] = Field(None, description="MLflow experiment name; None = the experiment name.")
 
 
-TASKS = ("pretrain", "detect", "oneshot")
+# ---- panoptic segmentation (task `panoptic`) ------------------------------------------------------------
+class PanopticConfig(_Strict):
+    """DETR's mask head on a frozen detector and its post-processing (owner: `updetr.tasks.panoptic`)."""
+
+    freeze_detector: bool = Field(True, description="Freeze every detector weight (DETR's --frozen_weights): only "
+                                                    "the mask head (bbox_attention, mask_head) trains.")
+    mask_loss: float = Field(1.0, ge=0, description="Weight of loss_mask (sigmoid focal loss; DETR mask_loss_coef).")
+    dice_loss: float = Field(1.0, ge=0, description="Weight of loss_dice (DETR dice_loss_coef).")
+    threshold: float = Field(0.85, gt=0, lt=1, description="PostProcessPanoptic: keep queries whose best "
+                                                           "non-empty class probability exceeds this.")
+    min_area: int = Field(4, ge=0, description="PostProcessPanoptic: drop segments of at most this many pixels "
+                                               "(at the processed size), then re-assign their pixels.")
+    mask_threshold: float = Field(0.5, gt=0, lt=1, description="PostProcessSegm: sigmoid threshold of the "
+                                                               "per-query masks scored by AP^seg.")
+# ---- end panoptic ----------------------------------------------------------------------------------------
+
+
+TASKS = ("pretrain", "detect", "oneshot", "panoptic")
 # The field was called `stage` before tasks existed; old YAMLs and overrides keep working.
 _LEGACY_STAGE = {"pretrain": "pretrain", "finetune": "detect"}
 
@@ -298,10 +318,11 @@ class ExperimentConfig(_Strict):
     """One experiment: a task plus every setting it needs."""
 
     name: str = Field("experiment", min_length=1, description="Experiment name (run names derive from it).")
-    task: Literal["pretrain", "detect", "oneshot"] = Field(
+    task: Literal["pretrain", "detect", "oneshot", "panoptic"] = Field(
         "pretrain", description="What is trained (updetr.tasks): pretrain = random query patch detection, "
                                 "detect = DETR detection fine-tuning / evaluation, oneshot = one-shot "
-                                "detection on VOC (paper Table 3). (`stage: finetune` is read as detect.)")
+                                "detection on VOC (paper Table 3), panoptic = DETR's mask head on a frozen "
+                                "detector, scored by PQ and AP^seg. (`stage: finetune` is read as detect.)")
     seed: int = Field(42, description="Run seed; every random draw derives from it.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Network architecture.")
     pretext: PretextConfig = Field(default_factory=PretextConfig, description="Random query patch detection.")
@@ -315,6 +336,7 @@ class ExperimentConfig(_Strict):
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray Train settings.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
     oneshot: OneShotConfig = Field(default_factory=OneShotConfig, description="One-shot detection (task oneshot).")
+    panoptic: PanopticConfig = Field(default_factory=PanopticConfig, description="Panoptic mask head.")
 
     @model_validator(mode="before")
     @classmethod
@@ -350,7 +372,8 @@ class ExperimentConfig(_Strict):
                 # Index num_classes is no-object: with 1 class, the patch label 1 would be no-object.
                 raise ValueError(f"model.num_classes ({self.model.num_classes}) must be >= 2 for pre-training "
                                  "(label 1 = patch; index num_classes is no-object)")
-            if self.data.source in ("coco", "voc", "synthetic_coco", "synthetic_voc"):
+            if self.data.source in ("coco", "voc", "synthetic_coco", "synthetic_voc", "coco_panoptic",
+                                    "synthetic_panoptic"):
                 raise ValueError(f"data.source '{self.data.source}' is a detection dataset; pre-training "
                                  "reads synthetic | folder | shards")
         elif self.task == "oneshot":
@@ -361,7 +384,10 @@ class ExperimentConfig(_Strict):
         elif self.data.source in ("synthetic", "folder", "shards"):
             raise ValueError(f"data.source '{self.data.source}' has no labels; detection reads coco | voc | "
                              "synthetic_coco")
-        if self.data.source in ("folder", "shards", "coco", "voc") and not self.data.path:
+        if self.task == "panoptic" and self.data.source not in ("coco_panoptic", "synthetic_panoptic"):
+            raise ValueError(f"data.source '{self.data.source}' has no segment maps; the panoptic task reads "
+                             "coco_panoptic | synthetic_panoptic")
+        if self.data.source in ("folder", "shards", "coco", "voc", "coco_panoptic") and not self.data.path:
             raise ValueError(f"data.path is required for data.source '{self.data.source}'")
         return self
 

@@ -26,7 +26,7 @@ EpochBatches = Callable[[int, int], Iterable[dict]]
 """`epoch_batches(epoch, skip)`: the batches of one epoch for this process, the first `skip` left out."""
 
 # Per-step metrics that are loss terms of the last decoder layer (unweighted), logged by name.
-MAIN_LOSSES = ("loss_ce", "loss_bbox", "loss_giou", "loss_feature")
+MAIN_LOSSES = ("loss_ce", "loss_bbox", "loss_giou", "loss_feature", "loss_mask", "loss_dice")
 
 
 @dataclass
@@ -77,10 +77,10 @@ def evaluate(model: nn.Module, postprocessors: dict, batches: Iterable[dict], ev
 
     Args:
         model: the bare model (not the DDP wrapper: evaluation needs no gradient sync).
-        postprocessors: `{'bbox': PostProcess}`; boxes are scaled to each target's `orig_size`.
+        postprocessors: the task's postprocessors (`{'bbox': PostProcess}`, + 'segm' / 'panoptic').
         batches: batch dicts of this rank's part of the evaluation split.
-        evaluator: accumulator with `update({image_id: {scores, labels, boxes}})`, `state()`, `merge(parts)`,
-            `summarize() -> dict` (updetr.eval.CocoEvaluator).
+        evaluator: accumulator with `add_batch(outputs, targets, postprocessors)`, `state()`, `merge(parts)`,
+            `summarize() -> dict` (updetr.eval.CocoEvaluator, PanopticEvaluator).
     Returns:
         the evaluator's metrics (AP, AP50, ...) plus `images` (all ranks), `seconds` (this rank's forward
         passes) and `gather_seconds`. Under torch.distributed every rank must call this; rank 0 merges
@@ -99,11 +99,8 @@ def evaluate(model: nn.Module, postprocessors: dict, batches: Iterable[dict], ev
             patches = batch.get("patches")  # query patches of tasks that take them (one-shot)
             with autocast_context(precision, device):
                 outputs = model(samples, patches.to(device)) if patches is not None else model(samples)
-            outputs = _to_float(outputs)
-            sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
-            results = postprocessors["bbox"](outputs, sizes)
-            evaluator.update({int(t["image_id"]): {k: v.cpu() for k, v in r.items()}
-                              for t, r in zip(targets, results)})
+            # the evaluator post-processes (boxes; masks and segment maps for panoptic) and accumulates
+            evaluator.add_batch(_to_float(outputs), targets, postprocessors)
             n_images += len(targets)
     finally:
         model.train(was_training)

@@ -30,7 +30,7 @@ def format_progress(name: str, state: TrainState, metrics: dict[str, float], tot
                     eta_s: Optional[float]) -> str:
     """One progress line: step, loss parts, speed, lr, ETA."""
     parts = [f"{k.removeprefix('loss_')} {metrics[k]:.3f}"
-             for k in ("loss_ce", "loss_bbox", "loss_giou", "loss_feature") if k in metrics]
+             for k in ("loss_ce", "loss_bbox", "loss_giou", "loss_feature", "loss_mask", "loss_dice") if k in metrics]
     step = f"{state.step}/{total}" if total else str(state.step)
     eta = format_eta(eta_s) if eta_s is not None else "?"
     return (f"[{name}] step {step} ep {state.epoch} | loss {metrics['loss']:.3f} ({' '.join(parts)}) | "

@@ -143,4 +143,4 @@ def test_num_boxes_all_reduced_over_processes(monkeypatch):
 
 def test_unknown_loss_rejected():
     with pytest.raises(ValueError, match="unknown losses"):
-        SetCriterion(2, HungarianMatcher(), {}, 0.1, ["masks"])
+        SetCriterion(2, HungarianMatcher(), {}, 0.1, ["segments"])

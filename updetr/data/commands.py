@@ -55,6 +55,13 @@ def _cmd_synth(args: argparse.Namespace) -> int:
             img_dir, ann = synthetic.write_coco_dataset(args.out_dir, n, seed=args.seed, split=split,
                                                         size_range=(args.min_size, args.max_size))
             print(f"wrote {n} images in {img_dir} and {ann}")
+    elif args.kind == "panoptic":
+        from updetr.data.synthetic_panoptic import write_panoptic_dataset
+
+        for split, n in (("train", args.n), ("val", max(1, args.n // 4))):
+            img_dir, ann, png_dir = write_panoptic_dataset(args.out_dir, n, seed=args.seed, split=split,
+                                                           size_range=(args.min_size, args.max_size))
+            print(f"wrote {n} images in {img_dir}, segment PNGs in {png_dir} and {ann}")
     else:
         base = synthetic.write_voc_dataset(args.out_dir, n_trainval=args.n, n_test=max(1, args.n // 4),
                                            seed=args.seed, size_range=(args.min_size, args.max_size))
@@ -81,10 +88,10 @@ def register(subparsers) -> None:
                    help="write in sorted path order instead (shards of a class-sorted folder then hold few classes)")
     s.set_defaults(func=_cmd_shard)
 
-    y = sub.add_parser("synth", help="write a synthetic dataset (images folder, COCO or VOC layout)")
+    y = sub.add_parser("synth", help="write a synthetic dataset (images folder, COCO, COCO panoptic or VOC layout)")
     y.add_argument("out_dir")
-    y.add_argument("--kind", choices=("images", "coco", "voc"), default="images")
-    y.add_argument("--n", type=int, default=64, help="images (train split for coco / voc)")
+    y.add_argument("--kind", choices=("images", "coco", "panoptic", "voc"), default="images")
+    y.add_argument("--n", type=int, default=64, help="images (train split for coco / panoptic / voc)")
     y.add_argument("--seed", type=int, default=0)
     y.add_argument("--min-size", type=int, default=96)
     y.add_argument("--max-size", type=int, default=160)

@@ -112,7 +112,11 @@ def build_detection_dataset(cfg, split: str) -> DetectionDataset:
         if counter:
             counter.log_summary(f"VOC {split} annotations")
         return DetectionDataset(root, coco, train, cfg.seed, params=cfg.detection)
-    raise ValueError(f"data.source '{d.source}' is not a detection dataset (coco | voc)")
+    if d.source in ("coco_panoptic", "synthetic_panoptic"):  # DETR's box stage of the panoptic recipe
+        from updetr.data.panoptic import build_panoptic_detection_dataset
+
+        return build_panoptic_detection_dataset(cfg, split)
+    raise ValueError(f"data.source '{d.source}' is not a detection dataset (coco | voc | coco_panoptic)")
 
 
 class _DetBatches(Dataset):

@@ -1,7 +1,8 @@
 """DETR's detection augmentation (hflip, multi-scale resize, random size crop) with an explicit numpy Generator.
 
 Targets use DETR's intermediate form: boxes float `[K, 4]` xyxy in absolute pixels of the current image,
-labels int64 `[K]`, area float `[K]`, iscrowd int64 `[K]`, size `[2]` (h, w). `normalize` finishes the
+labels int64 `[K]`, area float `[K]`, iscrowd int64 `[K]`, size `[2]` (h, w), and for panoptic data masks
+bool `[K, H, W]` (flipped, resized nearest and cropped with the image). `normalize` finishes the
 sample: image -> float `[3, H, W]` ImageNet-normalised, boxes -> cxcywh normalised by (W, H).
 Randomness: every draw uses the `rng` argument (seeded per (run seed, epoch, image id) by the dataset).
 """
@@ -31,6 +32,8 @@ def hflip(img: Image.Image, target: dict) -> tuple[Image.Image, dict]:
     target = dict(target)
     b = target["boxes"]
     target["boxes"] = b[:, [2, 1, 0, 3]] * torch.tensor([-1.0, 1.0, -1.0, 1.0]) + torch.tensor([w, 0.0, w, 0.0])
+    if "masks" in target:
+        target["masks"] = target["masks"].flip(-1)
     return img.transpose(Image.FLIP_LEFT_RIGHT), target
 
 
@@ -42,6 +45,10 @@ def resize(img: Image.Image, target: dict, size: int, max_size: Optional[int]) -
     target["boxes"] = target["boxes"] * torch.tensor([rw, rh, rw, rh], dtype=torch.float32)
     target["area"] = target["area"] * (rw * rh)
     target["size"] = torch.tensor([oh, ow], dtype=torch.int64)
+    if "masks" in target:  # DETR: nearest interpolation of the float masks, then > 0.5
+        m = target["masks"]
+        target["masks"] = (torch.nn.functional.interpolate(m[:, None].float(), size=(oh, ow), mode="nearest")[:, 0]
+                           > 0.5) if m.shape[0] else m.new_zeros((0, oh, ow))
     return img.resize((ow, oh), Image.BILINEAR), target
 
 
@@ -53,7 +60,9 @@ def crop(img: Image.Image, target: dict, top: int, left: int, h: int, w: int) ->
     keep = (b[:, 1, :] > b[:, 0, :]).all(dim=1)
     target["area"] = (b[:, 1, :] - b[:, 0, :]).prod(dim=1)
     target["boxes"] = b.reshape(-1, 4)
-    for k in ("boxes", "labels", "area", "iscrowd"):
+    if "masks" in target:
+        target["masks"] = target["masks"][:, top: top + h, left: left + w]
+    for k in ("boxes", "labels", "area", "iscrowd", "masks"):
         if k in target:
             target[k] = target[k][keep]
     target["size"] = torch.tensor([h, w], dtype=torch.int64)

@@ -39,6 +39,14 @@ def to_coco_results(predictions: Mapping[int, Mapping[str, torch.Tensor]]) -> li
     return out
 
 
+def box_predictions(outputs: dict, targets: list[dict], postprocessors: dict) -> dict[int, dict[str, torch.Tensor]]:
+    """`{image_id: {scores [Q], labels [Q], boxes [Q, 4] xyxy pixels}}` of one batch: postprocessors['bbox']
+    scales `pred_boxes` to each target's `orig_size` (what box evaluators accumulate)."""
+    sizes = torch.stack([t["orig_size"] for t in targets]).to(outputs["pred_boxes"].device)
+    results = postprocessors["bbox"](outputs, sizes)
+    return {int(t["image_id"]): {k: v.cpu() for k, v in r.items()} for t, r in zip(targets, results)}
+
+
 class CocoEvaluator:
     """Accumulate detections of images of `coco_gt`, then score them with COCOeval (iouType 'bbox')."""
 
@@ -46,6 +54,10 @@ class CocoEvaluator:
         self.coco_gt = coco_gt
         self.img_ids: list[int] = []
         self.results: list[dict] = []
+
+    def add_batch(self, outputs: dict, targets: list[dict], postprocessors: dict) -> None:
+        """One batch of model outputs: boxes scaled to each target's `orig_size` by postprocessors['bbox']."""
+        self.update(box_predictions(outputs, targets, postprocessors))
 
     def update(self, predictions: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
         unknown = [i for i in predictions if int(i) not in self.coco_gt.imgs]
@@ -96,13 +108,14 @@ class CocoEvaluator:
 
 
 def format_table(metrics: Mapping[str, float], title: str = "") -> str:
-    """The COCO summary as a small two-line table (values in %, -1 shown as n/a); one-shot metrics
-    (`updetr.eval.oneshot_eval`) as Table 3's per-class row."""
+    """The COCO (box) or panoptic (PQ ... AP^seg) summary as a small two-line table (values in %, -1 and NaN
+    shown as n/a); one-shot metrics (`updetr.eval.oneshot_eval`) as Table 3's per-class row."""
     from updetr.eval.oneshot_eval import format_oneshot_table, is_oneshot_metrics
+    from updetr.eval.panoptic_eval import PANOPTIC_METRICS
 
     if is_oneshot_metrics(metrics):
         return format_oneshot_table(metrics, title)
-    names = [n for n in COCO_METRICS if n in metrics]
+    names = [n for n in (*COCO_METRICS, *PANOPTIC_METRICS) if n in metrics]
     head = " ".join(f"{n:>6}" for n in names)
-    vals = " ".join(f"{'n/a':>6}" if metrics[n] < 0 else f"{100 * metrics[n]:6.2f}" for n in names)
+    vals = " ".join(f"{'n/a':>6}" if not metrics[n] >= 0 else f"{100 * metrics[n]:6.2f}" for n in names)
     return (f"{title}\n" if title else "") + f"  {head}\n  {vals}"

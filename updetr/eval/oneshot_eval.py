@@ -25,7 +25,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from updetr.eval.coco_eval import EvalError, to_coco_results
+from updetr.eval.coco_eval import EvalError, box_predictions, to_coco_results
 
 # Table 3's columns, left to right (VOC names; the paper's short labels below).
 PAPER_SEEN_ORDER = ("pottedplant", "sofa", "tvmonitor", "car", "bottle", "boat", "chair", "person", "bus", "train",
@@ -78,6 +78,10 @@ class OneShotEvaluator:
         self.skipped = dict(skipped or {})
         self.episode_ids: list[int] = []
         self.results: list[dict] = []
+
+    def add_batch(self, outputs: dict, targets: list[dict], postprocessors: dict) -> None:
+        """One batch of episodes (each target's `image_id` is its episode number): boxes to `orig_size`."""
+        self.update(box_predictions(outputs, targets, postprocessors))
 
     def update(self, predictions: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
         """`{episode number: {scores [N], labels [N], boxes [N, 4] xyxy pixels of the target image}}`."""

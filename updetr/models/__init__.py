@@ -14,7 +14,7 @@ from updetr.models.transformer import Transformer, build_transformer
 from updetr.models.updetr import UPDETR, build_group_attention_mask, patch_keep_mask
 
 __all__ = [
-    "build_model", "build_weight_dict", "build_criterion", "build_updetr", "build_detr",
+    "build_model", "build_weight_dict", "build_criterion", "build_updetr", "build_detr", "build_detr_segm",
     "Backbone", "FrozenBatchNorm2d", "Joiner", "SetCriterion", "DETR", "UPDETR", "HungarianMatcher", "MLP",
     "PostProcess", "Transformer", "build_group_attention_mask", "patch_keep_mask",
 ]
@@ -33,25 +33,31 @@ def build_weight_dict(cfg: ExperimentConfig, feature: bool = False) -> dict[str,
     return weight_dict
 
 
-def _backbone_and_transformer(cfg: ExperimentConfig):
+def _backbone_and_transformer(cfg: ExperimentConfig, return_interm_layers: bool = False):
     """The CNN is fully frozen when `model.freeze_backbone` or `optim.lr_backbone == 0` (DETR trains the
     backbone only when lr_backbone > 0); otherwise layers 2-4 train. Nothing is downloaded."""
     m = cfg.model
     freeze = m.freeze_backbone or cfg.optim.lr_backbone == 0
     backbone = build_backbone(m.backbone, m.hidden_dim, m.position_embedding, train_backbone=not freeze,
                               dilation=m.dilation, weights=m.backbone_weights,
-                              fold_bn=cfg.runtime.fold_frozen_bn, channels_last=cfg.runtime.channels_last)
+                              fold_bn=cfg.runtime.fold_frozen_bn, channels_last=cfg.runtime.channels_last,
+                              return_interm_layers=return_interm_layers)
     transformer = build_transformer(m.hidden_dim, m.nheads, m.enc_layers, m.dec_layers, m.dim_feedforward,
                                     m.dropout, m.pre_norm)
     return backbone, transformer, freeze
 
 
-def build_criterion(cfg: ExperimentConfig, num_classes: int, feature: bool = False) -> SetCriterion:
-    """Hungarian matcher + SetCriterion (labels, boxes, cardinality; + feature reconstruction)."""
+def build_criterion(cfg: ExperimentConfig, num_classes: int, feature: bool = False,
+                    masks: bool = False) -> SetCriterion:
+    """Hungarian matcher + SetCriterion (labels, boxes, cardinality; + feature reconstruction; + masks with
+    weights panoptic.mask_loss / panoptic.dice_loss, last decoder layer only, as DETR)."""
     matcher = HungarianMatcher(cost_class=cfg.loss.set_cost_class, cost_bbox=cfg.loss.set_cost_bbox,
                                cost_giou=cfg.loss.set_cost_giou)
-    losses = ["labels", "boxes", "cardinality"] + (["feature"] if feature else [])
-    return SetCriterion(num_classes, matcher, build_weight_dict(cfg, feature), cfg.loss.eos_coef, losses)
+    losses = ["labels", "boxes", "cardinality"] + (["feature"] if feature else []) + (["masks"] if masks else [])
+    weight_dict = build_weight_dict(cfg, feature)
+    if masks:
+        weight_dict.update({"loss_mask": cfg.panoptic.mask_loss, "loss_dice": cfg.panoptic.dice_loss})
+    return SetCriterion(num_classes, matcher, weight_dict, cfg.loss.eos_coef, losses)
 
 
 def build_updetr(cfg: ExperimentConfig, num_classes: int = 2) -> tuple[nn.Module, SetCriterion, dict]:
@@ -71,6 +77,21 @@ def build_detr(cfg: ExperimentConfig, num_classes: int) -> tuple[nn.Module, SetC
     backbone, transformer, _ = _backbone_and_transformer(cfg)
     model = DETR(backbone, transformer, num_classes=num_classes, num_queries=m.num_queries, aux_loss=m.aux_loss)
     return model, build_criterion(cfg, num_classes), {"bbox": PostProcess()}
+
+
+def build_detr_segm(cfg: ExperimentConfig, num_classes: int, is_thing: dict[int, bool]):
+    """DETR + mask head (panoptic): the detector frozen unless panoptic.freeze_detector is false.
+    Postprocessors: 'bbox' (boxes), 'segm' (per-query masks, AP^seg), 'panoptic' (one segment map)."""
+    from updetr.models.panoptic_postprocess import PostProcessPanoptic, PostProcessSegm
+    from updetr.models.segmentation import DETRsegm
+
+    m, p = cfg.model, cfg.panoptic
+    backbone, transformer, _ = _backbone_and_transformer(cfg, return_interm_layers=True)
+    detr = DETR(backbone, transformer, num_classes=num_classes, num_queries=m.num_queries, aux_loss=m.aux_loss)
+    model = DETRsegm(detr, freeze_detr=p.freeze_detector)
+    post = {"bbox": PostProcess(), "segm": PostProcessSegm(p.mask_threshold),
+            "panoptic": PostProcessPanoptic(is_thing, p.threshold, p.min_area)}
+    return model, build_criterion(cfg, num_classes, masks=True), post
 
 
 def build_model(cfg: ExperimentConfig) -> tuple[nn.Module, SetCriterion, dict[str, nn.Module]]:

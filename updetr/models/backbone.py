@@ -95,17 +95,20 @@ def _folded_block(block: nn.Module, x: Tensor) -> Tensor:
     return F.relu(out, inplace=True)
 
 
-def folded_resnet_forward(body: nn.Module, x: Tensor) -> Tensor:
+def folded_resnet_forward(body: nn.Module, x: Tensor, all_layers: bool = False):
     """`body(x)['0']` (ResNet stem + layer1-4) with FrozenBatchNorm folded into the convolutions.
 
     `x [B, 3, H, W]` -> `[B, Cb, H/32, W/32]`; keeps x's memory format (channels-last in, channels-last out).
+    `all_layers`: the list of layer1..layer4 outputs (strides 4, 8, 16, 32) instead.
     """
     x = F.relu(folded_conv_bn(x, body.conv1, body.bn1), inplace=True)
     x = body.maxpool(x)
+    outs = []
     for layer in (body.layer1, body.layer2, body.layer3, body.layer4):
         for block in layer:
             x = _folded_block(block, x)
-    return x
+        outs.append(x)
+    return outs if all_layers else x
 
 
 def _foldable(body: nn.Module) -> bool:
@@ -208,7 +211,7 @@ class Backbone(nn.Module):
 
     def __init__(self, name: str, train_backbone: bool, dilation: bool = False,
                  weights: Optional[Union[str, Path]] = None, fold_bn: bool = False,
-                 channels_last: bool = False):
+                 channels_last: bool = False, return_interm_layers: bool = False):
         super().__init__()
         if name not in RESNET_CHANNELS:
             raise ValueError(f"unknown backbone '{name}' (expected one of {sorted(RESNET_CHANNELS)})")
@@ -223,7 +226,11 @@ class Backbone(nn.Module):
         for pname, p in resnet.named_parameters():
             if not train_backbone or ("layer2" not in pname and "layer3" not in pname and "layer4" not in pname):
                 p.requires_grad_(False)
-        self.body = IntermediateLayerGetter(resnet, return_layers={"layer4": "0"})
+        # DETR's masks path also returns layer1-3 (keys "0".."3", strides 4..32) for the mask head's FPN;
+        # the state-dict keys are the same either way.
+        layers = ("layer1", "layer2", "layer3", "layer4") if return_interm_layers else ("layer4",)
+        self.body = IntermediateLayerGetter(resnet, return_layers={n: str(i) for i, n in enumerate(layers)})
+        self.return_interm_layers = return_interm_layers
         self.num_channels = RESNET_CHANNELS[name]
         self.fold_bn = fold_bn
         self.channels_last = channels_last
@@ -245,11 +252,11 @@ class Backbone(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.fold_bn:
-            out = folded_resnet_forward(self.body, x)
-        else:
-            # Weights follow the input's layout per call; the module's own tensors stay as loaded.
-            out = self.body(x)["0"]
-        return {"0": out.contiguous()}
+            outs = folded_resnet_forward(self.body, x, all_layers=True)
+            outs = outs if self.return_interm_layers else outs[-1:]
+            return {str(i): o.contiguous() for i, o in enumerate(outs)}
+        # Weights follow the input's layout per call; the module's own tensors stay as loaded.
+        return {k: o.contiguous() for k, o in self.body(x).items()}
 
     def forward(self, x: Union[NestedTensor, Tensor]) -> Union[dict[str, NestedTensor], dict[str, Tensor]]:
         """NestedTensor -> {'0': NestedTensor([B, Cb, H/32, W/32], mask)}; Tensor `[B,3,H,W]` -> {'0': map}."""
@@ -293,7 +300,9 @@ class Joiner(nn.Sequential):
 
 def build_backbone(name: str, hidden_dim: int, position_embedding: str = "sine", train_backbone: bool = False,
                    dilation: bool = False, weights: Optional[Union[str, Path]] = None, fold_bn: bool = False,
-                   channels_last: bool = False) -> Joiner:
-    """Backbone + position encoding joined; `.num_channels` is 512 (r18/34) or 2048 (r50/101)."""
-    body = Backbone(name, train_backbone, dilation, weights, fold_bn=fold_bn, channels_last=channels_last)
+                   channels_last: bool = False, return_interm_layers: bool = False) -> Joiner:
+    """Backbone + position encoding joined; `.num_channels` is 512 (r18/34) or 2048 (r50/101).
+    `return_interm_layers`: the Joiner returns layer1..layer4 maps (and their encodings), the last one last."""
+    body = Backbone(name, train_backbone, dilation, weights, fold_bn=fold_bn, channels_last=channels_last,
+                    return_interm_layers=return_interm_layers)
     return Joiner(body, build_position_encoding(position_embedding, hidden_dim))

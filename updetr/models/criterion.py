@@ -14,7 +14,7 @@ Indices = list[tuple[Tensor, Tensor]]
 
 # Which weighted loss keys each loss name produces (a loss whose keys all weigh 0 is skipped).
 LOSS_KEYS = {"labels": ("loss_ce",), "boxes": ("loss_bbox", "loss_giou"), "cardinality": (),
-             "feature": ("loss_feature",)}
+             "feature": ("loss_feature",), "masks": ("loss_mask", "loss_dice")}
 
 
 def _dist_ready() -> bool:
@@ -25,7 +25,7 @@ class SetCriterion(nn.Module):
     """Hungarian-matched losses. `weight_dict` is applied by the caller (total = sum loss * weight).
 
     Loss names: 'labels' (loss_ce, class_error), 'boxes' (loss_bbox, loss_giou), 'cardinality'
-    (cardinality_error, logging only), 'feature' (loss_feature). Aux layers are re-matched and get `_{i}`.
+    (cardinality_error, logging only), 'feature' (loss_feature), 'masks' (loss_mask, loss_dice; last layer only). Aux layers are re-matched and get `_{i}`.
     """
 
     def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: dict[str, float], eos_coef: float,
@@ -127,9 +127,34 @@ class SetCriterion(nn.Module):
         loss_feature = F.mse_loss(src_feature, target_feature, reduction="none")
         return {"loss_feature": loss_feature.sum() / num_boxes}
 
+    def loss_masks(self, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float,
+                   suffix: str = "") -> dict[str, Tensor]:
+        """Focal (loss_mask) and dice (loss_dice) losses of matched masks (DETR's segmentation recipe).
+
+        `pred_masks [B, N, h, w]` (stride 4 of the padded batch) is upsampled bilinearly to the padded batch
+        size of the targets' `masks [T_b, H_b, W_b]` (bool, zero-padded bottom/right like the images).
+        """
+        src_idx = self._get_src_permutation_idx(indices)
+        src_masks = outputs["pred_masks"][src_idx].float()  # [T, h, w]
+        hm = max(int(t["masks"].shape[-2]) for t in targets)
+        wm = max(int(t["masks"].shape[-1]) for t in targets)
+        parts = []
+        for t, (_, j) in zip(targets, indices):
+            m = t["masks"][j.to(t["masks"].device)]
+            parts.append(F.pad(m.float(), (0, wm - m.shape[-1], 0, hm - m.shape[-2])))
+        target_masks = torch.cat(parts).to(src_masks.device) if parts else src_masks.new_zeros(0, hm, wm)
+        if src_masks.shape[0] == 0:  # nothing matched: zero losses that keep the graph
+            zero = outputs["pred_masks"].sum() * 0.0
+            return {"loss_mask": zero, "loss_dice": zero}
+        src = F.interpolate(src_masks[:, None], size=(hm, wm), mode="bilinear", align_corners=False)[:, 0]
+        src, tgt = src.flatten(1), target_masks.flatten(1)
+        from updetr.models.segmentation import dice_loss, sigmoid_focal_loss
+
+        return {"loss_mask": sigmoid_focal_loss(src, tgt, num_boxes), "loss_dice": dice_loss(src, tgt, num_boxes)}
+
     def _loss_fn(self, name: str) -> Callable[..., dict[str, Tensor]]:
         return {"labels": self.loss_labels, "cardinality": self.loss_cardinality, "boxes": self.loss_boxes,
-                "feature": self.loss_feature}[name]
+                "feature": self.loss_feature, "masks": self.loss_masks}[name]
 
     # -- forward ---------------------------------------------------------------------------------------------
     def num_boxes(self, targets: list[dict], device) -> float:
@@ -163,6 +188,8 @@ class SetCriterion(nn.Module):
             suffix = f"_{i}"
             aux_indices = self.matcher(aux_outputs, targets)
             for name in self.losses:
+                if name == "masks":  # DETR: intermediate layers have no masks (too costly)
+                    continue
                 kwargs = {"log": False} if name == "labels" else {}  # class_error only for the last layer
                 l_dict = self._loss_fn(name)(aux_outputs, targets, aux_indices, num_boxes, suffix=suffix, **kwargs)
                 losses.update({k + suffix: v for k, v in l_dict.items()})

@@ -5,8 +5,7 @@ updetr branches on it. A task owns its model / criterion / postprocessors, its t
     pretrain  random query patch detection (UP-DETR pre-training; no evaluation split)
     detect    DETR object detection: fine-tuning from pre-trained weights, or from scratch; COCO-style AP
     oneshot   one-shot detection on VOC (a query patch of a class from another image); AP50 per class, seen / unseen
-
-One-shot detection and panoptic segmentation plug in here as further `Task` subclasses.
+    panoptic  DETR's mask head on a frozen detector (the detect stage's weights); PQ / SQ / RQ and AP^seg
 """
 from __future__ import annotations
 
@@ -14,7 +13,8 @@ from updetr.config import ExperimentConfig
 from updetr.tasks.base import InitError, InitReport, Task
 
 _REGISTRY = {"pretrain": "updetr.tasks.pretrain:PretrainTask", "detect": "updetr.tasks.detect:DetectTask",
-             "oneshot": "updetr.tasks.oneshot:OneShotTask"}
+             "oneshot": "updetr.tasks.oneshot:OneShotTask",
+             "panoptic": "updetr.tasks.panoptic:PanopticTask"}
 
 
 def get_task(cfg: ExperimentConfig) -> Task:

@@ -22,32 +22,56 @@ class DatasetError(ValueError):
     """A detection dataset that cannot be used; the message names the file and the reason."""
 
 
+SYNTHETIC_SOURCES = ("synthetic_coco", "synthetic_panoptic")
+
+
 def synthetic_coco_root(cfg) -> Path:
+    """Where data.source synthetic_coco / synthetic_panoptic is written: data.path, or a folder under
+    <runtime.output_dir>/data named by the source, seed, image counts and sizes."""
     d = cfg.data
     if d.path:
         return Path(d.path).expanduser().resolve()
     return (Path(cfg.runtime.output_dir) / "data"
-            / (f"synthetic_coco-{cfg.seed}-{d.synthetic_images}-{d.synthetic_val_images}"
+            / (f"{d.source}-{cfg.seed}-{d.synthetic_images}-{d.synthetic_val_images}"
                f"-{d.synthetic_size[0]}x{d.synthetic_size[1]}")).resolve()
 
 
 def ensure_synthetic_coco(cfg) -> Path:
-    """Write the seeded shapes dataset (train + val splits, real JPEGs + COCO json) once; atomic."""
+    """Write the seeded synthetic dataset of data.source (train + val splits: real JPEGs + COCO detection
+    json, or + panoptic PNGs and json) once; atomic (written aside, then renamed into place)."""
     from updetr.data.synthetic import write_coco_dataset
+    from updetr.data.synthetic_panoptic import write_panoptic_dataset
 
     root = synthetic_coco_root(cfg)
-    if (root / "annotations" / "instances_val.json").is_file():
+    panoptic = cfg.data.source == "synthetic_panoptic"
+    marker = root / "annotations" / ("panoptic_val.json" if panoptic else "instances_val.json")
+    if marker.is_file():
         return root
+    write = write_panoptic_dataset if panoptic else write_coco_dataset
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     lo, hi = cfg.data.synthetic_size
-    write_coco_dataset(tmp, cfg.data.synthetic_images, seed=cfg.seed, size_range=(lo, hi), split="train")
-    write_coco_dataset(tmp, cfg.data.synthetic_val_images, seed=cfg.seed + 1, size_range=(lo, hi), split="val")
+    write(tmp, cfg.data.synthetic_images, seed=cfg.seed, size_range=(lo, hi), split="train")
+    write(tmp, cfg.data.synthetic_val_images, seed=cfg.seed + 1, size_range=(lo, hi), split="val")
     try:
         tmp.rename(root)
     except OSError:  # another process finished first: use its copy
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def resolve_data_paths(cfg):
+    """The config with absolute data paths (Ray Train workers chdir into Ray's session folder), a synthetic
+    source written first."""
+    if cfg.data.source in SYNTHETIC_SOURCES:
+        root = ensure_synthetic_coco(cfg)
+        return cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(root)})})
+    if cfg.data.path and "://" not in cfg.data.path:
+        upd = {"path": str(Path(cfg.data.path).expanduser().resolve())}
+        if cfg.data.val_path:
+            upd["val_path"] = str(Path(cfg.data.val_path).expanduser().resolve())
+        return cfg.model_copy(update={"data": cfg.data.model_copy(update=upd)})
+    return cfg
 
 
 class DetectTask(Task):
@@ -60,16 +84,7 @@ class DetectTask(Task):
 
     # -- data
     def prepare(self):
-        cfg = super().prepare()
-        if cfg.data.source == "synthetic_coco":
-            root = ensure_synthetic_coco(cfg)
-            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(root)})})
-        elif cfg.data.path and "://" not in cfg.data.path:
-            # Ray Train workers chdir into Ray's session folder: hand them absolute paths.
-            upd = {"path": str(Path(cfg.data.path).expanduser().resolve())}
-            if cfg.data.val_path:
-                upd["val_path"] = str(Path(cfg.data.val_path).expanduser().resolve())
-            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update=upd)})
+        cfg = resolve_data_paths(super().prepare())
         self.cfg = cfg
         self._datasets = {}
         self.dataset("train")  # fail here, in one line, before any worker starts
@@ -81,7 +96,7 @@ class DetectTask(Task):
             from updetr.data.detection import build_detection_dataset
 
             cfg = self.cfg
-            if cfg.data.source == "synthetic_coco":  # written on first use (atomic), under data.path if set
+            if cfg.data.source in SYNTHETIC_SOURCES:  # written on first use (atomic), under data.path if set
                 cfg = cfg.model_copy(update={"data": cfg.data.model_copy(
                     update={"path": str(ensure_synthetic_coco(cfg))})})
             try:
