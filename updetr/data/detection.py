@@ -16,11 +16,10 @@ import numpy as np
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
-from updetr.data import skips
 from updetr.data.coco import coco_from_dict, coco_split_paths, coco_target, load_coco, num_classes_of
 from updetr.data.collate import collate_detection
 from updetr.data.detection_transforms import make_detection_transforms, normalize
-from updetr.data.image_io import BadImage, decode_rgb
+from updetr.data.image_io import BadImage, read_rgb
 from updetr.data.local_loader import iter_loader, rank_batches
 from updetr.data.seeding import numpy_rng
 from updetr.data.skips import SkipCounter
@@ -58,13 +57,7 @@ class DetectionDataset(Dataset):
         info = self.coco.imgs[image_id]
         path = self.img_root / info["file_name"]
         try:
-            try:
-                data = path.read_bytes()
-            except FileNotFoundError:
-                raise BadImage(skips.MISSING_FILE, str(path)) from None
-            except OSError as e:
-                raise BadImage(skips.UNREADABLE, f"{path}: {e}") from None
-            img = decode_rgb(data, counter)
+            img = read_rgb(path, counter)
         except BadImage as e:
             counter.add(e.reason)
             return {"image": None, "target": None, "events": counter.total}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -123,3 +124,14 @@ def decode_rgb(data: bytes, counter: Optional[SkipCounter] = None) -> Image.Imag
     img = open_image(data)
     load_pixels(img)
     return to_rgb(img, counter)
+
+
+def read_rgb(path: Path, counter: Optional[SkipCounter] = None) -> Image.Image:
+    """Read and fully decode an image file to RGB. Raises BadImage (missing file, unreadable, undecodable)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise BadImage(skips.MISSING_FILE, str(path)) from None
+    except OSError as e:
+        raise BadImage(skips.UNREADABLE, f"{path}: {e}") from None
+    return decode_rgb(data, counter)

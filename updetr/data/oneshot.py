@@ -24,7 +24,7 @@ from updetr.data import skips
 from updetr.data.coco import coco_target
 from updetr.data.collate import collate_detection
 from updetr.data.detection_transforms import make_detection_transforms, normalize
-from updetr.data.image_io import BadImage, decode_rgb
+from updetr.data.image_io import BadImage, read_rgb
 from updetr.data.local_loader import iter_loader, rank_batches
 from updetr.data.oneshot_pairs import Episode
 from updetr.data.pretext import resize_u8
@@ -58,13 +58,7 @@ class OneShotDataset:
 
     def _read(self, image_id: int, counter: SkipCounter):
         path = self.img_root / self.coco.imgs[image_id]["file_name"]
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise BadImage(skips.MISSING_FILE, str(path)) from None
-        except OSError as e:
-            raise BadImage(skips.UNREADABLE, f"{path}: {e}") from None
-        return decode_rgb(data, counter)
+        return read_rgb(path, counter)
 
     def load(self, number: int, ep: Episode, epoch: int = 0) -> dict:
         """dict(image, target, patch, events); image/target/patch None for a bad item (events say why)."""

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from updetr.data import skips
 from updetr.data.coco import coco_from_dict
 from updetr.data.detection_transforms import make_detection_transforms, normalize
-from updetr.data.image_io import BadImage, decode_rgb
+from updetr.data.image_io import BadImage, read_rgb
 from updetr.data.seeding import numpy_rng
 from updetr.data.skips import SkipCounter
 
@@ -190,13 +190,7 @@ class PanopticDataset(Dataset):
         info = self.pan.images[image_id]
         path = self.img_root / info["file_name"]
         try:
-            try:
-                data = path.read_bytes()
-            except FileNotFoundError:
-                raise BadImage(skips.MISSING_FILE, str(path)) from None
-            except OSError as e:
-                raise BadImage(skips.UNREADABLE, f"{path}: {e}") from None
-            img = decode_rgb(data, counter)
+            img = read_rgb(path, counter)
             target = self._target(image_id, img.size, with_masks=self.train)
         except (BadImage, BadPanoptic) as e:
             if isinstance(e, BadPanoptic):

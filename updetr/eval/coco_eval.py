@@ -12,7 +12,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from pycocotools.coco import COCO
@@ -37,6 +37,16 @@ def to_coco_results(predictions: Mapping[int, Mapping[str, torch.Tensor]]) -> li
             out.append({"image_id": int(image_id), "category_id": int(label), "bbox": [float(v) for v in box],
                         "score": float(score)})
     return out
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """Write `obj` as JSON to `path` via a temporary file and a rename, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+    return path
 
 
 def box_predictions(outputs: dict, targets: list[dict], postprocessors: dict) -> dict[int, dict[str, torch.Tensor]]:
@@ -99,12 +109,7 @@ class CocoEvaluator:
 
     def write_results(self, path: str | os.PathLike) -> Path:
         """The accumulated detections as a COCO results JSON file (atomic)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.results))
-        os.replace(tmp, path)
-        return path
+        return write_json_atomic(path, self.results)
 
 
 def format_table(metrics: Mapping[str, float], title: str = "") -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -25,7 +24,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from updetr.eval.coco_eval import EvalError, box_predictions, to_coco_results
+from updetr.eval.coco_eval import EvalError, box_predictions, to_coco_results, write_json_atomic
 
 # Table 3's columns, left to right (VOC names; the paper's short labels below).
 PAPER_SEEN_ORDER = ("pottedplant", "sofa", "tvmonitor", "car", "bottle", "boat", "chair", "person", "bus", "train",
@@ -140,12 +139,7 @@ class OneShotEvaluator:
 
     def write_results(self, path: str | os.PathLike) -> Path:
         """The detections as a COCO results JSON (image id, class = the episode's, box, match score); atomic."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.results))
-        os.replace(tmp, path)
-        return path
+        return write_json_atomic(path, self.results)
 
 
 def is_oneshot_metrics(metrics: Mapping[str, float]) -> bool:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import warnings
 from pathlib import Path
@@ -28,7 +27,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from updetr.data.coco import coco_from_dict
-from updetr.eval.coco_eval import EvalError
+from updetr.eval.coco_eval import EvalError, write_json_atomic
 
 # reported names, in Table 4's column order
 PANOPTIC_METRICS = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st", "segm_AP")
@@ -189,9 +188,4 @@ class PanopticEvaluator:
 
     def write_results(self, path: str | os.PathLike) -> Path:
         """The accumulated per-query masks as a COCO segm results JSON (atomic)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.results))
-        os.replace(tmp, path)
-        return path
+        return write_json_atomic(path, self.results)
