@@ -93,28 +93,37 @@ class DetectTask(Task):
     def dataset(self, split: str):
         """The train / val `DetectionDataset` (annotation index only; images are read per batch)."""
         if split not in self._datasets:
-            from updetr.data.detection import build_detection_dataset
-
             cfg = self.cfg
             if cfg.data.source in SYNTHETIC_SOURCES:  # written on first use (atomic), under data.path if set
                 cfg = cfg.model_copy(update={"data": cfg.data.model_copy(
                     update={"path": str(ensure_synthetic_coco(cfg))})})
             try:
-                ds = build_detection_dataset(cfg, split)
+                ds = self._build_dataset(cfg, split)
             except FileNotFoundError as e:
                 raise DatasetError(f"data ({split} split): {e.args[0] if e.args else e}") from None
             except (ValueError, KeyError, TypeError) as e:
-                raise DatasetError(f"data ({split} split): bad annotation file: {type(e).__name__}: {e}") from None
+                raise DatasetError(f"data ({split} split): bad {self._annotation_kind}: {type(e).__name__}: "
+                                   f"{e}") from None
             if len(ds) == 0:
                 raise DatasetError(f"data ({split} split) under {cfg.data.val_path or cfg.data.path}: "
                                    "no images listed")
             n = self.num_classes(ds)
-            bad = sorted(c for c in ds.coco.getCatIds() if c >= n or c < 0)
+            bad = sorted(c for c in self._category_ids(ds) if c >= n or c < 0)
             if bad:
                 raise DatasetError(f"data ({split} split): category id(s) {bad[:5]} outside model.num_classes "
                                    f"= {n} (ids must be < num_classes; DETR's rule is max id + 1)")
             self._datasets[split] = ds
         return self._datasets[split]
+
+    _annotation_kind = "annotation file"     # named in the error for an annotation file that cannot be parsed
+
+    def _build_dataset(self, cfg, split: str):
+        from updetr.data.detection import build_detection_dataset
+
+        return build_detection_dataset(cfg, split)
+
+    def _category_ids(self, ds) -> list[int]:
+        return ds.coco.getCatIds()
 
     def num_classes(self, ds=None) -> int:
         if self.cfg.model.num_classes is not None:

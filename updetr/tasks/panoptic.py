@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from updetr.checkpoint import strip_prefixes
 from updetr.tasks.base import InitError, InitReport, load_weights
-from updetr.tasks.detect import DatasetError, DetectTask, ensure_synthetic_coco
+from updetr.tasks.detect import DetectTask
 
 MASK_HEAD = ("bbox_attention.", "mask_head.")
 
@@ -19,31 +19,16 @@ class PanopticTask(DetectTask):
     name = "panoptic"
     has_eval = True
 
-    def dataset(self, split: str):
-        """The train / val `PanopticDataset` (JSON index only; images and PNGs are read per batch)."""
-        if split not in self._datasets:
-            from updetr.data.panoptic import build_panoptic_dataset
+    _annotation_kind = "panoptic annotation"
 
-            cfg = self.cfg
-            if cfg.data.source == "synthetic_panoptic":
-                cfg = cfg.model_copy(update={"data": cfg.data.model_copy(
-                    update={"path": str(ensure_synthetic_coco(cfg))})})
-            try:
-                ds = build_panoptic_dataset(cfg, split)
-            except FileNotFoundError as e:
-                raise DatasetError(f"data ({split} split): {e.args[0] if e.args else e}") from None
-            except (ValueError, KeyError, TypeError) as e:
-                raise DatasetError(f"data ({split} split): bad panoptic annotation: {type(e).__name__}: {e}") from None
-            if len(ds) == 0:
-                raise DatasetError(f"data ({split} split) under {cfg.data.val_path or cfg.data.path}: "
-                                   "no images listed")
-            n = self.num_classes(ds)
-            bad = sorted(c for c in ds.pan.categories if c >= n or c < 0)
-            if bad:
-                raise DatasetError(f"data ({split} split): category id(s) {bad[:5]} outside model.num_classes "
-                                   f"= {n} (ids must be < num_classes; DETR's rule is max id + 1)")
-            self._datasets[split] = ds
-        return self._datasets[split]
+    def _build_dataset(self, cfg, split: str):
+        """The train / val `PanopticDataset` (JSON index only; images and PNGs are read per batch)."""
+        from updetr.data.panoptic import build_panoptic_dataset
+
+        return build_panoptic_dataset(cfg, split)
+
+    def _category_ids(self, ds) -> list[int]:
+        return list(ds.pan.categories)
 
     def evaluator(self):
         from updetr.eval.panoptic_eval import PanopticEvaluator
