@@ -208,8 +208,8 @@ class RuntimeConfig(_Strict):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (CUDA only).")
     output_dir: str = Field("runs", description="Local runs folder (checkpoints, resolved config).")
     threads: Optional[int] = Field(None, gt=0, description="torch intra-op threads; None = torch default.")
-    # Speed-ups. All off (fold_frozen_bn=false channels_last=false fused_adamw=false compile=false,
-    # precision=fp32) is the reference path: the official arithmetic op for op.
+    # Speed-ups. All off (fold_frozen_bn=false channels_last=false fused_adamw=false onednn_linear=false
+    # compile=false, precision=fp32) is the reference path: the official arithmetic op for op.
     fold_frozen_bn: bool = Field(
         True, description="Fold each FrozenBatchNorm into the convolution before it at run time (weights and "
                           "state-dict keys unchanged); same numbers as conv-then-BN up to fp32 rounding.")
@@ -219,6 +219,10 @@ class RuntimeConfig(_Strict):
     fused_adamw: Optional[bool] = Field(
         None, description="AdamW's fused kernel (one kernel for all parameters; rounding-level differences "
                           "only). None = on (CUDA and CPU).")
+    onednn_linear: bool = Field(
+        True, description="CPU only: run the linear layers and attention projections (forward and backward) on "
+                          "oneDNN's matmul instead of MKL's sgemm, ~2x faster on AMD processors; rounding-level "
+                          "differences only. Ignored on CUDA and under autocast.")
     compile: Optional[bool] = Field(
         None, description="torch.compile the model (inductor). None = on for CUDA, off on CPU, where the "
                           "compile time outweighs the gain for runs of this size (README, Benchmarks).")

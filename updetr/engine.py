@@ -237,7 +237,11 @@ def compile_model(model: nn.Module) -> nn.Module:
     """
     import torch._inductor.config as inductor_config
 
+    from updetr.models.onednn import set_onednn_linear
+
     inductor_config.fallback_random = True
+    # inductor picks its own CPU matmul kernels; the eager oneDNN path would only add graph breaks to it
+    set_onednn_linear(model, False)
     return torch.compile(model)
 
 

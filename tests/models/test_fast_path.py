@@ -1,9 +1,9 @@
 """The default (fast) path computes what the reference path computes: the official arithmetic, op for op.
 
 Reference path = every speed-up off (`runtime.fold_frozen_bn=false runtime.channels_last=false
-runtime.fused_adamw=false runtime.compile=false`). The two must agree to 1e-5 relative (tensor norm of the
-difference over the norm of the reference) in outputs, losses, gradients and the stepped weights, for
-pre-training (frozen CNN) and detection (layers 2-4 of the CNN train).
+runtime.fused_adamw=false runtime.onednn_linear=false runtime.compile=false`). The two must agree to 1e-5
+relative (tensor norm of the difference over the norm of the reference) in outputs, losses, gradients and the
+stepped weights, for pre-training (frozen CNN) and detection (layers 2-4 of the CNN train).
 """
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from tests.models.conftest import make_targets, tiny_cfg, tiny_finetune_cfg
 from updetr.engine import Trainer, build_optimizer, train_step
 from updetr.models import FrozenBatchNorm2d, build_model
 from updetr.models.backbone import Backbone
+from updetr.models.onednn import Linear, MultiheadAttention
 from updetr.util.nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 
 REFERENCE = ["runtime.fold_frozen_bn=false", "runtime.channels_last=false", "runtime.fused_adamw=false",
-             "runtime.compile=false"]
+             "runtime.onednn_linear=false", "runtime.compile=false"]
 RTOL = 1e-5
 
 
@@ -130,6 +131,52 @@ def test_fast_path_is_the_default_and_keeps_official_keys():
     assert not ref[0].backbone[0].fold_bn and not ref[0].backbone[0].channels_last
     assert list(fast[0].state_dict()) == list(ref[0].state_dict())
     assert any(k.endswith("bn1.running_var") for k in fast[0].state_dict())
+    onednn = [m for m in fast[0].modules() if isinstance(m, (Linear, MultiheadAttention))]
+    assert onednn and all(m.onednn for m in onednn)  # every linear layer and attention of the model
+    assert not any(m.onednn for m in ref[0].modules() if isinstance(m, (Linear, MultiheadAttention)))
+
+
+@pytest.mark.parametrize("key_padding,attn_mask", [(False, None), (True, None), (True, "bool"), (False, "float")])
+def test_onednn_attention_matches_torch_attention(key_padding, attn_mask):
+    """Our attention with projections on oneDNN = torch's module from the same weights and seed: outputs,
+    averaged weights and every gradient, with dropout on (same masks) and each kind of mask UP-DETR passes."""
+    torch.manual_seed(0)
+    ref = torch.nn.MultiheadAttention(32, 4, dropout=0.1)
+    fast = MultiheadAttention(32, 4, dropout=0.1)
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    fast.onednn = True
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(n, 3, 32, generator=g) for n in (7, 11, 11))
+    kpm = torch.rand(3, 11, generator=g) < 0.3 if key_padding else None
+    mask = {None: None, "bool": torch.rand(7, 11, generator=g) < 0.2,
+            "float": torch.randn(7, 11, generator=g)}[attn_mask]
+    results = []
+    for m in (fast, ref):
+        xs = [t.clone().requires_grad_() for t in (q, k, v)]
+        torch.manual_seed(5)
+        out, w = m(xs[0], xs[1], xs[2], key_padding_mask=kpm, attn_mask=mask)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out, w] + [x.grad for x in xs] + [p.grad for p in m.parameters()])
+        m.zero_grad()
+    for a, b in zip(*results):
+        assert rel(a, b) <= RTOL
+
+
+def test_onednn_linear_is_the_cpu_path_and_falls_back_elsewhere():
+    """On CPU fp32 the oneDNN kernel runs (checked by profiling); in bf16 autocast torch's own linear does."""
+    lin = Linear(16, 8)
+    lin.onednn = True
+    x = torch.randn(5, 4, 16, requires_grad=True)
+    with torch.profiler.profile() as prof:
+        y = lin(x)
+        y.sum().backward()
+    names = {e.name for e in prof.events()}
+    assert "mkldnn::_linear_pointwise" in names and "aten::addmm" not in names
+    ref = torch.nn.functional.linear(x, lin.weight, lin.bias)
+    assert y.shape == (5, 4, 8) and rel(y, ref) <= RTOL
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.profiler.profile() as prof:
+        lin(x)
+    assert "mkldnn::_linear_pointwise" not in {e.name for e in prof.events()}
 
 
 def test_pretrain_fast_path_matches_reference():

@@ -9,6 +9,7 @@ from updetr.models.criterion import SetCriterion
 from updetr.models.detr import DETR
 from updetr.models.matcher import HungarianMatcher
 from updetr.models.mlp import MLP
+from updetr.models.onednn import set_onednn_linear
 from updetr.models.postprocess import PostProcess
 from updetr.models.transformer import Transformer, build_transformer
 from updetr.models.updetr import UPDETR, build_group_attention_mask, patch_keep_mask
@@ -68,6 +69,7 @@ def build_updetr(cfg: ExperimentConfig, num_classes: int = 2) -> tuple[nn.Module
                    num_patches=p.num_patches, feature_recon=p.feature_recon, query_shuffle=p.query_shuffle,
                    attention_mask=p.attention_mask, patch_dropout=p.patch_dropout,
                    patch_dropout_mode=p.patch_dropout_mode, freeze_backbone=freeze)
+    set_onednn_linear(model, cfg.runtime.onednn_linear)
     return model, build_criterion(cfg, num_classes, p.feature_recon), {"bbox": PostProcess()}
 
 
@@ -76,6 +78,7 @@ def build_detr(cfg: ExperimentConfig, num_classes: int) -> tuple[nn.Module, SetC
     m = cfg.model
     backbone, transformer, _ = _backbone_and_transformer(cfg)
     model = DETR(backbone, transformer, num_classes=num_classes, num_queries=m.num_queries, aux_loss=m.aux_loss)
+    set_onednn_linear(model, cfg.runtime.onednn_linear)
     return model, build_criterion(cfg, num_classes), {"bbox": PostProcess()}
 
 
@@ -88,7 +91,7 @@ def build_detr_segm(cfg: ExperimentConfig, num_classes: int, is_thing: dict[int,
     m, p = cfg.model, cfg.panoptic
     backbone, transformer, _ = _backbone_and_transformer(cfg, return_interm_layers=True)
     detr = DETR(backbone, transformer, num_classes=num_classes, num_queries=m.num_queries, aux_loss=m.aux_loss)
-    model = DETRsegm(detr, freeze_detr=p.freeze_detector)
+    model = set_onednn_linear(DETRsegm(detr, freeze_detr=p.freeze_detector), cfg.runtime.onednn_linear)
     post = {"bbox": PostProcess(), "segm": PostProcessSegm(p.mask_threshold),
             "panoptic": PostProcessPanoptic(is_thing, p.threshold, p.min_area)}
     return model, build_criterion(cfg, num_classes, masks=True), post

@@ -56,57 +56,103 @@ class FrozenBatchNorm2d(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-def folded_conv_bn(x: Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> Tensor:
-    """`bn(conv(x))` as one convolution: weight scaled per output channel, BN shift as the bias.
+def _oneDNN(x: Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
+def _fold_key(conv: nn.Conv2d, bn: FrozenBatchNorm2d, channels_last: bool) -> tuple:
+    """What the folded weights of (conv, bn) depend on: any in-place change of a weight or BN statistic
+    (load_state_dict, an optimizer step) bumps a version counter, a move to another device a data pointer."""
+    ts = [conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    ts += [conv.bias] if conv.bias is not None else []
+    return (channels_last,) + tuple((t._version, t.data_ptr(), t.device, t.dtype) for t in ts)
+
+
+def fold_conv_bn(conv: nn.Conv2d, bn: FrozenBatchNorm2d, channels_last: bool,
+                 cache: bool = False) -> tuple[Tensor, Tensor]:
+    """(weight `[O, I, k, k]`, bias `[O]`) of the convolution equal to `bn(conv(x))`.
 
     bn(y) = y * s + (b - m * s) with s = w / sqrt(v + eps) (the same `scale` FrozenBatchNorm2d computes), so
-    conv(x, W) * s + t = conv(x, W * s) + t. The folded weight is built per call (a few MB per layer, freed at
-    once) rather than cached: the module keeps its official keys and no second copy of the CNN stays in
-    memory. Under autograd the gradient reaches `conv.weight` through the product, so trainable convs fold
-    too. fp32 results differ from the two-step form by rounding only (~1e-6 relative).
+    conv(x, W) * s + t = conv(x, W * s) + t. The weight comes channels-last when `channels_last`.
+    `cache`: keep the result on the conv module (not a parameter or buffer: the state dict keeps the official
+    keys) and reuse it while no weight or statistic has changed (`_fold_key`). Only for a frozen CNN: it
+    saves the fold (a pass over all weights, twice per pre-training step) and costs one folded copy of the
+    CNN's weights (~94 MB for ResNet-50). Without it the folded weights are built per call, and under
+    autograd the gradient reaches `conv.weight` through the product, so trainable convs fold too.
     """
+    key = _fold_key(conv, bn, channels_last) if cache else None
+    hit = conv.__dict__.get("_updetr_folded")
+    if cache and hit is not None and hit[0] == key:
+        return hit[1], hit[2]
     scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
     shift = bn.bias - bn.running_mean * scale
     if conv.bias is not None:
         shift = shift + conv.bias * scale
     weight = conv.weight * scale.reshape(-1, 1, 1, 1)
-    if x.is_contiguous(memory_format=torch.channels_last):
+    if channels_last:
         weight = weight.contiguous(memory_format=torch.channels_last)
-    if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
-        # oneDNN for every conv: F.conv2d's heuristic sends 1x1 convs of batches < 16 to PyTorch's native
-        # kernel when running on one thread (the image branch's 33 1x1 convs in ResNet-50), which is ~2x
-        # slower and, on channels-last input, copies it to NCHW first. Same arithmetic up to fp32 rounding;
-        # differentiable (convolution_backward), so trainable folded convs take this path too.
-        return torch.ops.aten.mkldnn_convolution(x, weight, shift, list(conv.padding), list(conv.stride),
-                                                 list(conv.dilation), conv.groups)
-    return F.conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
+    if cache:
+        conv.__dict__["_updetr_folded"] = (key, weight, shift)
+    elif hit is not None:
+        del conv.__dict__["_updetr_folded"]  # the CNN trains now: a stale copy would only hold memory
+    return weight, shift
 
 
-def _folded_block(block: nn.Module, x: Tensor) -> Tensor:
-    """torchvision's BasicBlock / Bottleneck forward with every conv+FrozenBN pair folded."""
-    out = F.relu(folded_conv_bn(x, block.conv1, block.bn1), inplace=True)
-    if isinstance(block, Bottleneck):
-        out = F.relu(folded_conv_bn(out, block.conv2, block.bn2), inplace=True)
-        out = folded_conv_bn(out, block.conv3, block.bn3)
+def folded_conv_bn(x: Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d, relu: bool = False,
+                   residual: Optional[Tensor] = None, cache: bool = False) -> Tensor:
+    """`bn(conv(x))`, then `+ residual` and ReLU when given (ReLU alone when `relu`), as one convolution.
+
+    fp32 results differ from conv-then-BN by rounding only (~1e-6 relative). On CPU every conv runs on
+    oneDNN: F.conv2d's heuristic sends 1x1 convs of batches < 16 to PyTorch's native kernel when running on
+    one thread (the image branch's 33 1x1 convs in ResNet-50), which is ~2x slower and, on channels-last
+    input, copies it to NCHW first. Without autograd (a frozen CNN) the ReLU and the residual sum are oneDNN
+    post-ops of the convolution (no extra passes over the activations; the sum is written into `residual`);
+    with autograd it is the differentiable `mkldnn_convolution`, then the sum and ReLU as separate ops.
+    """
+    weight, shift = fold_conv_bn(conv, bn, x.is_contiguous(memory_format=torch.channels_last), cache)
+    args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+    if _oneDNN(x) and not torch.is_grad_enabled():
+        if residual is not None:
+            torch.ops.mkldnn._convolution_pointwise_(residual, x, weight, shift, *args, "add", 1.0, "relu", [], "")
+            return residual
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, shift, *args, "relu" if relu else "none", [], "")
+    if _oneDNN(x):
+        y = torch.ops.aten.mkldnn_convolution(x, weight, shift, *args)
     else:
-        out = folded_conv_bn(out, block.conv2, block.bn2)
-    identity = x if block.downsample is None else folded_conv_bn(x, block.downsample[0], block.downsample[1])
-    out += identity
-    return F.relu(out, inplace=True)
+        y = F.conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
+    if residual is not None:
+        y += residual
+        relu = True
+    return F.relu(y, inplace=True) if relu else y
 
 
-def folded_resnet_forward(body: nn.Module, x: Tensor, all_layers: bool = False):
+def _folded_block(block: nn.Module, x: Tensor, cache: bool) -> Tensor:
+    """torchvision's BasicBlock / Bottleneck forward with every conv+FrozenBN pair folded.
+    The sum may be written into x itself (no downsample): x is then the previous block's output, used by
+    nothing else (a layer's collected output always enters a block with a downsample, which makes a copy)."""
+    out = folded_conv_bn(x, block.conv1, block.bn1, relu=True, cache=cache)
+    last_conv, last_bn = block.conv2, block.bn2
+    if isinstance(block, Bottleneck):
+        out = folded_conv_bn(out, block.conv2, block.bn2, relu=True, cache=cache)
+        last_conv, last_bn = block.conv3, block.bn3
+    identity = x if block.downsample is None else folded_conv_bn(x, block.downsample[0], block.downsample[1],
+                                                                 cache=cache)
+    return folded_conv_bn(out, last_conv, last_bn, residual=identity, cache=cache)
+
+
+def folded_resnet_forward(body: nn.Module, x: Tensor, all_layers: bool = False, cache: bool = False):
     """`body(x)['0']` (ResNet stem + layer1-4) with FrozenBatchNorm folded into the convolutions.
 
     `x [B, 3, H, W]` -> `[B, Cb, H/32, W/32]`; keeps x's memory format (channels-last in, channels-last out).
-    `all_layers`: the list of layer1..layer4 outputs (strides 4, 8, 16, 32) instead.
+    `all_layers`: the list of layer1..layer4 outputs (strides 4, 8, 16, 32) instead. `cache`: keep the
+    folded weights between calls (`fold_conv_bn`; frozen CNN only).
     """
-    x = F.relu(folded_conv_bn(x, body.conv1, body.bn1), inplace=True)
+    x = folded_conv_bn(x, body.conv1, body.bn1, relu=True, cache=cache)
     x = body.maxpool(x)
     outs = []
     for layer in (body.layer1, body.layer2, body.layer3, body.layer4):
         for block in layer:
-            x = _folded_block(block, x)
+            x = _folded_block(block, x, cache)
         outs.append(x)
     return outs if all_layers else x
 
@@ -252,7 +298,8 @@ class Backbone(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.fold_bn:
-            outs = folded_resnet_forward(self.body, x, all_layers=True)
+            # A frozen CNN keeps its folded weights between calls (images and patches, every step).
+            outs = folded_resnet_forward(self.body, x, all_layers=True, cache=self.frozen)
             outs = outs if self.return_interm_layers else outs[-1:]
             return {str(i): o.contiguous() for i, o in enumerate(outs)}
         # Weights follow the input's layout per call; the module's own tensors stay as loaded.

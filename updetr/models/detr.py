@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from updetr.models.mlp import MLP
+from updetr.models.onednn import Linear
 from updetr.util.nested_tensor import NestedTensor, to_nested_tensor
 
 Samples = Union[NestedTensor, Tensor, Sequence[Tensor]]
@@ -28,7 +29,7 @@ class DETR(nn.Module):
         self.num_queries = num_queries
         self.transformer = transformer
         hidden_dim = transformer.d_model
-        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.class_embed = Linear(hidden_dim, num_classes + 1)
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
         self.input_proj = nn.Conv2d(backbone.num_channels, hidden_dim, kernel_size=1)

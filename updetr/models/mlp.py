@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from updetr.models.onednn import Linear
+
 
 class MLP(nn.Module):
     """`num_layers` Linear layers (`layers.{i}`) with ReLU between them: `[..., in] -> [..., out]`."""
@@ -12,7 +14,7 @@ class MLP(nn.Module):
         super().__init__()
         self.num_layers = num_layers
         h = [hidden_dim] * (num_layers - 1)
-        self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip([input_dim] + h, h + [output_dim]))
+        self.layers = nn.ModuleList(Linear(n, k) for n, k in zip([input_dim] + h, h + [output_dim]))
 
     def forward(self, x: Tensor) -> Tensor:
         for i, layer in enumerate(self.layers):

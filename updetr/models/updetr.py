@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from updetr.models.detr import DETR, Samples
 from updetr.models.mlp import MLP
+from updetr.models.onednn import Linear
 from updetr.util.nested_tensor import to_nested_tensor
 
 
@@ -68,7 +69,7 @@ class UPDETR(DETR):
             raise ValueError(f"patch_dropout_mode must be 'slot' or 'patch', got {patch_dropout_mode!r}")
         hidden_dim = transformer.d_model
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.patch2query = nn.Linear(backbone.num_channels, hidden_dim)
+        self.patch2query = Linear(backbone.num_channels, hidden_dim)
         self.num_patches = num_patches
         self.feature_recon = feature_recon
         if feature_recon:
