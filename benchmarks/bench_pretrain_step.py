@@ -5,9 +5,9 @@ Paper shapes: ResNet-50 (frozen), N=100 queries, M=10 patches of 128x128, a batc
 (the machine may be shared: the figure per variant is the median over repeats of each process's median step):
 
   reference  - every speed-up off (runtime.fold_frozen_bn=false channels_last=false fused_adamw=false
-               onednn_linear=false compile=false, fp32): the official arithmetic op for op
-  default    - updetr's defaults for the device (on CPU: FrozenBatchNorm folded into the convs, channels-last, fused
-               AdamW, linear layers on oneDNN)
+               onednn_linear=false bool_dropout_masks=false compile=false, fp32): the official arithmetic op for op
+  default    - updetr's defaults for the device (on CPU: FrozenBatchNorm folded into the convs with ReLU / sum as
+               oneDNN post-ops, channels-last, fused AdamW, linear layers on oneDNN, bool dropout masks)
   --extra adds: fold (fold only), channels_last (channels-last only), compile (defaults + torch.compile,
                first-step compile time reported)
 
@@ -31,7 +31,8 @@ import sys
 import time
 
 REFERENCE = ["runtime.fold_frozen_bn=false", "runtime.channels_last=false", "runtime.fused_adamw=false",
-             "runtime.onednn_linear=false", "runtime.compile=false", "runtime.precision=fp32"]
+             "runtime.onednn_linear=false", "runtime.bool_dropout_masks=false", "runtime.compile=false",
+             "runtime.precision=fp32"]
 VARIANTS = {
     "reference": REFERENCE,
     "default": [],

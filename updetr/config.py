@@ -209,7 +209,8 @@ class RuntimeConfig(_Strict):
     output_dir: str = Field("runs", description="Local runs folder (checkpoints, resolved config).")
     threads: Optional[int] = Field(None, gt=0, description="torch intra-op threads; None = torch default.")
     # Speed-ups. All off (fold_frozen_bn=false channels_last=false fused_adamw=false onednn_linear=false
-    # compile=false, precision=fp32) is the reference path: the official arithmetic op for op.
+    # bool_dropout_masks=false compile=false, precision=fp32) is the reference path: the official arithmetic op
+    # for op.
     fold_frozen_bn: bool = Field(
         True, description="Fold each FrozenBatchNorm into the convolution before it at run time (weights and "
                           "state-dict keys unchanged); same numbers as conv-then-BN up to fp32 rounding.")
@@ -223,6 +224,9 @@ class RuntimeConfig(_Strict):
         True, description="CPU only: run the linear layers and attention projections (forward and backward) on "
                           "oneDNN's matmul instead of MKL's sgemm, ~2x faster on AMD processors; rounding-level "
                           "differences only. Ignored on CUDA and under autocast.")
+    bool_dropout_masks: bool = Field(
+        True, description="CPU only: keep dropout masks as bool (1 byte) instead of float (4 bytes) until the "
+                          "backward; the same masks and numbers bit for bit, less memory.")
     compile: Optional[bool] = Field(
         None, description="torch.compile the model (inductor). None = on for CUDA, off on CPU, where the "
                           "compile time outweighs the gain for runs of this size (README, Benchmarks).")

@@ -1,8 +1,8 @@
 """The default (fast) path computes what the reference path computes: the official arithmetic, op for op.
 
 Reference path = every speed-up off (`runtime.fold_frozen_bn=false runtime.channels_last=false
-runtime.fused_adamw=false runtime.onednn_linear=false runtime.compile=false`). The two must agree to 1e-5
-relative (tensor norm of the difference over the norm of the reference) in outputs, losses, gradients and the
+runtime.fused_adamw=false runtime.onednn_linear=false runtime.bool_dropout_masks=false runtime.compile=false`).
+The two must agree to 1e-5 relative (tensor norm of the difference over the norm of the reference) in outputs, losses, gradients and the
 stepped weights, for pre-training (frozen CNN) and detection (layers 2-4 of the CNN train).
 """
 from __future__ import annotations
@@ -14,11 +14,12 @@ from tests.models.conftest import make_targets, tiny_cfg, tiny_finetune_cfg
 from updetr.engine import Trainer, build_optimizer, train_step
 from updetr.models import FrozenBatchNorm2d, build_model
 from updetr.models.backbone import Backbone
+from updetr.models.dropout import dropout
 from updetr.models.onednn import Linear, MultiheadAttention
 from updetr.util.nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 
 REFERENCE = ["runtime.fold_frozen_bn=false", "runtime.channels_last=false", "runtime.fused_adamw=false",
-             "runtime.onednn_linear=false", "runtime.compile=false"]
+             "runtime.onednn_linear=false", "runtime.bool_dropout_masks=false", "runtime.compile=false"]
 RTOL = 1e-5
 
 
@@ -124,6 +125,25 @@ def _check_fold(name, channels_last):
     assert (a - b).abs().max() <= 1e-4 * b.abs().max()
 
 
+def test_frozen_cnn_reuses_folded_weights_until_they_change():
+    """A frozen CNN keeps its folded weights between calls; loading other weights or statistics (in place)
+    must be seen at the next call, not served from the old fold."""
+    torch.manual_seed(0)
+    ref = Backbone("resnet18", train_backbone=False)
+    fast = Backbone("resnet18", train_backbone=False, fold_bn=True, channels_last=True)
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        first = fast(x)["0"]
+        assert "_updetr_folded" in fast.body.conv1.__dict__  # the fold is kept
+        _randomise_frozen_bn(ref, seed=9)
+        with torch.no_grad():
+            ref.body.layer3[0].conv1.weight.mul_(-1.5)
+        fast.load_state_dict(ref.state_dict(), strict=True)
+        a, b = fast(x)["0"], ref(x)["0"]
+    assert rel(a, b) <= RTOL and rel(first, b) > 1e-2
+
+
 def test_fast_path_is_the_default_and_keeps_official_keys():
     fast, ref = _pair(tiny_cfg)
     bb = fast[0].backbone[0]
@@ -134,6 +154,9 @@ def test_fast_path_is_the_default_and_keeps_official_keys():
     onednn = [m for m in fast[0].modules() if isinstance(m, (Linear, MultiheadAttention))]
     assert onednn and all(m.onednn for m in onednn)  # every linear layer and attention of the model
     assert not any(m.onednn for m in ref[0].modules() if isinstance(m, (Linear, MultiheadAttention)))
+    masks = [m for m in fast[0].modules() if hasattr(type(m), "bool_mask")]
+    assert masks and all(m.bool_mask for m in masks) and not any(m.bool_mask for m in ref[0].modules()
+                                                                 if hasattr(type(m), "bool_mask"))
 
 
 @pytest.mark.parametrize("key_padding,attn_mask", [(False, None), (True, None), (True, "bool"), (False, "float")])
@@ -144,7 +167,7 @@ def test_onednn_attention_matches_torch_attention(key_padding, attn_mask):
     ref = torch.nn.MultiheadAttention(32, 4, dropout=0.1)
     fast = MultiheadAttention(32, 4, dropout=0.1)
     fast.load_state_dict(ref.state_dict(), strict=True)
-    fast.onednn = True
+    fast.onednn = fast.bool_mask = True
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(n, 3, 32, generator=g) for n in (7, 11, 11))
     kpm = torch.rand(3, 11, generator=g) < 0.3 if key_padding else None
@@ -160,6 +183,27 @@ def test_onednn_attention_matches_torch_attention(key_padding, attn_mask):
         m.zero_grad()
     for a, b in zip(*results):
         assert rel(a, b) <= RTOL
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_bool_mask_dropout_is_bit_identical_to_torch_dropout(transposed):
+    """Same seed: the same mask, bit-identical outputs and gradients (also for a transposed input, whose mask
+    must be drawn in memory order as torch does), and a bool tensor is what autograd keeps."""
+    x = torch.randn(64, 48, dtype=torch.float32)
+    x[0, :5] = torch.tensor([0.0, -0.0, -1.5, float("inf"), 3.0])
+    x = x.t() if transposed else x
+    outs = []
+    for bool_mask in (True, False):
+        xi = x.detach().clone().requires_grad_()
+        torch.manual_seed(3)
+        y = dropout(xi, 0.1, True, bool_mask)
+        y.backward(torch.linspace(-2, 2, y.numel()).view_as(y))
+        outs.append((y.detach(), xi.grad))
+    for a, b in zip(*outs):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))  # bit for bit, signed zeros and NaN included
+    torch.manual_seed(3)
+    y = dropout(x.detach().clone().requires_grad_(), 0.1, True, True)
+    assert y.grad_fn.saved_tensors[0].dtype == torch.bool
 
 
 def test_onednn_linear_is_the_cpu_path_and_falls_back_elsewhere():

@@ -9,6 +9,7 @@ from updetr.models.criterion import SetCriterion
 from updetr.models.detr import DETR
 from updetr.models.matcher import HungarianMatcher
 from updetr.models.mlp import MLP
+from updetr.models.dropout import set_bool_dropout
 from updetr.models.onednn import set_onednn_linear
 from updetr.models.postprocess import PostProcess
 from updetr.models.transformer import Transformer, build_transformer
@@ -32,6 +33,13 @@ def build_weight_dict(cfg: ExperimentConfig, feature: bool = False) -> dict[str,
             aux.update({f"{k}_{i}": v for k, v in weight_dict.items()})
         weight_dict.update(aux)
     return weight_dict
+
+
+def apply_runtime_paths(model: nn.Module, cfg: ExperimentConfig) -> nn.Module:
+    """Switch the model's run-time speed-ups that live in its modules (`runtime.onednn_linear`,
+    `runtime.bool_dropout_masks`); the CNN's (fold, channels-last) are given to the backbone when it is built."""
+    set_onednn_linear(model, cfg.runtime.onednn_linear)
+    return set_bool_dropout(model, cfg.runtime.bool_dropout_masks)
 
 
 def _backbone_and_transformer(cfg: ExperimentConfig, return_interm_layers: bool = False):
@@ -69,7 +77,7 @@ def build_updetr(cfg: ExperimentConfig, num_classes: int = 2) -> tuple[nn.Module
                    num_patches=p.num_patches, feature_recon=p.feature_recon, query_shuffle=p.query_shuffle,
                    attention_mask=p.attention_mask, patch_dropout=p.patch_dropout,
                    patch_dropout_mode=p.patch_dropout_mode, freeze_backbone=freeze)
-    set_onednn_linear(model, cfg.runtime.onednn_linear)
+    apply_runtime_paths(model, cfg)
     return model, build_criterion(cfg, num_classes, p.feature_recon), {"bbox": PostProcess()}
 
 
@@ -78,7 +86,7 @@ def build_detr(cfg: ExperimentConfig, num_classes: int) -> tuple[nn.Module, SetC
     m = cfg.model
     backbone, transformer, _ = _backbone_and_transformer(cfg)
     model = DETR(backbone, transformer, num_classes=num_classes, num_queries=m.num_queries, aux_loss=m.aux_loss)
-    set_onednn_linear(model, cfg.runtime.onednn_linear)
+    apply_runtime_paths(model, cfg)
     return model, build_criterion(cfg, num_classes), {"bbox": PostProcess()}
 
 
@@ -91,7 +99,7 @@ def build_detr_segm(cfg: ExperimentConfig, num_classes: int, is_thing: dict[int,
     m, p = cfg.model, cfg.panoptic
     backbone, transformer, _ = _backbone_and_transformer(cfg, return_interm_layers=True)
     detr = DETR(backbone, transformer, num_classes=num_classes, num_queries=m.num_queries, aux_loss=m.aux_loss)
-    model = set_onednn_linear(DETRsegm(detr, freeze_detr=p.freeze_detector), cfg.runtime.onednn_linear)
+    model = apply_runtime_paths(DETRsegm(detr, freeze_detr=p.freeze_detector), cfg)
     post = {"bbox": PostProcess(), "segm": PostProcessSegm(p.mask_threshold),
             "panoptic": PostProcessPanoptic(is_thing, p.threshold, p.min_area)}
     return model, build_criterion(cfg, num_classes, masks=True), post

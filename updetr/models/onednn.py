@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from updetr.models.dropout import dropout
+
 
 def _dnn_matmul(a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """oneDNN `a @ b.T (+ bias)`: a `[T, K]`, b `[N, K]` (any strides, transposed views included) -> `[T, N]`."""
@@ -83,6 +85,7 @@ class MultiheadAttention(nn.MultiheadAttention):
     are drawn from the same generator in the same order as the reference module's."""
 
     onednn = False
+    bool_mask = False  # the attention weights' dropout mask as bool (updetr.models.dropout)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
@@ -116,7 +119,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             weights = torch.bmm(q_scaled, k.transpose(-2, -1))
         weights = F.softmax(weights, dim=-1)
         if self.training and self.dropout > 0.0:
-            weights = F.dropout(weights, p=self.dropout)
+            weights = dropout(weights, self.dropout, True, self.bool_mask)
         out = torch.bmm(weights, v).transpose(0, 1).reshape(tgt_len * bsz, embed)  # [L*B, E]
         out = linear(out, self.out_proj.weight, self.out_proj.bias, True).view(tgt_len, bsz, embed)
         if not need_weights:

@@ -31,12 +31,12 @@ def build_oneshot(cfg: ExperimentConfig) -> tuple[nn.Module, nn.Module, dict]:
     """UP-DETR (num_patches 1, num_classes 2) with the pre-training heads' shapes, so a pre-trained checkpoint
     loads every key (patch2query, feature_align and class_embed included); the criterion is DETR's
     (labels, boxes, cardinality; no feature loss: feature_align is kept but not trained)."""
-    from updetr.models import UPDETR, _backbone_and_transformer, build_criterion, set_onednn_linear
+    from updetr.models import UPDETR, _backbone_and_transformer, apply_runtime_paths, build_criterion
 
     m, p = cfg.model, cfg.pretext
     backbone, transformer, freeze = _backbone_and_transformer(cfg)
     model = UPDETR(backbone, transformer, num_classes=2, num_queries=m.num_queries, aux_loss=m.aux_loss,
                    num_patches=1, feature_recon=p.feature_recon, query_shuffle=False, attention_mask=True,
                    patch_dropout=cfg.oneshot.patch_dropout, patch_dropout_mode="slot", freeze_backbone=freeze)
-    set_onednn_linear(model, cfg.runtime.onednn_linear)
+    apply_runtime_paths(model, cfg)
     return model, build_criterion(cfg, 2, feature=False), {"bbox": MatchPostProcess()}
