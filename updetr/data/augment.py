@@ -29,8 +29,9 @@ from PIL import Image, ImageFilter
 #   R, G, B) and the other two channels' distances to the max. Both tables are filled by PIL itself.
 #   HSV -> RGB: each output channel is one of v, p, q, t with p = round(v (1 - fs)),
 #   q = round(v (1 - fs f)), t = round(v (1 - fs (1 - f))) where f, fs depend on (H, S) only; the factors in
-#   brackets are tabulated over (S, H) with the C code's float32 / float64 steps, the multiply by v and the
-#   C round() are done here. Bit for bit on all 2^24 colours (tests/data/test_augment.py).
+#   brackets are tabulated over (S, H) with the C code's float32 / float64 steps, and so is which of them
+#   each channel takes (its sector): one factor table per channel; the multiply by v and the C round() are
+#   done here. Bit for bit on all 2^24 colours (tests/data/test_augment.py).
 _TABLES: dict = {}
 _FX = 23  # v (8 bit) x factor (23 bit) stays in int32; 22 bits would miss 6 of the 2^24 (v, s, h)
 _HALF = 1 << (_FX - 1)
@@ -65,9 +66,13 @@ def _hue_tables() -> dict:
     g_t = 1.0 - fs32.astype(np.float64)[:, None] * (1.0 - f32.astype(np.float64))[None, :]
     # output channel -> candidate (0 v, 1 p, 2 q, 3 t) for i % 6, colorsys order
     sel = np.array([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]], dtype=np.int64)
-    shift = 8 * sel[i_of_h.astype(np.int64) % 6].T  # [3, H]: bit offset of each channel's candidate
-    _TABLES.update(hue=hue, sat=sat, shift=np.ascontiguousarray(shift, dtype=np.int32),
-                   fx_p=_fixed(g_p), fx_q=_fixed(g_q).reshape(-1), fx_t=_fixed(g_t).reshape(-1))
+    # candidate factors in fixed point over (S, H): v (factor 1), p, q, t; each output channel's factor is the
+    # candidate its sector picks, so HSV -> RGB is one table look-up and one multiply per channel
+    cand = np.stack([np.full((256, 256), 1 << _FX, dtype=np.int32), np.repeat(_fixed(g_p)[:, None], 256, 1),
+                     _fixed(g_q), _fixed(g_t)])                                    # [4, S, H]
+    pick = sel[i_of_h.astype(np.int64) % 6].T                                     # [3, H]: candidate per channel
+    factor = np.take_along_axis(cand, np.broadcast_to(pick[:, None, :], (3, 256, 256)), axis=0)  # [3, S, H]
+    _TABLES.update(hue=hue, sat=sat, factor=[np.ascontiguousarray(f.reshape(-1)) for f in factor])
     return _TABLES
 
 
@@ -105,25 +110,19 @@ def _hsv_planes(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> tuple[np.ndarray
 def _rgb_planes(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """PIL's HSV -> RGB on uint8 planes `[N]` -> uint8 planes (r, g, b)."""
     t = _hue_tables()
-    hi = h.astype(np.intp)
     sh = s.astype(np.intp)
     sh <<= 8
-    sh |= hi
+    sh |= h
     vi = v.astype(np.int32)
     # C round(v * factor) in fixed point (factor * 2^23, v * factor < 2^31): equal to the C double
-    # computation on every (v, s, h) (checked exhaustively in the tests).
-    word = vi.copy()  # the four candidates v, p, q, t of each pixel, one byte each
-    for k, (table, idx) in enumerate(((t["fx_p"], s), (t["fx_q"], sh), (t["fx_t"], sh))):
-        c = table.take(idx)
-        c *= vi
-        c += _HALF
-        c >>= _FX
-        c <<= 8 * (k + 1)
-        word |= c
+    # computation on every (v, s, h) (checked exhaustively in the tests); factor 1 (the v candidate) gives v.
     out = []
-    for c in range(3):  # channel c takes the candidate its sector says
-        w = word >> t["shift"][c].take(hi)
-        out.append(w.astype(np.uint8))  # low byte
+    for c in range(3):
+        f = t["factor"][c].take(sh)
+        f *= vi
+        f += _HALF
+        f >>= _FX
+        out.append(f.astype(np.uint8))
     return out[0], out[1], out[2]
 
 
