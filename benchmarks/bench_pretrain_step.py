@@ -31,7 +31,8 @@ import sys
 import time
 
 REFERENCE = ["runtime.fold_frozen_bn=false", "runtime.channels_last=false", "runtime.fused_adamw=false",
-             "runtime.onednn_linear=false", "runtime.bool_dropout_masks=false", "runtime.compile=false",
+             "runtime.onednn_linear=false", "runtime.bool_dropout_masks=false",
+             "runtime.prefetch_dropout_masks=false", "runtime.compile=false",
              "runtime.precision=fp32"]
 VARIANTS = {
     "reference": REFERENCE,

@@ -19,7 +19,8 @@ from updetr.models.onednn import Linear, MultiheadAttention
 from updetr.util.nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 
 REFERENCE = ["runtime.fold_frozen_bn=false", "runtime.channels_last=false", "runtime.fused_adamw=false",
-             "runtime.onednn_linear=false", "runtime.bool_dropout_masks=false", "runtime.compile=false"]
+             "runtime.onednn_linear=false", "runtime.bool_dropout_masks=false",
+             "runtime.prefetch_dropout_masks=false", "runtime.compile=false"]
 RTOL = 1e-5
 
 
@@ -204,6 +205,51 @@ def test_bool_mask_dropout_is_bit_identical_to_torch_dropout(transposed):
     torch.manual_seed(3)
     y = dropout(x.detach().clone().requires_grad_(), 0.1, True, True)
     assert y.grad_fn.saved_tensors[0].dtype == torch.bool
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_dropout_mask_prefetch_is_bit_identical_and_restores_threads(shuffle, monkeypatch):
+    """Masks drawn in a thread while the CNN runs = masks drawn in place: bit-identical outputs, losses and
+    gradients over two steps (query shuffle and patch dropout draw first), every planned mask used, and the
+    intra-op thread count back where it was."""
+    from updetr.models import mask_prefetch
+
+    taken = []
+    orig_exit = mask_prefetch.MaskPrefetch.__exit__
+
+    def counting_exit(self, *exc):
+        taken.append((self.taken, len(self.plan)))
+        return orig_exit(self, *exc)
+
+    monkeypatch.setattr(mask_prefetch.MaskPrefetch, "__exit__", counting_exit)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        extra = [f"pretext.query_shuffle={str(shuffle).lower()}", "pretext.patch_dropout=0.2"]
+        on = build_model(tiny_cfg(*extra))
+        off = build_model(tiny_cfg(*extra, "runtime.prefetch_dropout_masks=false"))
+        off[0].load_state_dict(on[0].state_dict(), strict=True)
+        for seed in (11, 12):
+            batch = _batch(pretrain=True, seed=seed)
+            (fo, fl, fg), (ro, rl, rg) = _run(on, batch, seed), _run(off, batch, seed)
+            for a, b in [(fo[k], ro[k]) for k in ro if torch.is_tensor(ro[k])] + [(fl[k], rl[k]) for k in rl] + \
+                        [(fg[k], rg[k]) for k in rg]:
+                assert torch.equal(a, b)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert len(taken) == 2 and all(t == n and n > 0 for t, n in taken)  # the prefetch ran, every mask used
+
+
+def test_dropout_mask_plan_out_of_step_is_an_error():
+    from updetr.models.mask_prefetch import MaskPrefetch
+
+    with pytest.raises(RuntimeError, match="out of step"):
+        with MaskPrefetch([((4, 3), 0.1)]) as prefetch:
+            prefetch.take(torch.zeros(3, 4), 0.1)
+    with pytest.raises(RuntimeError, match="1 masks drawn, 0 used"):
+        with MaskPrefetch([((4, 3), 0.1)]):
+            pass
 
 
 def test_onednn_linear_is_the_cpu_path_and_falls_back_elsewhere():

@@ -37,8 +37,12 @@ def build_weight_dict(cfg: ExperimentConfig, feature: bool = False) -> dict[str,
 
 def apply_runtime_paths(model: nn.Module, cfg: ExperimentConfig) -> nn.Module:
     """Switch the model's run-time speed-ups that live in its modules (`runtime.onednn_linear`,
-    `runtime.bool_dropout_masks`); the CNN's (fold, channels-last) are given to the backbone when it is built."""
+    `runtime.bool_dropout_masks`, `runtime.prefetch_dropout_masks`); the CNN's (fold, channels-last) are given
+    to the backbone when it is built."""
     set_onednn_linear(model, cfg.runtime.onednn_linear)
+    for m in model.modules():
+        if hasattr(type(m), "prefetch_masks"):
+            m.prefetch_masks = cfg.runtime.prefetch_dropout_masks
     return set_bool_dropout(model, cfg.runtime.bool_dropout_masks)
 
 

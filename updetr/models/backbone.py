@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from updetr.models import mask_prefetch
 from updetr.models.position_encoding import build_position_encoding
 from updetr.util.nested_tensor import NestedTensor, to_nested_tensor
 
@@ -152,6 +153,7 @@ def folded_resnet_forward(body: nn.Module, x: Tensor, all_layers: bool = False, 
     outs = []
     for layer in (body.layer1, body.layer2, body.layer3, body.layer4):
         for block in layer:
+            mask_prefetch.poll()  # all threads back once a step's dropout masks are drawn
             x = _folded_block(block, x, cache)
         outs.append(x)
     return outs if all_layers else x
@@ -287,6 +289,25 @@ class Backbone(nn.Module):
         """Freeze every parameter (forward then runs without autograd)."""
         for p in self.body.parameters():
             p.requires_grad_(False)
+
+    def feature_size(self, h: int, w: int) -> tuple[int, int]:
+        """(h, w) of the last feature map for an `[B, 3, h, w]` input: every convolution and the max-pool
+        of the main path, in order (strides, padding, dilation included)."""
+        def out(n: int, k: int, s: int, p: int, d: int = 1) -> int:
+            return (n + 2 * p - d * (k - 1) - 1) // s + 1
+
+        body = self.body
+        convs = [body.conv1, body.maxpool]
+        for layer in (body.layer1, body.layer2, body.layer3, body.layer4):
+            for block in layer:
+                convs += [m for m in (getattr(block, f"conv{i}", None) for i in (1, 2, 3)) if m is not None]
+        size = [h, w]
+        for m in convs:
+            if isinstance(m, nn.MaxPool2d):
+                size = [out(n, m.kernel_size, m.stride, m.padding, m.dilation) for n in size]
+            else:
+                size = [out(n, m.kernel_size[i], m.stride[i], m.padding[i], m.dilation[i]) for i, n in enumerate(size)]
+        return size[0], size[1]
 
     @property
     def frozen(self) -> bool:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from updetr.models import mask_prefetch
+
 
 class _MaskedScale(torch.autograd.Function):
     """y = x * mask * scale; dy/dx = mask * scale (mask bool, scale a 0-dim tensor of x's dtype)."""
@@ -34,7 +36,11 @@ def dropout(x: Tensor, p: float, training: bool, bool_mask: bool) -> Tensor:
     if not (bool_mask and training and 0.0 < p < 1.0 and x.device.type == "cpu" and x.is_floating_point()
             and x.numel() > 0):
         return F.dropout(x, p, training)
-    mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p)  # empty_like: same layout, same draw order
+    prefetch = mask_prefetch.active()
+    if prefetch is not None:  # drawn ahead, in this order, from the same generator
+        mask = prefetch.take(x, p)
+    else:
+        mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p)  # same layout, same draw order
     scale = torch.ones((), dtype=x.dtype).div_(1.0 - p)
     return _MaskedScale.apply(x, mask, scale)
 

@@ -31,6 +31,27 @@ def _activation(name: str):
     raise ValueError(f"activation should be relu/gelu/glu, not {name}")
 
 
+def _dropout_plan(module: nn.Module, shape: tuple[int, ...]) -> Optional[list]:
+    """[(shape, p)] for a dropout that will draw a bool mask, [] for one that draws nothing, None for one that
+    would draw in another way (then no plan: the order of draws could not be kept)."""
+    if module.p == 0.0:
+        return []
+    return [(shape, module.p)] if getattr(module, "bool_mask", False) and not module.inplace else None
+
+
+def _attention_plan(attn: nn.Module, bsz: int, tgt_len: int, src_len: int) -> Optional[list]:
+    """The attention weights' dropout `[B*H, L, S]` (our oneDNN + bool-mask path only, see `_dropout_plan`)."""
+    if attn.dropout == 0.0:
+        return []
+    if not (getattr(attn, "onednn", False) and getattr(attn, "bool_mask", False)):
+        return None
+    return [((bsz * attn.num_heads, tgt_len, src_len), attn.dropout)]
+
+
+def _join(parts: list) -> Optional[list]:
+    return None if any(p is None for p in parts) else [x for p in parts for x in p]
+
+
 class TransformerEncoderLayer(nn.Module):
     """Self-attention + FFN; sequences are `[S, B, C]` (sequence first)."""
 
@@ -67,6 +88,12 @@ class TransformerEncoderLayer(nn.Module):
         src2 = self.norm2(src)
         src2 = self.linear2(self.dropout(self.activation(self.linear1(src2))))
         return src + self.dropout2(src2)
+
+    def dropout_plan(self, s: int, b: int) -> Optional[list]:
+        """Dropout masks of one training forward on `[S, B, C]`, in call order (pre- and post-norm alike)."""
+        e, f = self.linear1.in_features, self.linear1.out_features
+        return _join([_attention_plan(self.self_attn, b, s, s), _dropout_plan(self.dropout1, (s, b, e)),
+                      _dropout_plan(self.dropout, (s, b, f)), _dropout_plan(self.dropout2, (s, b, e))])
 
     def forward(self, src: Tensor, src_mask: Optional[Tensor] = None,
                 src_key_padding_mask: Optional[Tensor] = None, pos: Optional[Tensor] = None) -> Tensor:
@@ -122,6 +149,13 @@ class TransformerDecoderLayer(nn.Module):
         tgt2 = self.norm3(tgt)
         tgt2 = self.linear2(self.dropout(self.activation(self.linear1(tgt2))))
         return tgt + self.dropout3(tgt2)
+
+    def dropout_plan(self, n: int, s: int, b: int) -> Optional[list]:
+        """Dropout masks of one training forward of N queries over a memory of S, in call order."""
+        e, f = self.linear1.in_features, self.linear1.out_features
+        return _join([_attention_plan(self.self_attn, b, n, n), _dropout_plan(self.dropout1, (n, b, e)),
+                      _attention_plan(self.multihead_attn, b, n, s), _dropout_plan(self.dropout2, (n, b, e)),
+                      _dropout_plan(self.dropout, (n, b, f)), _dropout_plan(self.dropout3, (n, b, e))])
 
     def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Optional[Tensor] = None,
                 memory_mask: Optional[Tensor] = None, tgt_key_padding_mask: Optional[Tensor] = None,
@@ -212,6 +246,13 @@ class Transformer(nn.Module):
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
+
+    def dropout_plan(self, s: int, b: int, n: int) -> Optional[list]:
+        """Every dropout mask of one training forward (S = H*W of the feature map, B images, N queries) as
+        (shape, p) in call order, or None when some dropout would draw its mask another way
+        (`updetr.models.mask_prefetch`)."""
+        return _join([layer.dropout_plan(s, b) for layer in self.encoder.layers] +
+                     [layer.dropout_plan(n, s, b) for layer in self.decoder.layers])
 
     def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor, pos_embed: Tensor,
                 decoder_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:

@@ -1,11 +1,13 @@
 """UP-DETR: DETR pre-trained by random query patch detection (patch features added to object queries)."""
 from __future__ import annotations
 
+import contextlib
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from updetr.models import mask_prefetch
 from updetr.models.detr import DETR, Samples
 from updetr.models.mlp import MLP
 from updetr.models.onednn import Linear
@@ -85,6 +87,19 @@ class UPDETR(DETR):
         self.register_buffer("attention_mask", build_group_attention_mask(num_queries, num_patches),
                              persistent=False)
 
+    prefetch_masks = False  # `runtime.prefetch_dropout_masks`, set by `updetr.models.apply_runtime_paths`
+
+    def _mask_prefetch(self, images: Tensor, bs: int, n: int):
+        """`MaskPrefetch` of this training forward's dropout masks (CPU fp32, 2+ threads, every dropout on the
+        bool-mask path), else a no-op context."""
+        if not (self.training and self.prefetch_masks and images.device.type == "cpu"
+                and images.dtype == torch.float32 and torch.get_num_threads() > 1
+                and not torch.is_autocast_enabled("cpu")):
+            return contextlib.nullcontext()
+        h, w = self.backbone[0].feature_size(*images.shape[-2:])
+        plan = self.transformer.dropout_plan(h * w, bs, n)
+        return mask_prefetch.MaskPrefetch(plan) if plan else contextlib.nullcontext()
+
     def forward(self, samples: Samples, patches: Tensor) -> dict:  # type: ignore[override]
         """Images + their query patches -> predictions.
 
@@ -102,37 +117,42 @@ class UPDETR(DETR):
             raise ValueError(f"got {batch_num_patches} patches per image; the model has num_patches="
                              f"{self.num_patches} (training needs exactly that many, eval at most)")
         per = self.num_queries // self.num_patches
-
-        # Both branches share the same CNN; when frozen it builds no autograd graph (the official code relies
-        # on requires_grad=False only and still records the graph of the activations).
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
-            features, pos = self.backbone(samples)
-            patch_maps = self.backbone(patches.flatten(0, 1))
-        src, mask = features[-1].decompose()
-        assert mask is not None
-        gt_feature = self.avgpool(patch_maps[-1]).flatten(1)  # [B*M_b, Cb], image-major
-
-        # Patch p feeds query slots [p*N/M, (p+1)*N/M): repeat_interleave, not repeat.
-        patch_feature = (self.patch2query(gt_feature)
-                         .view(bs, batch_num_patches, -1)
-                         .repeat_interleave(per, dim=1)
-                         .permute(1, 0, 2)
-                         .contiguous())  # [N', B, C]
-
         if self.training:
+            # The step's own draws (query shuffle, patch dropout) come first: nothing between here and the
+            # transformer draws, so the same values as drawing them after the CNN, and the transformer's
+            # dropout masks can then be drawn while the CNN runs (`_mask_prefetch`).
             n = self.num_queries
             idx = (torch.randperm(n, device=self.query_embed.weight.device) if self.query_shuffle
                    else torch.arange(n, device=self.query_embed.weight.device))
-            if self.patch_dropout > 0:
-                keep = patch_keep_mask(n, self.num_patches, bs, self.patch_dropout, self.patch_dropout_mode,
-                                       device=patches.device)
-                patch_feature = patch_feature * keep
-            query_pos = patch_feature + self.query_embed.weight[idx, :].unsqueeze(1).repeat(1, bs, 1)
+            keep = (patch_keep_mask(n, self.num_patches, bs, self.patch_dropout, self.patch_dropout_mode,
+                                    device=patches.device) if self.patch_dropout > 0 else None)
         else:
             n = batch_num_patches * per
-            query_pos = patch_feature + self.query_embed.weight[:n, :].unsqueeze(1).repeat(1, bs, 1)
-        decoder_mask = self.attention_mask[:n, :n] if self.use_attention_mask else None
-        hs = self.transformer(self.input_proj(src), mask, query_pos, pos[-1], decoder_mask)[0]
+        with self._mask_prefetch(samples.tensors, bs, n):
+            # Both branches share the same CNN; when frozen it builds no autograd graph (the official code
+            # relies on requires_grad=False only and still records the graph of the activations).
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
+                features, pos = self.backbone(samples)
+                patch_maps = self.backbone(patches.flatten(0, 1))
+            mask_prefetch.cnn_done()
+            src, mask = features[-1].decompose()
+            assert mask is not None
+            gt_feature = self.avgpool(patch_maps[-1]).flatten(1)  # [B*M_b, Cb], image-major
+
+            # Patch p feeds query slots [p*N/M, (p+1)*N/M): repeat_interleave, not repeat.
+            patch_feature = (self.patch2query(gt_feature)
+                             .view(bs, batch_num_patches, -1)
+                             .repeat_interleave(per, dim=1)
+                             .permute(1, 0, 2)
+                             .contiguous())  # [N', B, C]
+            if self.training:
+                if keep is not None:
+                    patch_feature = patch_feature * keep
+                query_pos = patch_feature + self.query_embed.weight[idx, :].unsqueeze(1).repeat(1, bs, 1)
+            else:
+                query_pos = patch_feature + self.query_embed.weight[:n, :].unsqueeze(1).repeat(1, bs, 1)
+            decoder_mask = self.attention_mask[:n, :n] if self.use_attention_mask else None
+            hs = self.transformer(self.input_proj(src), mask, query_pos, pos[-1], decoder_mask)[0]
 
         out = self._heads(hs)
         if self.feature_recon:
