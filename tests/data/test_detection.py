@@ -95,7 +95,7 @@ def test_transform_primitives():
 def test_bad_annotations_and_missing_files(tmp_path, cfg_factory):
     img_dir, ann = write_coco_dataset(tmp_path, 4, seed=3, split="train")
     d = json.loads(ann.read_text())
-    w0, h0 = d["images"][0]["width"], d["images"][0]["height"]
+    w0 = d["images"][0]["width"]
     d["annotations"] += [
         {"id": 900, "image_id": 1, "category_id": 1, "bbox": [5, 5, 0, 10], "area": 0, "iscrowd": 0},       # degenerate
         {"id": 901, "image_id": 1, "category_id": 2, "bbox": [w0 - 5, 2, 20, 10], "area": 200, "iscrowd": 0},  # clipped

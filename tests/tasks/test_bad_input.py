@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from updetr.checkpoint import make_checkpoint, save_checkpoint
 from updetr.cli import main
