@@ -145,6 +145,20 @@ def test_frozen_cnn_reuses_folded_weights_until_they_change():
     assert rel(a, b) <= RTOL and rel(first, b) > 1e-2
 
 
+def test_frozen_fast_cnn_propagates_nan_like_the_reference():
+    """oneDNN's fused ReLU maps NaN to 0; a non-finite input therefore takes the unfused path, so a NaN
+    image still reaches the outputs (the engine stops on non-finite predictions)."""
+    torch.manual_seed(0)
+    ref = Backbone("resnet18", train_backbone=False)
+    fast = Backbone("resnet18", train_backbone=False, fold_bn=True, channels_last=True)
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 80)
+    x[1, 0, 5, 7] = float("nan")
+    with torch.no_grad():
+        a, b = fast(x)["0"], ref(x)["0"]
+    assert torch.equal(torch.isnan(a), torch.isnan(b)) and torch.isnan(a[1]).any() and not torch.isnan(a[0]).any()
+
+
 def test_fast_path_is_the_default_and_keeps_official_keys():
     fast, ref = _pair(tiny_cfg)
     bb = fast[0].backbone[0]

@@ -100,19 +100,20 @@ def fold_conv_bn(conv: nn.Conv2d, bn: FrozenBatchNorm2d, channels_last: bool,
 
 
 def folded_conv_bn(x: Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d, relu: bool = False,
-                   residual: Optional[Tensor] = None, cache: bool = False) -> Tensor:
+                   residual: Optional[Tensor] = None, cache: bool = False, fuse: bool = False) -> Tensor:
     """`bn(conv(x))`, then `+ residual` and ReLU when given (ReLU alone when `relu`), as one convolution.
 
     fp32 results differ from conv-then-BN by rounding only (~1e-6 relative). On CPU every conv runs on
     oneDNN: F.conv2d's heuristic sends 1x1 convs of batches < 16 to PyTorch's native kernel when running on
     one thread (the image branch's 33 1x1 convs in ResNet-50), which is ~2x slower and, on channels-last
-    input, copies it to NCHW first. Without autograd (a frozen CNN) the ReLU and the residual sum are oneDNN
-    post-ops of the convolution (no extra passes over the activations; the sum is written into `residual`);
-    with autograd it is the differentiable `mkldnn_convolution`, then the sum and ReLU as separate ops.
+    input, copies it to NCHW first. With `fuse` (no autograd and a finite input; `folded_resnet_forward`
+    decides) the ReLU and the residual sum are oneDNN post-ops of the convolution (no extra passes over the
+    activations; the sum is written into `residual`); otherwise the differentiable `mkldnn_convolution`,
+    then the sum and ReLU as separate ops.
     """
     weight, shift = fold_conv_bn(conv, bn, x.is_contiguous(memory_format=torch.channels_last), cache)
     args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-    if _oneDNN(x) and not torch.is_grad_enabled():
+    if fuse:
         if residual is not None:
             torch.ops.mkldnn._convolution_pointwise_(residual, x, weight, shift, *args, "add", 1.0, "relu", [], "")
             return residual
@@ -127,18 +128,18 @@ def folded_conv_bn(x: Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d, relu: bool
     return F.relu(y, inplace=True) if relu else y
 
 
-def _folded_block(block: nn.Module, x: Tensor, cache: bool) -> Tensor:
+def _folded_block(block: nn.Module, x: Tensor, cache: bool, fuse: bool) -> Tensor:
     """torchvision's BasicBlock / Bottleneck forward with every conv+FrozenBN pair folded.
     The sum may be written into x itself (no downsample): x is then the previous block's output, used by
     nothing else (a layer's collected output always enters a block with a downsample, which makes a copy)."""
-    out = folded_conv_bn(x, block.conv1, block.bn1, relu=True, cache=cache)
+    out = folded_conv_bn(x, block.conv1, block.bn1, relu=True, cache=cache, fuse=fuse)
     last_conv, last_bn = block.conv2, block.bn2
     if isinstance(block, Bottleneck):
-        out = folded_conv_bn(out, block.conv2, block.bn2, relu=True, cache=cache)
+        out = folded_conv_bn(out, block.conv2, block.bn2, relu=True, cache=cache, fuse=fuse)
         last_conv, last_bn = block.conv3, block.bn3
     identity = x if block.downsample is None else folded_conv_bn(x, block.downsample[0], block.downsample[1],
-                                                                 cache=cache)
-    return folded_conv_bn(out, last_conv, last_bn, residual=identity, cache=cache)
+                                                                 cache=cache, fuse=fuse)
+    return folded_conv_bn(out, last_conv, last_bn, residual=identity, cache=cache, fuse=fuse)
 
 
 def folded_resnet_forward(body: nn.Module, x: Tensor, all_layers: bool = False, cache: bool = False):
@@ -148,13 +149,16 @@ def folded_resnet_forward(body: nn.Module, x: Tensor, all_layers: bool = False, 
     `all_layers`: the list of layer1..layer4 outputs (strides 4, 8, 16, 32) instead. `cache`: keep the
     folded weights between calls (`fold_conv_bn`; frozen CNN only).
     """
-    x = folded_conv_bn(x, body.conv1, body.bn1, relu=True, cache=cache)
+    # oneDNN post-ops need no autograd, and a finite input: their ReLU maps NaN to 0 where PyTorch's keeps
+    # it, and a NaN image must reach the outputs (the engine stops on non-finite predictions).
+    fuse = _oneDNN(x) and not torch.is_grad_enabled() and bool(torch.isfinite(x).all())
+    x = folded_conv_bn(x, body.conv1, body.bn1, relu=True, cache=cache, fuse=fuse)
     x = body.maxpool(x)
     outs = []
     for layer in (body.layer1, body.layer2, body.layer3, body.layer4):
         for block in layer:
             mask_prefetch.poll()  # all threads back once a step's dropout masks are drawn
-            x = _folded_block(block, x, cache)
+            x = _folded_block(block, x, cache, fuse)
         outs.append(x)
     return outs if all_layers else x
 
