@@ -237,11 +237,14 @@ def compile_model(model: nn.Module) -> nn.Module:
     """
     import torch._inductor.config as inductor_config
 
+    from updetr.models.dropout import set_bool_dropout
     from updetr.models.onednn import set_onednn_linear
 
     inductor_config.fallback_random = True
-    # inductor picks its own CPU matmul kernels; the eager oneDNN path would only add graph breaks to it
+    # inductor picks its own kernels; the eager oneDNN linear, the bool-mask dropout and the mask prefetch
+    # (which needs both) would only add graph breaks to it
     set_onednn_linear(model, False)
+    set_bool_dropout(model, False)
     return torch.compile(model)
 
 
