@@ -237,14 +237,12 @@ def compile_model(model: nn.Module) -> nn.Module:
     """
     import torch._inductor.config as inductor_config
 
-    from updetr.models.dropout import set_bool_dropout
-    from updetr.models.onednn import set_onednn_linear
+    from updetr.models import set_switches
 
     inductor_config.fallback_random = True
     # inductor picks its own kernels; the eager oneDNN linear, the bool-mask dropout and the mask prefetch
     # (which needs both) would only add graph breaks to it
-    set_onednn_linear(model, False)
-    set_bool_dropout(model, False)
+    set_switches(model, onednn=False, bool_mask=False)
     return torch.compile(model)
 
 

@@ -9,8 +9,6 @@ from updetr.models.criterion import SetCriterion
 from updetr.models.detr import DETR
 from updetr.models.matcher import HungarianMatcher
 from updetr.models.mlp import MLP
-from updetr.models.dropout import set_bool_dropout
-from updetr.models.onednn import set_onednn_linear
 from updetr.models.postprocess import PostProcess
 from updetr.models.transformer import Transformer, build_transformer
 from updetr.models.updetr import UPDETR, build_group_attention_mask, patch_keep_mask
@@ -18,7 +16,8 @@ from updetr.models.updetr import UPDETR, build_group_attention_mask, patch_keep_
 __all__ = [
     "build_model", "build_weight_dict", "build_criterion", "build_updetr", "build_detr", "build_detr_segm",
     "Backbone", "FrozenBatchNorm2d", "Joiner", "SetCriterion", "DETR", "UPDETR", "HungarianMatcher", "MLP",
-    "PostProcess", "Transformer", "build_group_attention_mask", "patch_keep_mask",
+    "PostProcess", "Transformer", "build_group_attention_mask", "patch_keep_mask", "set_switches",
+    "apply_runtime_paths",
 ]
 
 
@@ -35,15 +34,24 @@ def build_weight_dict(cfg: ExperimentConfig, feature: bool = False) -> dict[str,
     return weight_dict
 
 
+def set_switches(model: nn.Module, **switches: bool) -> nn.Module:
+    """Set run-time switches declared on module classes: `onednn` (`Linear`, `MultiheadAttention`),
+    `bool_mask` (`Dropout`, `MultiheadAttention`), `prefetch_masks` (`UPDETR`). Every module of `model` whose
+    class declares a switch gets its value (returns model)."""
+    for m in model.modules():
+        for name, on in switches.items():
+            if hasattr(type(m), name):
+                setattr(m, name, bool(on))
+    return model
+
+
 def apply_runtime_paths(model: nn.Module, cfg: ExperimentConfig) -> nn.Module:
     """Switch the model's run-time speed-ups that live in its modules (`runtime.onednn_linear`,
     `runtime.bool_dropout_masks`, `runtime.prefetch_dropout_masks`); the CNN's (fold, channels-last) are given
     to the backbone when it is built."""
-    set_onednn_linear(model, cfg.runtime.onednn_linear)
-    for m in model.modules():
-        if hasattr(type(m), "prefetch_masks"):
-            m.prefetch_masks = cfg.runtime.prefetch_dropout_masks
-    return set_bool_dropout(model, cfg.runtime.bool_dropout_masks)
+    r = cfg.runtime
+    return set_switches(model, onednn=r.onednn_linear, bool_mask=r.bool_dropout_masks,
+                        prefetch_masks=r.prefetch_dropout_masks)
 
 
 def _backbone_and_transformer(cfg: ExperimentConfig, return_interm_layers: bool = False):

@@ -46,7 +46,7 @@ def dropout(x: Tensor, p: float, training: bool, bool_mask: bool) -> Tensor:
 
 
 class Dropout(nn.Dropout):
-    """`nn.Dropout` whose mask is a bool tensor when `bool_mask` is set (see `set_bool_dropout`)."""
+    """`nn.Dropout` whose mask is a bool tensor when `bool_mask` is set (`updetr.models.set_switches`)."""
 
     bool_mask = False
 
@@ -54,11 +54,3 @@ class Dropout(nn.Dropout):
         if self.inplace:
             return super().forward(x)
         return dropout(x, self.p, self.training, self.bool_mask)
-
-
-def set_bool_dropout(model: nn.Module, on: bool) -> nn.Module:
-    """Turn bool dropout masks on or off for every `Dropout` and attention module that has the switch."""
-    for m in model.modules():
-        if hasattr(type(m), "bool_mask"):
-            m.bool_mask = bool(on)
-    return model

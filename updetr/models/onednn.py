@@ -63,7 +63,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], onednn: bool) -> T
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` that runs on oneDNN when `onednn` is set (see `set_onednn_linear`)."""
+    """`nn.Linear` that runs on oneDNN when `onednn` is set (`updetr.models.set_switches`)."""
 
     onednn = False
 
@@ -126,11 +126,3 @@ class MultiheadAttention(nn.MultiheadAttention):
             return out, None
         weights = weights.view(bsz, heads, tgt_len, src_len)
         return out, (weights.mean(dim=1) if average_attn_weights else weights)
-
-
-def set_onednn_linear(model: nn.Module, on: bool) -> nn.Module:
-    """Turn the oneDNN path of every `Linear` / `MultiheadAttention` in `model` on or off (returns model)."""
-    for m in model.modules():
-        if isinstance(m, (Linear, MultiheadAttention)):
-            m.onednn = bool(on)
-    return model
