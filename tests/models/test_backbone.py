@@ -115,3 +115,13 @@ def test_learned_encoding_shape_and_limit():
     assert set(pe.state_dict()) == {"row_embed.weight", "col_embed.weight"}
     with pytest.raises(ValueError, match="50x50"):
         pe(NestedTensor(torch.zeros(1, 1, 51, 5), None))
+
+
+@pytest.mark.parametrize("name,dilation", [("resnet18", False), ("resnet50", False), ("resnet50", True)])
+def test_feature_size_is_the_cnns_output_size(name, dilation):
+    """`feature_size` (what the dropout-mask plan is sized from, before the CNN runs) = the real map's size."""
+    b = Backbone(name, train_backbone=False, dilation=dilation, fold_bn=True, channels_last=True)
+    for h, w in ((448, 597), (97, 131), (128, 128), (33, 17)):
+        with torch.no_grad():
+            out = b(torch.zeros(1, 3, h, w))["0"]
+        assert tuple(out.shape[-2:]) == b.feature_size(h, w), (h, w)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
@@ -297,21 +298,16 @@ class Backbone(nn.Module):
     def feature_size(self, h: int, w: int) -> tuple[int, int]:
         """(h, w) of the last feature map for an `[B, 3, h, w]` input: every convolution and the max-pool
         of the main path, in order (strides, padding, dilation included)."""
-        def out(n: int, k: int, s: int, p: int, d: int = 1) -> int:
-            return (n + 2 * p - d * (k - 1) - 1) // s + 1
-
         body = self.body
-        convs = [body.conv1, body.maxpool]
+        ops = [body.conv1, body.maxpool]
         for layer in (body.layer1, body.layer2, body.layer3, body.layer4):
             for block in layer:
-                convs += [m for m in (getattr(block, f"conv{i}", None) for i in (1, 2, 3)) if m is not None]
-        size = [h, w]
-        for m in convs:
-            if isinstance(m, nn.MaxPool2d):
-                size = [out(n, m.kernel_size, m.stride, m.padding, m.dilation) for n in size]
-            else:
-                size = [out(n, m.kernel_size[i], m.stride[i], m.padding[i], m.dilation[i]) for i, n in enumerate(size)]
-        return size[0], size[1]
+                ops += [m for m in (getattr(block, f"conv{i}", None) for i in (1, 2, 3)) if m is not None]
+        size = (h, w)
+        for m in ops:  # a max-pool holds ints, a conv pairs: _pair reads both
+            k, s, p, d = (_pair(getattr(m, a)) for a in ("kernel_size", "stride", "padding", "dilation"))
+            size = tuple((n + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i, n in enumerate(size))
+        return size
 
     @property
     def frozen(self) -> bool:

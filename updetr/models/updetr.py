@@ -91,8 +91,8 @@ class UPDETR(DETR):
 
     def _mask_prefetch(self, images: Tensor, bs: int, n: int):
         """`MaskPrefetch` of this training forward's dropout masks (CPU fp32, 2+ threads, every dropout on the
-        bool-mask path), else a no-op context."""
-        if not (self.training and self.prefetch_masks and images.device.type == "cpu"
+        bool-mask path, a folded CNN: the one that hands its threads back between blocks), else a no-op."""
+        if not (self.training and self.prefetch_masks and self.backbone[0].fold_bn and images.device.type == "cpu"
                 and images.dtype == torch.float32 and torch.get_num_threads() > 1
                 and not torch.is_autocast_enabled("cpu")):
             return contextlib.nullcontext()
@@ -128,6 +128,7 @@ class UPDETR(DETR):
                                     device=patches.device) if self.patch_dropout > 0 else None)
         else:
             n = batch_num_patches * per
+            idx, keep = slice(0, n), None  # the first n queries, no patch dropout
         with self._mask_prefetch(samples.tensors, bs, n):
             # Both branches share the same CNN; when frozen it builds no autograd graph (the official code
             # relies on requires_grad=False only and still records the graph of the activations).
@@ -145,12 +146,9 @@ class UPDETR(DETR):
                              .repeat_interleave(per, dim=1)
                              .permute(1, 0, 2)
                              .contiguous())  # [N', B, C]
-            if self.training:
-                if keep is not None:
-                    patch_feature = patch_feature * keep
-                query_pos = patch_feature + self.query_embed.weight[idx, :].unsqueeze(1).repeat(1, bs, 1)
-            else:
-                query_pos = patch_feature + self.query_embed.weight[:n, :].unsqueeze(1).repeat(1, bs, 1)
+            if keep is not None:
+                patch_feature = patch_feature * keep
+            query_pos = patch_feature + self.query_embed.weight[idx, :].unsqueeze(1).repeat(1, bs, 1)
             decoder_mask = self.attention_mask[:n, :n] if self.use_attention_mask else None
             hs = self.transformer(self.input_proj(src), mask, query_pos, pos[-1], decoder_mask)[0]
 
