@@ -100,3 +100,15 @@ def test_empty_split_and_unknown_images_are_errors_not_ap_0():
     with pytest.raises(EvalError, match="not in the ground truth"):
         ev.update({99: {"scores": torch.zeros(1), "labels": torch.zeros(1, dtype=torch.long),
                         "boxes": torch.zeros(1, 4)}})
+
+
+def test_accumulated_ids_must_be_distinct_and_not_empty():
+    """The check every evaluator's summarize runs over all ranks' parts: none evaluated, or some twice
+    (overlapping rank parts), is an error that says which."""
+    from updetr.eval.coco_eval import distinct_ids
+
+    assert distinct_ids([3, 1, 2], "empty") == [1, 2, 3]
+    with pytest.raises(EvalError, match="^nothing here$"):
+        distinct_ids([], "nothing here")
+    with pytest.raises(EvalError, match=r"^2 episode\(s\) were evaluated twice \(overlapping rank parts\)$"):
+        distinct_ids([1, 2, 2, 5, 5], "empty", unit="episode")

@@ -12,7 +12,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from pycocotools.coco import COCO
@@ -37,6 +37,17 @@ def to_coco_results(predictions: Mapping[int, Mapping[str, torch.Tensor]]) -> li
             out.append({"image_id": int(image_id), "category_id": int(label), "bbox": [float(v) for v in box],
                         "score": float(score)})
     return out
+
+
+def distinct_ids(ids: Sequence[int], empty: str, unit: str = "image") -> list[int]:
+    """The sorted distinct ids an evaluator accumulated (over every rank's part). Raises EvalError when there
+    are none (`empty` says so and what to check) or when any came twice (overlapping rank parts)."""
+    unique = sorted(set(ids))
+    if not unique:
+        raise EvalError(empty)
+    if len(unique) != len(ids):
+        raise EvalError(f"{len(ids) - len(unique)} {unit}(s) were evaluated twice (overlapping rank parts)")
+    return unique
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
@@ -89,13 +100,8 @@ class CocoEvaluator:
 
     def summarize(self) -> dict[str, float]:
         """The COCO metrics of everything accumulated. Raises EvalError when no image was evaluated."""
-        img_ids = sorted(set(self.img_ids))
-        if not img_ids:
-            raise EvalError("the evaluation split is empty: no image was evaluated (check data.val_path / "
-                            "the annotation file)")
-        if len(img_ids) != len(self.img_ids):
-            raise EvalError(f"{len(self.img_ids) - len(img_ids)} image(s) were evaluated twice (overlapping "
-                            "rank parts)")
+        img_ids = distinct_ids(self.img_ids, "the evaluation split is empty: no image was evaluated (check "
+                                             "data.val_path / the annotation file)")
         quiet = io.StringIO()
         with contextlib.redirect_stdout(quiet):
             coco_dt = self.coco_gt.loadRes(self.results) if self.results else COCO()

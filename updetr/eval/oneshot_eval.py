@@ -24,7 +24,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from updetr.eval.coco_eval import EvalError, box_predictions, to_coco_results, write_json_atomic
+from updetr.eval.coco_eval import EvalError, box_predictions, distinct_ids, to_coco_results, write_json_atomic
 
 # Table 3's columns, left to right (VOC names; the paper's short labels below).
 PAPER_SEEN_ORDER = ("pottedplant", "sofa", "tvmonitor", "car", "bottle", "boat", "chair", "person", "bus", "train",
@@ -116,13 +116,9 @@ class OneShotEvaluator:
     def summarize(self) -> dict[str, float]:
         """`seen_AP50_<class>` / `unseen_AP50_<class>` per class (-1: no episode), `seen_AP50`, `unseen_AP50`,
         episode counts, and the split's skip counts (`skipped_<reason>`)."""
-        ids = sorted(set(self.episode_ids))
-        if not ids:
-            raise EvalError("the one-shot evaluation split is empty: no episode was evaluated (check data.val_path, "
-                            "and that the test images hold instances with a query in another image)")
-        if len(ids) != len(self.episode_ids):
-            raise EvalError(f"{len(self.episode_ids) - len(ids)} episode(s) were evaluated twice (overlapping "
-                            "rank parts)")
+        ids = distinct_ids(self.episode_ids, "the one-shot evaluation split is empty: no episode was evaluated "
+                           "(check data.val_path, and that the test images hold instances with a query in another "
+                           "image)", unit="episode")
         pairs = {(self.episodes[i].target_image, self.episodes[i].category_id) for i in ids}
         ap = per_class_ap50(self._scored_gt(pairs), self.results, [p[0] for p in pairs], [p[1] for p in pairs])
         per_ep = {c: 0 for c in self.seen + self.unseen}

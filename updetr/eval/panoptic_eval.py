@@ -27,7 +27,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from updetr.data.coco import coco_from_dict
-from updetr.eval.coco_eval import EvalError, write_json_atomic
+from updetr.eval.coco_eval import EvalError, distinct_ids, write_json_atomic
 
 # reported names, in Table 4's column order
 PANOPTIC_METRICS = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st", "segm_AP")
@@ -175,13 +175,8 @@ class PanopticEvaluator:
         return {name: float(ev.stats[i]) for name, i in SEGM_METRICS.items()}
 
     def summarize(self) -> dict[str, float]:
-        img_ids = set(self.img_ids)
-        if not img_ids:
-            raise EvalError("the evaluation split is empty: no image was evaluated (check data.val_path / the "
-                            "panoptic JSON)")
-        if len(img_ids) != len(self.img_ids):
-            raise EvalError(f"{len(self.img_ids) - len(img_ids)} image(s) were evaluated twice (overlapping "
-                            "rank parts)")
+        distinct_ids(self.img_ids, "the evaluation split is empty: no image was evaluated (check data.val_path / "
+                                   "the panoptic JSON)")
         out = pq_summary(self.metric, self.pan.things, self.pan.stuffs)
         out.update(self.segm_ap() if self.pan.things else {k: -1.0 for k in SEGM_METRICS})
         return out
