@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from updetr.models import build_model
+from updetr.tasks import build_model
 from updetr.models import criterion as criterion_mod
 from updetr.models.criterion import SetCriterion
 from updetr.models.matcher import HungarianMatcher

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from updetr.models import build_model
+from updetr.tasks import build_model
 from updetr.models.postprocess import PostProcess
 from updetr.util.nested_tensor import nested_tensor_from_tensor_list
 

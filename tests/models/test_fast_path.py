@@ -12,7 +12,8 @@ import torch
 
 from tests.models.conftest import make_targets, tiny_cfg, tiny_finetune_cfg
 from updetr.engine import Trainer, build_optimizer, train_step
-from updetr.models import FrozenBatchNorm2d, build_model
+from updetr.models import FrozenBatchNorm2d
+from updetr.tasks import build_model
 from updetr.models.backbone import Backbone
 from updetr.models.dropout import dropout
 from updetr.models.onednn import Linear, MultiheadAttention
