@@ -1,4 +1,5 @@
-"""The pure training engine: one train step, the epoch loop, optimizer/schedule, checkpoint state.
+"""The pure training engine: one train step, the epoch loop, evaluation, schedule, checkpoint state.
+Per-process set-up (device, seeds, RNG state, optimizer, compile) is in `updetr/engine_setup.py`.
 
 Knows nothing about Ray or MLflow: `updetr debug` (updetr/local.py) and the Ray Train workers
 (updetr/orchestration/worker.py) drive the same `Trainer` and plug in their own callbacks.
@@ -6,20 +7,20 @@ Knows nothing about Ray or MLflow: `updetr debug` (updetr/local.py) and the Ray 
 from __future__ import annotations
 
 import math
-import random
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Protocol
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from updetr.checkpoint import make_checkpoint, strip_prefixes
+from updetr.config import ExperimentConfig, config_to_dict
+from updetr.engine_setup import (autocast_context, build_optimizer, compile_model, dist_rank_world,
+                                 freeze_heads_without_loss, move_targets, rng_state, seed_process,
+                                 set_rng_state, use_compile, use_fused_adamw)
 from updetr.provenance import git_sha
-from updetr.config import ExperimentConfig, OptimConfig, config_to_dict
 from updetr.util.nested_tensor import NestedTensor
 
 EpochBatches = Callable[[int, int], Iterable[dict]]
@@ -128,127 +129,6 @@ def evaluate(model: nn.Module, postprocessors: dict, batches: Iterable[dict], ev
     metrics = dict(box[0])
     metrics.update({"images": float(sum(counts)), "seconds": seconds, "gather_seconds": gather_seconds})
     return metrics
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is a clear error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime.device=cuda but no CUDA device is available")
-    return torch.device(name)
-
-
-def dist_rank_world() -> tuple[int, int]:
-    """(rank, world_size) of this process; (0, 1) without torch.distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def seed_process(seed: int, rank: int = 0) -> None:
-    """Seed torch (CPU and CUDA), numpy and `random` with `seed + rank`, as the reference main.py does, so
-    that dropout, patch dropout and query shuffles differ between ranks. Data draws do not use these
-    generators (they are seeded per sample), so they stay identical for any number of ranks."""
-    torch.manual_seed(seed + rank)
-    np.random.seed((seed + rank) % 2 ** 32)
-    random.seed(seed + rank)
-
-
-def rng_state() -> dict:
-    """This process's torch RNG state: `{"torch": ByteTensor, "cuda": [ByteTensor per device]}`."""
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    cuda = state.get("cuda")
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
-
-
-def autocast_context(precision: str, device: torch.device):
-    """bf16 autocast on CUDA; fp32 everywhere else (bf16 on CPU is refused: slow and not the paper's)."""
-    if precision == "fp32":
-        return nullcontext()
-    if device.type != "cuda":
-        raise RuntimeError("runtime.precision=bf16 needs a CUDA device; use runtime.precision=fp32 on CPU")
-    return torch.autocast("cuda", dtype=torch.bfloat16)
-
-
-def freeze_heads_without_loss(model: nn.Module, cfg: ExperimentConfig) -> list[str]:
-    """Freeze each output head whose every loss weighs 0 (it would get no gradient); returns their names.
-
-    `class_embed` trains only through loss_ce (the matcher's class cost takes no gradient), `bbox_embed`
-    through loss_bbox / loss_giou, `feature_align` through loss_feature. A frozen head stays in the model,
-    so state_dicts keep the official keys and load strictly; it is left out of the optimizer, and under DDP
-    every trainable parameter then gets a gradient on every step.
-    """
-    loss = cfg.loss
-    off = {"class_embed": loss.ce == 0, "bbox_embed": loss.bbox == 0 and loss.giou == 0,
-           "feature_align": loss.feature == 0}
-    frozen = []
-    for name, is_off in off.items():
-        head = getattr(model, name, None)
-        if is_off and isinstance(head, nn.Module):
-            head.requires_grad_(False)
-            frozen.append(name)
-    return frozen
-
-
-def build_optimizer(model: nn.Module, optim: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
-    """AdamW with two groups: transformer + heads at `lr`, trainable backbone params at `lr_backbone`.
-
-    Frozen parameters (requires_grad False) are left out, so a frozen backbone has no optimizer state.
-    `fused`: one fused kernel for every parameter (same update rule; rounding-level differences only).
-    """
-    main, backbone = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (backbone if "backbone" in name else main).append(p)
-    groups = [{"params": main, "lr": optim.lr}]
-    if backbone:
-        groups.append({"params": backbone, "lr": optim.lr_backbone})
-    extra = {"fused": True} if fused else {}
-    return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay, **extra)
-
-
-def use_fused_adamw(cfg: ExperimentConfig, device: torch.device) -> bool:
-    """`runtime.fused_adamw`, where None means on (CUDA and CPU: on CPU the fused kernel is ~3x faster than
-    the per-tensor loop, ~20 ms of a paper-shape step at one thread)."""
-    flag = cfg.runtime.fused_adamw
-    return True if flag is None else flag
-
-
-def use_compile(cfg: ExperimentConfig, device: torch.device) -> bool:
-    """`runtime.compile`, where None means: on for CUDA, off on CPU."""
-    flag = cfg.runtime.compile
-    return device.type == "cuda" if flag is None else flag
-
-
-def compile_model(model: nn.Module) -> nn.Module:
-    """`torch.compile` (inductor) for training; the uncompiled module keeps the state dict and its keys.
-
-    Dropout keeps eager's random-number generator (`fallback_random`): inductor's own generator would draw
-    other masks than the reference path for the same seed.
-    """
-    import torch._inductor.config as inductor_config
-
-    from updetr.models import set_switches
-
-    inductor_config.fallback_random = True
-    # inductor picks its own kernels; the eager oneDNN linear, the bool-mask dropout and the mask prefetch
-    # (which needs both) would only add graph breaks to it
-    set_switches(model, onednn=False, bool_mask=False)
-    return torch.compile(model)
-
-
-def move_targets(targets: list[dict], device: torch.device) -> list[dict]:
-    return [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
-            for t in targets]
 
 
 def train_step(model: nn.Module, criterion: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, *,

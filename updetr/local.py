@@ -15,7 +15,8 @@ import torch
 
 from updetr.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from updetr.config import ExperimentConfig, config_to_dict, config_to_yaml
-from updetr.engine import TrainState, resolve_device
+from updetr.engine import TrainState
+from updetr.engine_setup import resolve_device
 from updetr.runner import (AllWorkers, CallbackList, LocalCheckpoint, Progress, Tracking, WrappedBatches,
                            check_compatible,
                            evaluate_weights, expected_total, format_epoch_line, format_progress, setup, train)

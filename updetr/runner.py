@@ -17,7 +17,8 @@ import torch
 from updetr.data.skips import split_counts
 from updetr.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from updetr.config import RUN_LENGTH_FIELDS, ExperimentConfig, identity_diff
-from updetr.engine import TrainState, Trainer, dist_rank_world, evaluate, format_eta, seed_process, total_steps
+from updetr.engine import TrainState, Trainer, evaluate, format_eta, total_steps
+from updetr.engine_setup import dist_rank_world, seed_process
 from updetr.tasks import InitReport, Task
 
 # Sections that change the network's shape or the pretext; resuming across a change is refused.

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from updetr.config import load_config
-from updetr.engine import Trainer, TrainState, build_optimizer, total_steps
+from updetr.engine import Trainer, TrainState, total_steps
+from updetr.engine_setup import build_optimizer
 
 TINY = ["model.backbone=resnet18", "model.hidden_dim=32", "model.nheads=2", "model.enc_layers=1",
         "model.dec_layers=2", "model.dim_feedforward=64", "model.num_queries=6", "model.dropout=0.0",

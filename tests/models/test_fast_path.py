@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from tests.models.conftest import make_targets, tiny_cfg, tiny_finetune_cfg
-from updetr.engine import Trainer, build_optimizer, train_step
+from updetr.engine import Trainer, train_step
+from updetr.engine_setup import build_optimizer
 from updetr.models import FrozenBatchNorm2d
 from updetr.tasks import build_model
 from updetr.models.backbone import Backbone

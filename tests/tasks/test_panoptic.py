@@ -91,7 +91,7 @@ def test_mask_stage_leaves_the_detector_bit_identical(pan_root, tmp_path):
     assert head, "the mask head is in the checkpoint"
     # it trained: the optimizer moved the head (and only the head) away from its initialisation
     fresh_cfg = cfg.model_copy(update={"init": cfg.init.model_copy(update={"checkpoint": None})})
-    from updetr.engine import seed_process
+    from updetr.engine_setup import seed_process
 
     seed_process(cfg.seed)
     fresh = get_task(fresh_cfg).build()[0].state_dict()
