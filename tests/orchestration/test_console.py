@@ -88,3 +88,18 @@ def test_tune_fetch_warning_is_counted_not_printed():
         assert f.filter(other) is True
     finally:
         logger.removeFilter(f)
+
+
+def test_raylet_warnings_from_the_error_listener_go_to_the_log(tmp_path, capsys, monkeypatch):
+    import ray._private.worker as ray_worker
+
+    from updetr.orchestration.console import RayLog, _route_error_listener
+
+    printed = []
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", lambda data, ignore_prefix=False: printed.append(data))
+    _route_error_listener(("[x] ",), RayLog(tmp_path / "r.log"))
+    # what ray._private.worker.listen_error_messages calls, by name
+    ray_worker.print_to_stdstream({"lines": ["WARNING: 8 PYTHON worker processes have been started on node: n"],
+                                   "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    assert printed == [] and capsys.readouterr().out == ""
+    assert "(raylet) WARNING: 8 PYTHON worker" in (tmp_path / "r.log").read_text()

@@ -138,6 +138,11 @@ def _filtered(original, own_prefixes: Sequence[str], data: dict, log: Optional[R
     """Ray's printer, filtered (module docstring). `original` gets only what must reach the terminal as Ray
     prints it: progress bars (tqdm_ray) and, without a log file, the lines that are not ours."""
     lines = list(data.get("lines", []))
+    if data.get("pid") == "autoscaler":
+        # the monitor's whole status report every few seconds; Ray itself prints only its events
+        from ray._private.worker import filter_autoscaler_events
+
+        lines = list(filter_autoscaler_events(lines))
     if log is not None:
         prefix = ray_prefix(data)
         log.write_lines([f"{prefix} {ln}" for ln in lines if TQDM_MAGIC not in ln])
@@ -207,12 +212,31 @@ def install(own_prefixes: Sequence[str], log_path: Optional[Path] = None, out: T
             break
         else:
             return None
+    _route_error_listener(prefixes, log)
     if log is not None:
         route_ray_loggers(log)
         print(f"Ray's own output (workers, raylet, Tune) -> {log.path}  (UPDETR_RAY_LOGS=all prints it here)",
               file=out, flush=True)
         return log.path
     return None
+
+
+def _route_error_listener(prefixes: tuple[str, ...], log: Optional[RayLog]) -> None:
+    """The raylet's warnings (`WARNING: 8 PYTHON worker processes have been started ...`) reach the driver
+    through Ray's error listener, which calls `ray._private.worker.print_to_stdstream` itself rather than the
+    dispatcher: route that function through the same filter (looked up by name at each call)."""
+    import ray._private.worker as ray_worker
+
+    original = ray_worker.print_to_stdstream
+    if getattr(original, "_updetr_routed", False):
+        return
+    seen = _Seen()
+
+    def routed(data, ignore_prefix: bool = False):
+        _filtered(functools.partial(original, ignore_prefix=ignore_prefix), prefixes, data, log=log, seen=seen)
+
+    routed._updetr_routed = True
+    ray_worker.print_to_stdstream = routed
 
 
 class _ToRayLog(logging.Handler):
