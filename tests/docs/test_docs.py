@@ -137,3 +137,11 @@ def test_every_yaml_snippet_validates(tmp_path):
 def test_readme_test_command_is_what_ci_runs():
     ci = next(ln for ln in (REPO / ".ci" / "run").read_text().splitlines() if ln.startswith("python3 -m venv"))
     assert any(ci in script.splitlines() for _, script in blocks("bash") if _ == REPO / "README.md"), ci
+
+
+def test_readme_links_and_picture_exist():
+    text = (REPO / "README.md").read_text()
+    assert len(text.splitlines()) <= 200
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    local = [t for t in targets if not re.match(r"https?://", t)]
+    assert local and all((REPO / t).exists() for t in local), [t for t in local if not (REPO / t).exists()]

@@ -23,7 +23,7 @@ RAY_FORMATTING = re.compile(r"\((raylet|autoscaler|\w+ pid=\d+|pid=\d+)[,)]|repe
                             r"^\S+ (WARNING|INFO|ERROR) \w+\.py:\d+ -- ")
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1500)
 def test_a_sweep_prints_only_updetr_lines_and_names_the_ray_log(tmp_path):
     sweep_file = tmp_path / "q.yaml"
     sweep_file.write_text(yaml.safe_dump({"name": "quiet", "experiment": str(REPO / "experiments" / "smoke.yaml"),
@@ -31,7 +31,7 @@ def test_a_sweep_prints_only_updetr_lines_and_names_the_ray_log(tmp_path):
     ray_tmp = short_tmpdir("uqt")
     try:
         r = updetr("sweep", str(sweep_file), *TINY, f"runtime.output_dir={tmp_path}/runs",
-                   f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", cwd=tmp_path, env=cli_env(ray_tmp), timeout=850)
+                   f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", cwd=tmp_path, env=cli_env(ray_tmp), timeout=1450)
     finally:
         reap(ray_tmp)
     lines = (r.stdout + r.stderr).splitlines()
