@@ -34,6 +34,7 @@ def test_a_sweep_prints_only_updetr_lines_and_names_the_ray_log(tmp_path):
                    f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", cwd=tmp_path, env=cli_env(ray_tmp), timeout=1450)
     finally:
         reap(ray_tmp)
+    (tmp_path / "terminal.txt").write_text(r.stdout + r.stderr)      # to read after a failure
     lines = (r.stdout + r.stderr).splitlines()
     assert r.returncode == 0, "\n".join(lines[-60:])
     foreign = [ln for ln in lines if RAY_FORMATTING.search(ln)]
