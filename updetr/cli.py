@@ -131,11 +131,11 @@ def cmd_debug(args) -> int:
 
 def cmd_eval(args) -> int:
     """`updetr eval EXP --checkpoint PATH`: the COCO table of any checkpoint on the experiment's eval split."""
-    from updetr.tasks import get_task
+    from updetr.tasks import get_task, task_class
 
     try:
         exp = load_experiment(args.experiment, args.overrides)
-        evals = [s for s in exp.stages if s.cfg.task in ("detect", "oneshot", "panoptic")]
+        evals = [s for s in exp.stages if task_class(s.cfg.task).has_eval]
         if not evals:
             return fail(f"{args.experiment}: no detection or one-shot stage to take the evaluation split from")
         cfg = evals[-1].cfg

@@ -58,12 +58,14 @@ class SweepOutcome:
 def trial_cpus(sweep: Sweep) -> float:
     """CPUs one trial holds at most: its driver, the widest stage's Train workers and, for a stage fed by
     Ray Data, its preprocessing actors (stages of a chain run one after the other)."""
+    from updetr.tasks import task_class
+
     need = 0.0
     for cell in sweep.cells:
         for st in cell.experiment.stages:
             cfg = st.cfg
             cpus = cfg.ray.num_workers * cfg.ray.cpus_per_worker
-            if st.action == "train" and cfg.task == "pretrain":
+            if st.action == "train" and task_class(cfg.task).ray_data:
                 cpus += max(1, cfg.data.num_workers) * cfg.data.preprocess_cpus
             need = max(need, cpus)
     return need + DRIVER_CPU
