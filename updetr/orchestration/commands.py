@@ -54,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except LaunchError as e:
         text = str(e)
         _shutdown_ray()
-        return _fail(text, 1 if text.startswith(("training failed", "evaluation failed")) else 2)
+        return _fail(text, 1 if text.startswith(("training failed", "training stopped", "evaluation failed")) else 2)
     except user_errors() as e:
         _shutdown_ray()
         return _fail(str(e))

@@ -99,6 +99,9 @@ def _env(address: Optional[str] = None) -> dict[str, str]:
     # venv's bin/) first, so jobs on the local cluster see the same packages as the updetr that started it.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    # A busy machine starts a node's agents slowly: the raylet's wait for them (and `ray start`'s for the
+    # raylet) would otherwise end the node after ~30 s.
+    env.setdefault("RAY_raylet_start_wait_time_s", "120")
     if address:
         # The cluster's processes inherit it: what looks the cluster up from inside (Train's
         # PlacementGroupCleaner uses the State API with address auto-detection) finds this one even when
@@ -184,7 +187,8 @@ def kill_processes(procs: list, grace_s: float = 5.0, hard: bool = False) -> int
 def _start(args: list[str], log: Path, timeout_s: float, address: str) -> int:
     """`ray start ARGS` in a new session; returns its process group id (the node's daemons inherit it)."""
     with open(log, "ab") as out:
-        proc = subprocess.Popen([_ray_bin(), "start", *args], env=_env(address), stdout=out,
+        proc = subprocess.Popen([sys.executable, "-m", "updetr.orchestration.ray_start", "start", *args],
+                                env=_env(address), stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
             rc = proc.wait(timeout=timeout_s)
@@ -255,10 +259,10 @@ def up(dir: str | Path = DEFAULT_DIR, port: Optional[int] = None, dashboard_port
     return cluster
 
 
-# Where Ray 2.60 lets a node's components be placed: with the node IP on loopback, the dashboard agent (HTTP,
-# gRPC, metrics export), the runtime-env agent and the client server bind 127.0.0.1; `--dashboard-host` places
-# the dashboard. The GCS, raylet and worker gRPC servers take no bind address in 2.60 (see
-# docs/cluster-operations.md).
+# Where Ray 2.60 lets a node's components be placed: with the node IP on loopback (kept as given by
+# updetr.orchestration.ray_start), the dashboard agent (HTTP, gRPC, metrics export), the runtime-env agent
+# and the client server bind 127.0.0.1; `--dashboard-host` places the dashboard. The GCS, raylet and worker
+# gRPC servers take no bind address in 2.60 (see docs/cluster-operations.md).
 LOOPBACK = ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
 
 
