@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +28,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
+
+from updetr.orchestration.processes import kill_processes, own_processes, process_group  # noqa: F401 (re-exported)
 
 DEFAULT_DIR = "/tmp/updetr-ray-local"
 
@@ -99,9 +100,6 @@ def _env(address: Optional[str] = None) -> dict[str, str]:
     # venv's bin/) first, so jobs on the local cluster see the same packages as the updetr that started it.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
-    # A busy machine starts a node's agents slowly: the raylet's wait for them (and `ray start`'s for the
-    # raylet) would otherwise end the node after ~30 s.
-    env.setdefault("RAY_raylet_start_wait_time_s", "120")
     if address:
         # The cluster's processes inherit it: what looks the cluster up from inside (Train's
         # PlacementGroupCleaner uses the State API with address auto-detection) finds this one even when
@@ -140,52 +138,31 @@ def _save(cluster: LocalCluster) -> None:
     tmp.replace(path)
 
 
-def own_processes(folder: str) -> list:
-    """Processes whose command line names a path under `folder` (a Ray temp dir), plus their descendants."""
-    import psutil
+def _start(args: list[str], log: Path, timeout_s: float, address: str, attempts: int = 3) -> int:
+    """`ray start ARGS` in a new session; returns its process group id (the node's daemons inherit it).
 
-    marker = folder.rstrip("/") + "/"
-    roots = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
+    On a busy machine the node's dashboard agent can take longer to start than the raylet waits for it
+    (~15 s in Ray 2.60, not configurable), and `ray start` fails with "timed out during startup"; what
+    that attempt left is stopped and the start tried again (the agent's imports are then cached)."""
+    for attempt in range(1, attempts + 1):
         try:
-            if proc.pid != os.getpid() and any(marker in part for part in (proc.info["cmdline"] or [])):
-                roots.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    seen = {p.pid: p for p in roots}
-    for proc in roots:
-        try:
-            for child in proc.children(recursive=True):
-                seen.setdefault(child.pid, child)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return list(seen.values())
+            return _start_once(args, log, timeout_s, address)
+        except _NodeStartTimeout as e:
+            if attempt == attempts:
+                raise RuntimeError(str(e)) from None
+            kill_processes([p for p in process_group(e.pgid)], grace_s=2.0)
+            print(f"ray start timed out (busy machine?); trying again ({attempt + 1}/{attempts})",
+                  file=sys.stderr, flush=True)
+    raise AssertionError("unreachable")
 
 
-def kill_processes(procs: list, grace_s: float = 5.0, hard: bool = False) -> int:
-    """SIGTERM, then SIGKILL after `grace_s` whatever is left (`hard`: SIGKILL at once); returns how many
-    were signalled. Returns once all are gone (or after another `grace_s`: a zombie of someone else's)."""
-    import psutil
-
-    alive = list(procs)
-    if not hard:
-        for proc in procs:
-            try:
-                proc.send_signal(signal.SIGTERM)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for proc in alive:
-        try:
-            proc.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    psutil.wait_procs(alive, timeout=max(grace_s, 2.0))
-    return len(procs)
+class _NodeStartTimeout(RuntimeError):
+    def __init__(self, message: str, pgid: int) -> None:
+        super().__init__(message)
+        self.pgid = pgid
 
 
-def _start(args: list[str], log: Path, timeout_s: float, address: str) -> int:
-    """`ray start ARGS` in a new session; returns its process group id (the node's daemons inherit it)."""
+def _start_once(args: list[str], log: Path, timeout_s: float, address: str) -> int:
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "updetr.orchestration.ray_start", "start", *args],
                                 env=_env(address), stdout=out,
@@ -198,7 +175,10 @@ def _start(args: list[str], log: Path, timeout_s: float, address: str) -> int:
             raise RuntimeError(f"ray start did not finish in {timeout_s:.0f} s; see {log}") from None
     if rc != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-5:]
-        raise RuntimeError(f"ray start failed (exit {rc}); see {log}: " + " | ".join(tail))
+        message = f"ray start failed (exit {rc}); see {log}: " + " | ".join(tail)
+        if "timed out during startup" in " ".join(tail):
+            raise _NodeStartTimeout(message, proc.pid)
+        raise RuntimeError(message)
     return proc.pid
 
 
