@@ -138,7 +138,7 @@ def _save(cluster: LocalCluster) -> None:
     tmp.replace(path)
 
 
-def _start(args: list[str], log: Path, timeout_s: float, address: str, attempts: int = 3) -> int:
+def _start(args: list[str], log: Path, timeout_s: float, address: str, attempts: int = 5) -> int:
     """`ray start ARGS` in a new session; returns its process group id (the node's daemons inherit it).
 
     On a busy machine the node's dashboard agent can take longer to start than the raylet waits for it
