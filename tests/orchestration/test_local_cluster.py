@@ -16,8 +16,9 @@ from .conftest import short_tmpdir, updetr
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-# Ray 2.60 gives these gRPC servers no bind address: they listen on every interface whatever the node IP
-# (docs/cluster-operations.md, "Loopback"). Anything else off loopback fails the test.
+# Without a loopback node IP Ray 2.60 binds these to every interface (`::`); with it they were on 127.0.0.1
+# too, and are allowed here only as a margin (docs/cluster-operations.md, "Loopback"). Anything else off
+# loopback fails the test.
 NO_BIND_ADDRESS = ("gcs_server", "raylet")
 
 

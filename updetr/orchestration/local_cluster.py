@@ -8,8 +8,8 @@ it runs beside other Ray instances on the host. Each node's `ray start` runs in 
 node's daemons (raylet, agents, and on the head the GCS and autoscaler monitor) share one process group that
 no other node is in: `stop-node` stops one node alone, `down` all of them. Only this cluster's processes are
 signalled (never `ray stop`, which kills every Ray of the user).
-Every component Ray 2.60 lets us place listens on 127.0.0.1 (`--node-ip-address`, `--dashboard-host`);
-see docs/cluster-operations.md for the ones it does not.
+Every component listens on 127.0.0.1 (`--node-ip-address`, kept by updetr.orchestration.ray_start, and
+`--dashboard-host`; docs/cluster-operations.md).
 Token authentication (on by default since Ray 2.59) is handled with `RAY_AUTH_MODE=token`: the head
 writes/uses `~/.ray/auth_token`, and the worker nodes and clients on this host read it from there.
 
@@ -239,10 +239,9 @@ def up(dir: str | Path = DEFAULT_DIR, port: Optional[int] = None, dashboard_port
     return cluster
 
 
-# Where Ray 2.60 lets a node's components be placed: with the node IP on loopback (kept as given by
-# updetr.orchestration.ray_start), the dashboard agent (HTTP, gRPC, metrics export), the runtime-env agent
-# and the client server bind 127.0.0.1; `--dashboard-host` places the dashboard. The GCS, raylet and worker
-# gRPC servers take no bind address in 2.60 (see docs/cluster-operations.md).
+# With the node IP on loopback (kept as given by updetr.orchestration.ray_start), every component of the
+# node binds 127.0.0.1: GCS, raylet, agents, metrics export, client server; `--dashboard-host` places the
+# dashboard (docs/cluster-operations.md).
 LOOPBACK = ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
 
 
