@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 from updetr.orchestration.processes import kill_processes, own_processes, process_group  # noqa: F401 (re-exported)
+from updetr.orchestration.ray_access import free_port, token_available  # noqa: F401 (free_port re-exported)
 
 DEFAULT_DIR = "/tmp/updetr-ray-local"
 
@@ -59,16 +60,6 @@ class LocalCluster:
     @property
     def dashboard_url(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
-
-
-def free_port(avoid: set[int] | None = None) -> int:
-    """A TCP port free on 127.0.0.1 and on all interfaces right now (and not in `avoid`)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        if not avoid or port not in avoid:
-            return port
 
 
 def _port_range(avoid: set[int], size: int = 64) -> tuple[int, int]:
@@ -180,14 +171,6 @@ def _start_once(args: list[str], log: Path, timeout_s: float, address: str) -> i
             raise _NodeStartTimeout(message, proc.pid)
         raise RuntimeError(message)
     return proc.pid
-
-
-def token_available() -> bool:
-    """True when a Ray auth token is configured for this process (env, token path, ~/.ray/auth_token)."""
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return True
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    return Path(path).is_file() if path else (Path.home() / ".ray" / "auth_token").is_file()
 
 
 def ensure_token() -> None:
@@ -362,7 +345,7 @@ def describe(cluster: LocalCluster) -> str:
 
 
 def _cli() -> str:
-    from updetr.cli import cli_command
+    from updetr.command_line import cli_command
 
     return cli_command()
 
