@@ -120,7 +120,9 @@ def open_tracking(plan: RunPlan, parent_run_id: Optional[str] = None, extra_tags
     """Open (or re-open) the run's MLflow run and log the config; NullTracker when tracking is off."""
     if plan.tracking_uri is None:
         return NullTracker()
-    tags = dict(extra_tags or {})
+    from updetr.orchestration.job_tags import cluster_tags
+
+    tags = {**cluster_tags(), **(extra_tags or {})}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     try:
@@ -209,20 +211,31 @@ def run(cfg: ExperimentConfig, address: Optional[str] = None, out: TextIO = sys.
         print(f"[{cfg.name}] resuming from checkpoint step {resumed_from} in {plan.run_dir}", file=out, flush=True)
     print(f"[{cfg.name}] checkpoints -> {plan.run_dir}; tracking -> {tracker.describe()}", file=out, flush=True)
     status = "FAILED"
+    wait = None
     try:
         from updetr.orchestration.metrics_commit import commit_callbacks
 
         trainer = build_trainer(plan, tracker, datasets=datasets, resources=resources,
                                 callbacks=[*commit_callbacks(tracker), *callbacks], report_epochs=report_epochs)
         _interrupt_on_sigint(trainer)
-        result = trainer.fit()
+        wait = _watch_resources(cfg, trainer, resources, out)
+        try:
+            result = trainer.fit()
+        finally:
+            wait.stop()
+        if wait.gave_up:
+            raise LaunchError(failure_message(wait.gave_up, plan, stopped="training stopped"))
         status = "FINISHED"
     except (KeyboardInterrupt, SystemExit):  # SystemExit: Ray Train's own SIGINT handler, if ours is not in
         status = "KILLED"
         raise RunInterrupted(interrupted_message(plan, tracker)) from None
-    except LaunchError:
+    except LaunchError as e:
+        tracker.set_tags({"updetr.error": str(e)[:4000]})
         raise
     except Exception as e:  # noqa: BLE001 - TrainingFailedError and friends: one line + where to look
+        if wait is not None and wait.gave_up:  # the abort below made fit() fail: the wait is the reason
+            tracker.set_tags({"updetr.error": wait.gave_up[:4000]})
+            raise LaunchError(failure_message(wait.gave_up, plan, stopped="training stopped")) from None
         reason = _first_line(e)
         tracker.set_tags({"updetr.error": reason[:4000]})
         raise LaunchError(failure_message(reason, plan)) from None
@@ -282,6 +295,33 @@ def run_eval(cfg: ExperimentConfig, checkpoint: str, address: Optional[str] = No
     return dict(metrics), tracker.run_id
 
 
+def _watch_resources(cfg: ExperimentConfig, trainer, resources, out: TextIO):
+    """Start the `ResourceWait` of this run (updetr/orchestration/resource_wait.py); it aborts the Train
+    controller (handed to `trainer._register_sigint_handler` when `fit()` starts) past `ray.resource_wait_s`."""
+    from updetr.orchestration.resource_wait import ResourceWait
+
+    sc = scaling_config(cfg, resources)
+    box: dict = {}
+    hook = getattr(trainer, "_register_sigint_handler", None)
+    if hook is not None:
+        def register(controller) -> None:
+            box["controller"] = controller
+            hook(controller)
+        trainer._register_sigint_handler = register
+
+    def abort() -> None:
+        if "controller" in box:
+            try:
+                box["controller"].abort.remote()
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+    wait = ResourceWait(cfg.tracking.experiment or cfg.name, cfg.ray.num_workers, dict(sc.resources_per_worker),
+                        cfg.ray.placement_strategy, out, cfg.ray.resource_wait_s or None, abort)
+    wait.start()
+    return wait
+
+
 def _interrupt_on_sigint(trainer) -> None:
     """Ctrl-C during `fit()`: ask the Train controller to abort and raise KeyboardInterrupt at once.
 
@@ -315,10 +355,12 @@ _NOT_RETRYABLE = ("FileNotFoundError", "No such file", "not found", "NotADirecto
                   "CheckpointError", "architecture differs", "DataSourceError")
 
 
-def failure_message(reason: str, plan: RunPlan) -> str:
+def failure_message(reason: str, plan: RunPlan, stopped: str = "training failed") -> str:
     kept = existing_checkpoints(plan.run_dir)
     where = (f"checkpoints kept in {plan.run_dir}, last at step {kept[-1][0]}" if kept
              else f"no checkpoint was written in {plan.run_dir}")
+    if stopped != "training failed":  # a resource wait: nothing is wrong with the run itself
+        return f"{stopped}: {reason} ({where}; re-run the same command once the cluster has room)"
     if any(k in reason for k in _NOT_RETRYABLE):
         return f"training failed: {reason} ({where}; fix that, then run the same command to continue)"
     return f"training failed: {reason} ({where}; re-run the same command to resume)"

@@ -72,7 +72,10 @@ def connect_ray(address: Optional[str], cfg: ExperimentConfig,
         if cfg.ray.use_gpu is False:
             kwargs["num_gpus"] = 0
     else:
+        from updetr.orchestration.ray_start import keep_loopback_for
+
         check_address(address)
+        keep_loopback_for(address)
         kwargs["address"] = address
     cwd = os.getcwd()
     captured: dict = {}
