@@ -69,9 +69,11 @@ def user_errors() -> tuple[type, ...]:
     from updetr.eval import EvalError
     from updetr.local import RunDirError
     from updetr.tasks.detect import DatasetError
+    from updetr.run_lock import RunInUse
     from updetr.tracking import TrackingError
 
-    return ConfigError, CheckpointError, RunDirError, DatasetError, EvalError, TrackingError, DataSourceError
+    return (ConfigError, CheckpointError, RunDirError, DatasetError, EvalError, TrackingError, DataSourceError,
+            RunInUse)
 
 
 def cmd_debug(args) -> int:
