@@ -179,7 +179,11 @@ def point_last(folder: Path, target: Path) -> None:
     try:
         os.link(target, tmp)
     except OSError:
-        _write_bytes_atomically(folder, tmp.name, lambda g: g.write(target.read_bytes()))
+        def copy(g) -> None:
+            with open(target, "rb") as f:
+                shutil.copyfileobj(f, g, 1 << 20)
+
+        _write_bytes_atomically(folder, tmp.name, copy)
     os.replace(tmp, folder / LAST)
 
 

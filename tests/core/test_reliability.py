@@ -78,14 +78,17 @@ def test_fresh_sqlite_store_opened_by_several_processes_at_once(tmp_path):
     """MLflow creates and migrates the schema on first use; several processes doing it together raced in
     alembic (one died with `Online migration expected to match one row`)."""
     db = tmp_path / "mlflow.db"
-    start = time.time() + 8  # every process has imported mlflow by then, so they open the store together
-    code = ("import sys, time\nfrom updetr.tracking import MlflowTracker\nimport mlflow.tracking\n"
-            f"time.sleep(max(0.0, {start} - time.time()))\n"
+    n = 4
+    # A barrier: each process imports MLflow, says it is ready, and opens the store once all are ready.
+    code = ("import sys, time\nfrom pathlib import Path\nfrom updetr.tracking import MlflowTracker\n"
+            "import mlflow.tracking\n"
+            f"Path({str(tmp_path)!r}, 'ready-' + sys.argv[1]).touch()\n"
+            f"while len(list(Path({str(tmp_path)!r}).glob('ready-*'))) < {n}: time.sleep(0.01)\n"
             f"t = MlflowTracker.open('sqlite:///{db}', 'shared', sys.argv[1], identity={{'updetr.run_name': sys.argv[1]}})\n"
             "t.end('FINISHED')\n")
     procs = [subprocess.Popen([sys.executable, "-c", code, f"r{i}"], cwd=tmp_path, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=ENV) for i in range(4)]
-    results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+                              stderr=subprocess.PIPE, text=True, env=ENV) for i in range(n)]
+    results = [p.communicate(timeout=600) + (p.returncode,) for p in procs]
     assert [r[2] for r in results] == [0, 0, 0, 0], [r[1][-2000:] for r in results]
     from mlflow.tracking import MlflowClient
 
