@@ -182,7 +182,7 @@ def _run_debug(cfg: ExperimentConfig, *, overwrite: bool, out: TextIO, parent_ru
     ledger = MetricLedger()  # metrics reach MLflow with the checkpoint that covers them: each step once
     tracking = LedgerTracking(tracker, ledger, checkpoint_location=lambda s: str(ckpt_path))
     saver = LocalCheckpoint(ckpt_dir, cfg.schedule.keep_checkpoints, ledger=ledger, tracker=tracker)
-    callbacks = CallbackList([AllWorkers(1), progress, tracking, saver])
+    callbacks = CallbackList([AllWorkers(1), progress, saver, tracking])  # the tag names a file on disk
     status = "FAILED"
     stopper = _StopOnSigint()
     try:
