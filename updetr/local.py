@@ -178,7 +178,7 @@ def _run_debug(cfg: ExperimentConfig, *, overwrite: bool, out: TextIO, parent_ru
     n_all = sum(p.numel() for p in trainer.model.parameters())
     print(f"[{cfg.name}] {cfg.task} on {device}: {n_train:,} of {n_all:,} parameters trainable; "
           f"batch {cfg.data.batch_size}, {total or '?'} steps; run dir {folder}", file=out, flush=True)
-    progress = Progress(cfg.name, total, out=out)
+    progress = Progress(cfg.name, total, out=out, table=task.format_table)
     ledger = MetricLedger()  # metrics reach MLflow with the checkpoint that covers them: each step once
     tracking = LedgerTracking(tracker, ledger, checkpoint_location=lambda s: str(ckpt_path))
     saver = LocalCheckpoint(ckpt_dir, cfg.schedule.keep_checkpoints, ledger=ledger, tracker=tracker)
