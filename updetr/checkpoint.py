@@ -70,6 +70,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # the unpickler's errors are many types; all mean "not loadable safely"
+        if is_updetr_file(path):  # ours, so damaged (cut short, overwritten): converting cannot help
+            raise CheckpointError(f"{path}: updetr checkpoint is damaged and cannot be loaded "
+                                  f"({type(e).__name__}: {str(e).split('. ')[0][:200]})") from None
         raise CheckpointError(
             f"{path}: cannot be loaded with weights_only=True ({type(e).__name__}: {str(e)[:200]}). "
             "If this is an official UP-DETR/DETR file, convert it first: "
@@ -81,6 +84,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: checkpoint version {ckpt.get('version')} is not supported "
                               f"(this updetr reads version {VERSION})")
     return ckpt
+
+
+def is_updetr_file(path: str | Path, scan_bytes: int = 1 << 20) -> bool:
+    """Whether the file carries updetr's metadata: torch writes the pickled dict (with `format`) first,
+    uncompressed, so its start holds the marker even when the tensors after it are cut off."""
+    try:
+        with open(path, "rb") as f:
+            return FORMAT.encode() in f.read(scan_bytes)
+    except OSError:
+        return False
 
 
 def strip_prefixes(state_dict: dict[str, Any], prefixes=("module.", "_orig_mod.")) -> dict[str, Any]:

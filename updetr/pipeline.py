@@ -111,7 +111,15 @@ def open_parent(exp: Experiment, path: Path, driver: str,
 
 def run_chain(exp: Experiment, driver: StageDriver, out: TextIO = sys.stdout,
               parent_run_id: Optional[str] = None) -> ChainOutcome:
-    """Run every stage in order through `driver`, skipping stages a previous attempt finished."""
+    """Run every stage in order through `driver`, skipping stages a previous attempt finished. The chain is
+    held for the whole call (updetr/run_lock.py): a second driver of it is refused before any work."""
+    from updetr.run_lock import hold_run
+
+    with hold_run(state_path(exp, driver.name).parent, f"chain '{exp.name}'"):
+        return _run_chain(exp, driver, out, parent_run_id)
+
+
+def _run_chain(exp: Experiment, driver: StageDriver, out: TextIO, parent_run_id: Optional[str]) -> ChainOutcome:
     t0 = time.monotonic()
     path = state_path(exp, driver.name)
     state = _read_state(path)

@@ -219,16 +219,17 @@ class MlflowTracker(Tracker):
         _quiet_mlflow_logs()
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=uri)
         try:
-            exp = client.get_experiment_by_name(experiment)
-            if exp is None:
-                exp_id = client.create_experiment(experiment, artifact_location=local_artifact_root(uri))
-            elif exp.lifecycle_stage == "deleted":
-                raise TrackingError(f"MLflow experiment '{experiment}' is deleted in {uri}; restore it "
-                                    f"or set tracking.experiment")
-            else:
-                exp_id = exp.experiment_id
+            with _first_use_lock(uri):
+                client = MlflowClient(tracking_uri=uri)  # creates / migrates an embedded store's schema
+                exp = client.get_experiment_by_name(experiment)
+                if exp is None:
+                    exp_id = client.create_experiment(experiment, artifact_location=local_artifact_root(uri))
+                elif exp.lifecycle_stage == "deleted":
+                    raise TrackingError(f"MLflow experiment '{experiment}' is deleted in {uri}; restore it "
+                                        f"or set tracking.experiment")
+                else:
+                    exp_id = exp.experiment_id
             query = " and ".join(f"tags.`{k}` = '{_quote(v)}'" for k, v in identity.items())
             found = client.search_runs([exp_id], filter_string=query, max_results=1,
                                        order_by=["attributes.start_time DESC"])
@@ -346,6 +347,19 @@ class MlflowTracker(Tracker):
 
     def describe(self) -> str:
         return f"MLflow run {self.run_id} (experiment '{self.experiment_name}') at {self.uri}"
+
+
+def _first_use_lock(uri: str):
+    """A file lock beside an embedded SQLite store for its first use: MLflow creates and migrates the schema
+    when a client first opens the file, and two processes doing that at once race inside alembic (`Online
+    migration expected to match one row`); creating the same experiment twice races the same way."""
+    if not uri.startswith("sqlite:///"):
+        import contextlib
+
+        return contextlib.nullcontext()
+    from updetr.run_lock import file_lock
+
+    return file_lock(uri[len("sqlite:///"):] + ".lock")
 
 
 def _quote(value: str) -> str:

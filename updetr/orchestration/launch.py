@@ -179,11 +179,20 @@ def run(cfg: ExperimentConfig, address: Optional[str] = None, out: TextIO = sys.
         LaunchError: before any work (data, resources, storage, tracking, address, token) or when training
             failed; RunInterrupted on Ctrl-C.
     """
+    from updetr.run_lock import hold_run
     from updetr.tasks import get_task
 
     t0 = time.monotonic()
     cfg = get_task(cfg).prepare()  # absolute data paths, generated data: workers chdir elsewhere
     plan = plan_run(cfg, run_name=run_name)
+    # One driver per run (updetr/run_lock.py): the lock lives in the run's folder (a lease on object
+    # stores); the Train workers never take it, so a worker restart inside this driver is not refused.
+    with hold_run(plan.run_dir, f"run '{plan.run_name}'", "set ray.run_name=... for a separate run"):
+        return _run(cfg, plan, t0, address, out, parent_run_id, callbacks, report_epochs)
+
+
+def _run(cfg: ExperimentConfig, plan: RunPlan, t0: float, address: Optional[str], out: TextIO,
+         parent_run_id: Optional[str], callbacks: Sequence[Any], report_epochs: bool) -> RunOutcome:
     num_items, resources = preflight(cfg, address)
     plan.extra["num_items"] = num_items
     local, _ = connect_ray(address, cfg, num_cpus=resources.total_cpus if resources is not None else None)

@@ -28,7 +28,7 @@ import torch
 from updetr.config import ExperimentConfig, config_from_dict
 from updetr.engine import TrainState
 from updetr.metric_ledger import MetricLedger, write_ledger
-from updetr.runner import (AllWorkers, Callback, CallbackList, Progress, Tracking, WrappedBatches,
+from updetr.runner import (AllWorkers, Callback, CallbackList, LedgerTracking, Progress, WrappedBatches,
                            evaluate_weights, expected_total, setup, train)
 from updetr.tasks import get_task
 from updetr.provenance import environment_info
@@ -75,18 +75,6 @@ def latest_checkpoint() -> tuple[Optional[dict], str]:
     with checkpoint.as_directory() as folder:
         path = Path(folder) / CHECKPOINT_FILE
         return load_checkpoint(path, map_location="cpu"), str(path)  # weights_only=True inside
-
-
-class LedgerTracking(Tracking):
-    """`Tracking` whose metrics wait in rank 0's `MetricLedger` until a checkpoint covers them
-    (exactly-once, updetr/metric_ledger.py); tags go to the tracker at once."""
-
-    def __init__(self, tracker, ledger: MetricLedger, rank: int, checkpoint_location=None) -> None:
-        super().__init__(tracker, rank, checkpoint_location)
-        self.ledger = ledger
-
-    def log(self, state: TrainState, metrics: dict, step: int) -> None:
-        self.ledger.add((state.step, state.epoch), metrics, step=step)
 
 
 class RayReport(Callback):
