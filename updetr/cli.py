@@ -70,8 +70,10 @@ def user_errors() -> tuple[type, ...]:
     from updetr.local import RunDirError
     from updetr.tasks.detect import DatasetError
     from updetr.tracking import TrackingError
+    from updetr.util.safe_load import UnsafeWeightsError
 
-    return ConfigError, CheckpointError, RunDirError, DatasetError, EvalError, TrackingError, DataSourceError
+    return (ConfigError, CheckpointError, RunDirError, DatasetError, EvalError, TrackingError, DataSourceError,
+            UnsafeWeightsError)
 
 
 def cmd_debug(args) -> int:
@@ -195,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_ck = sub.add_parser("checkpoint", help="checkpoint tools")
     ck_sub = p_ck.add_subparsers(dest="checkpoint_command", metavar="ACTION", required=True)
-    p = ck_sub.add_parser("convert", help="convert an official UP-DETR/DETR .pth (trusted input) to updetr's format")
+    p = ck_sub.add_parser("convert", help="convert an official UP-DETR/DETR .pth to updetr's format (loaded as data only)")
     p.add_argument("src")
     p.add_argument("dst")
     p.set_defaults(func=cmd_checkpoint_convert)
