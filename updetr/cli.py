@@ -11,7 +11,7 @@ from updetr.config import ConfigError, config_to_yaml, load_experiment
 
 # Areas that add subcommands through a `register(subparsers)` function in their own module.
 COMMAND_MODULES = ("updetr.data.commands", "updetr.orchestration.commands", "updetr.sweep.commands",
-                   "updetr.sweep.demo", "updetr.compare")
+                   "updetr.sweep.demo", "updetr.compare", "updetr.tracking_spool")
 
 
 def cli_command() -> str:

@@ -6,9 +6,15 @@ resolved config as params, the YAML as an artifact, the git SHA and the software
 of the Ray Train workers re-attaches by run id (`MlflowTracker.attach`) and logs the metrics; the other
 ranks get a `NullTracker`.
 
-Tracking must never stop training: after the run is open, every MLflow call goes through a guard that
-drops the call on error, warns once per outage (and once when tracking is back) and retries only
-after `retry_interval_s`, so an unreachable server costs one failed request per interval.
+Tracking must never stop training, and must not lose what it was given: after the run is open, every
+write (metrics, params, tags, texts, artifacts, the final status) that cannot be delivered is kept in
+`pending`, in order, and delivered first when the server answers again (store and forward; on disk in
+the run's folder when the tracker has a spool, see updetr/tracking_spool.py). The tracker warns once
+per outage (and once when tracking is back) and tries again only after `retry_interval_s`, so an
+unreachable server costs one failed request per interval. Reads (the committed marker) cannot wait:
+they fail fast while the server is away. Delivering a kept write again is harmless: metric rows keep
+their recording time (MLflow stores an identical row once), tags and the status are set in order,
+and a param is re-sent with the same value.
 Opening the run, in contrast, is strict: `TrackingError` (one line) before any work starts.
 """
 from __future__ import annotations
@@ -186,7 +192,7 @@ NullTracker = Tracker
 class MlflowTracker(Tracker):
     """One MLflow run, by id; every call after opening is guarded (see the module docstring)."""
 
-    def __init__(self, uri: str, run_id: str, *, retry_interval_s: float = 30.0,
+    def __init__(self, uri: str, run_id: str, *, retry_interval_s: Optional[float] = None,
                  experiment_name: Optional[str] = None, resumed: bool = False):
         for key, value in _HTTP_ENV.items():
             os.environ.setdefault(key, value)
@@ -195,9 +201,14 @@ class MlflowTracker(Tracker):
         self.uri, self.run_id, self.resumed = uri, run_id, resumed
         self.experiment_name = experiment_name
         self.client = MlflowClient(tracking_uri=uri)
-        self.retry_interval_s = retry_interval_s
+        # seconds between tries while the server is away ($UPDETR_TRACKING_RETRY_S, default 30)
+        self.retry_interval_s = float(os.environ.get("UPDETR_TRACKING_RETRY_S", 30.0)) \
+            if retry_interval_s is None else retry_interval_s
         self.errors = 0          # failed calls, all outages together
-        self.dropped = 0         # calls dropped (failed or skipped while down)
+        self.dropped = 0         # reads that failed or were skipped while down (writes are kept instead)
+        self.pending: list[dict] = []   # writes not delivered yet, oldest first (JSON-able operations)
+        self.spool: Any = None          # tracking_spool.Spool mirroring `pending` on disk, when attached
+        self.quiet = False              # no outage / recovery warnings (`updetr tracking sync` says it itself)
         self._down_since: Optional[float] = None
         self._retry_at = 0.0
         self._logged_params: Optional[dict[str, str]] = None
@@ -251,28 +262,98 @@ class MlflowTracker(Tracker):
         return tracker
 
     # -- guard
+    def _may_try(self) -> bool:
+        return self._down_since is None or time.monotonic() >= self._retry_at
+
+    def _failed(self, what: str, err: BaseException) -> None:
+        self.errors += 1
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            if not self.quiet:
+                _warn(f"MLflow tracking at {self.uri} failed ({what}: {_one_line(err, 200)}); training "
+                      f"continues, metrics, params and tags are kept and delivered when it answers again "
+                      f"(retry every {self.retry_interval_s:.0f} s)")
+        self._retry_at = time.monotonic() + self.retry_interval_s
+
+    def _answered(self) -> None:
+        if self._down_since is not None:
+            if not self.quiet:
+                _warn(f"MLflow tracking at {self.uri} is back after {time.monotonic() - self._down_since:.0f} s"
+                      + (f"; delivering {len(self.pending)} kept entries" if self.pending else ""))
+            self._down_since = None
+
     def _call(self, what: str, fn, *args: Any, **kwargs: Any) -> Any:
-        now = time.monotonic()
-        if self._down_since is not None and now < self._retry_at:
+        """A read: its result, or _DROPPED when the server is away (nothing to keep for later)."""
+        if not self._may_try():
             self.dropped += 1
             return _DROPPED
         try:
             result = fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - tracking never stops training
-            self.errors += 1
             self.dropped += 1
-            if self._down_since is None:
-                self._down_since = now
-                _warn(f"MLflow tracking at {self.uri} failed ({what}: {_one_line(e, 200)}); training "
-                      f"continues and tracking calls are dropped until it answers again "
-                      f"(retry every {self.retry_interval_s:.0f} s)")
-            self._retry_at = time.monotonic() + self.retry_interval_s
+            self._failed(what, e)
             return _DROPPED
-        if self._down_since is not None:
-            _warn(f"MLflow tracking at {self.uri} is back after {now - self._down_since:.0f} s; "
-                  f"{self.dropped} tracking calls were dropped so far")
-            self._down_since = None
+        self._answered()
         return result
+
+    def _write(self, op: dict) -> bool:
+        """Deliver one write now, or keep it behind the earlier undelivered ones. True: delivered."""
+        if self.pending and self._may_try():
+            self.flush()
+        if self.pending or not self._may_try():
+            self._keep(op)
+            return False
+        from updetr.tracking_spool import deliver, rejected
+
+        try:
+            deliver(self, op)
+        except Exception as e:  # noqa: BLE001 - tracking never stops training
+            if rejected(e):  # the server answered "no": keeping it would block every later write
+                self._answered()
+                _warn(f"MLflow run {self.run_id} refused a {op['op']} write: {_one_line(e, 200)}")
+                return False
+            self._failed(op["op"], e)
+            self._keep(op)
+            return False
+        self._answered()
+        return True
+
+    def _keep(self, op: dict) -> None:
+        self.pending.append(op)
+        if self.spool is not None:
+            self.spool.append(op)
+
+    def keep_commit(self, state: Mapping[str, Any]) -> None:
+        """A metric-ledger commit that cannot read the marker now: kept, and run (marker check included)
+        when the server answers, after every write kept before it."""
+        self._keep({"op": "commit", "state": dict(state)})
+
+    def flush(self, force: bool = False) -> int:
+        """Deliver the kept writes in order (merged into few requests); stop at the first failure.
+        `force` tries even within the retry interval. Returns how many kept writes were delivered."""
+        if not self.pending or not (force or self._may_try()):
+            return 0
+        from updetr.tracking_spool import deliver, next_chunk, rejected
+
+        done, single = 0, False
+        while self.pending:
+            n, op = (1, self.pending[0]) if single else next_chunk(self.pending)
+            try:
+                deliver(self, op)
+            except Exception as e:  # noqa: BLE001 - tracking never stops training
+                if not rejected(e):
+                    self._failed(f"delivering kept {op['op']}", e)
+                    break
+                if n > 1:  # one write of the merged request was refused: find it, send the others
+                    single = True
+                    continue
+                _warn(f"MLflow run {self.run_id} refused a kept {op['op']} write: {_one_line(e, 200)}")
+            del self.pending[:n]
+            done += n
+            self._answered()
+        if done and self.spool is not None:
+            self.spool.rewrite(self.pending)
+        return done
 
     @property
     def healthy(self) -> bool:
@@ -280,8 +361,6 @@ class MlflowTracker(Tracker):
 
     # -- interface
     def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
         if self._logged_params is None:
             run = self._call("get_run", self.client.get_run, self.run_id)
             self._logged_params = dict(run.data.params) if run is not _DROPPED else {}
@@ -296,53 +375,57 @@ class MlflowTracker(Tracker):
         items = list(new.items())
         for i in range(0, len(items), 100):
             chunk = items[i:i + 100]
-            if self._call("log_params", self.client.log_batch, self.run_id,
-                          params=[Param(k, v) for k, v in chunk]) is not _DROPPED:
-                self._logged_params.update(chunk)
+            self._write({"op": "batch", "params": [[k, v] for k, v in chunk]})
+            self._logged_params.update(chunk)  # delivered or kept: either way it will be there once
         if changed:
             _warn(f"resumed run {self.run_id}: {len(changed)} param(s) differ from the first attempt "
                   f"({', '.join(sorted(changed)[:5])}); kept as tags updetr.param_override.*")
             self.set_tags({f"updetr.param_override.{k}": v for k, v in changed.items()})
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int, timestamp_ms: Optional[int] = None) -> None:
-        from mlflow.entities import Metric
-
         ts = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
         items = []
         for key, value in metrics.items():
             try:
-                items.append(Metric(key, float(value), ts, int(step)))
+                items.append([str(key), float(value), ts, int(step)])
             except (TypeError, ValueError):
                 continue
         for i in range(0, len(items), 1000):
-            self._call("log_metrics", self.client.log_batch, self.run_id, metrics=items[i:i + 1000])
+            self._write({"op": "batch", "metrics": items[i:i + 1000]})
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
-        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        items = [[str(k), str(v)] for k, v in tags.items()]
         for i in range(0, len(items), 100):
-            self._call("set_tags", self.client.log_batch, self.run_id, tags=items[i:i + 100])
+            self._write({"op": "batch", "tags": items[i:i + 100]})
 
     def get_tag(self, key: str) -> Optional[str]:
         """Read from the server; raises MarkerUnavailable when it cannot be read (see metric_ledger)."""
         from updetr.metric_ledger import MarkerUnavailable
 
+        if self.pending:
+            self.flush()
+        if self.pending:  # the marker on the server is older than the writes kept here
+            raise MarkerUnavailable(f"MLflow run {self.run_id} has {len(self.pending)} writes not delivered yet")
         run = self._call("get_run", self.client.get_run, self.run_id)
         if run is _DROPPED:
             raise MarkerUnavailable(f"MLflow run {self.run_id} cannot be read at {self.uri}")
         return run.data.tags.get(key)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self._call("log_text", self.client.log_text, self.run_id, text, artifact_file)
+        self._write({"op": "text", "text": text, "file": artifact_file})
 
     def log_artifact(self, local_path: str | Path, artifact_path: Optional[str] = None) -> None:
-        self._call("log_artifact", self.client.log_artifact, self.run_id, str(local_path), artifact_path)
+        self._write({"op": "artifact", "path": str(Path(local_path).resolve()), "artifact_path": artifact_path})
 
     def end(self, status: str = "FINISHED") -> None:
-        self._call("set_terminated", self.client.set_terminated, self.run_id, status)
-        if self.errors:
-            _warn(f"MLflow tracking: {self.errors} failed call(s), {self.dropped} dropped in this process")
+        self._write({"op": "terminate", "status": status})
+        self.flush(force=True)  # one last try before giving up on this process
+        if self.pending:
+            from updetr.tracking_spool import pending_notice
+
+            _warn(pending_notice(self))
+        elif self.errors:
+            _warn(f"MLflow tracking: {self.errors} failed call(s) in this process; every write was delivered")
 
     def describe(self) -> str:
         return f"MLflow run {self.run_id} (experiment '{self.experiment_name}') at {self.uri}"
@@ -377,6 +460,9 @@ def start_tracking(enabled: bool, uri: str, experiment: str, run_name: str, stor
             **{f"updetr.env.{k}": v for k, v in env.items()}, **(extra_tags or {})}
     tracker = MlflowTracker.open(uri, experiment, run_name, identity={TAG_RUN_NAME: run_name, TAG_STORAGE: storage},
                                  tags=tags, check=False)
+    from updetr.tracking_spool import attach_local_spool
+
+    attach_local_spool(tracker, storage, "driver")  # writes an outage keeps go to the run folder
     if tracker.resumed:
         tracker.set_tags({k: v for k, v in tags.items() if not k.startswith("mlflow.")})
     tracker.log_params(flatten_params(config))
