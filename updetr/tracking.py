@@ -196,6 +196,7 @@ class MlflowTracker(Tracker):
                  experiment_name: Optional[str] = None, resumed: bool = False):
         for key, value in _HTTP_ENV.items():
             os.environ.setdefault(key, value)
+        _use_credentials_file()
         from mlflow.tracking import MlflowClient
 
         self.uri, self.run_id, self.resumed = uri, run_id, resumed
@@ -225,6 +226,7 @@ class MlflowTracker(Tracker):
         """Find the run whose tags match `identity` (and re-open it) or create one. Strict: TrackingError."""
         for key, value in _HTTP_ENV.items():
             os.environ.setdefault(key, value)
+        _use_credentials_file()
         if check:
             check_tracking_uri(uri)
         _quiet_mlflow_logs()
@@ -429,6 +431,12 @@ class MlflowTracker(Tracker):
 
     def describe(self) -> str:
         return f"MLflow run {self.run_id} (experiment '{self.experiment_name}') at {self.uri}"
+
+
+def _use_credentials_file() -> None:
+    from updetr.tracking_server import use_credentials_file  # a server with basic auth (tracking_server.py)
+
+    use_credentials_file()
 
 
 def _quote(value: str) -> str:
