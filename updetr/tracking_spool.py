@@ -116,16 +116,13 @@ def pending_notice(tracker: Any) -> str:
     """The one line printed when a process ends with writes not delivered."""
     where = f"kept in {tracker.spool.path}" if tracker.spool is not None else "kept only in this process"
     target = tracker.spool.path.parent if tracker.spool is not None else None
-    how = (f"deliver them with: {_cli()} tracking sync {target}" if target is not None
+    from updetr.command_line import cli_command
+
+    how = (f"deliver them with: {cli_command()} tracking sync {target}" if target is not None
            else "they are lost when it exits")
     return (f"{len(tracker.pending)} tracking entries of MLflow run {tracker.run_id} are not delivered yet "
             f"(server {tracker.uri} not answering); {where}; {how} (the next run on this store delivers them too)")
 
-
-def _cli() -> str:
-    import shutil
-
-    return "updetr" if shutil.which("updetr") else f"{sys.executable} -m updetr"
 
 
 # ------------------------------------------------------------------------------------ the spool file
