@@ -12,7 +12,7 @@ from updetr.config import ConfigError, config_to_yaml, load_experiment
 
 # Areas that add subcommands through a `register(subparsers)` function in their own module.
 COMMAND_MODULES = ("updetr.data.commands", "updetr.orchestration.commands", "updetr.sweep.commands",
-                   "updetr.demo", "updetr.compare", "updetr.tracking_spool")
+                   "updetr.demo", "updetr.compare", "updetr.tracking_sync")
 
 
 def _add_experiment_args(p: argparse.ArgumentParser) -> None:

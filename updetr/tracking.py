@@ -20,7 +20,6 @@ Opening the run, in contrast, is strict: `TrackingError` (one line) before any w
 from __future__ import annotations
 
 import os
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from updetr.provenance import environment_info, git_info  # noqa: F401 - re-exported for callers
+from updetr.tracking_client import CredentialsError, prepare_client_env
+from updetr.tracking_spool import StoreAndForward, one_line as _one_line, warn as _warn
 
 TAG_RUN_NAME = "updetr.run_name"
 TAG_STORAGE = "updetr.storage"
@@ -36,10 +37,6 @@ TAG_LAST_CHECKPOINT = "updetr.last_checkpoint"
 TAG_ATTEMPT = "updetr.attempt"
 DEFAULT_DB = "mlflow.db"
 
-# MLflow's HTTP client retries 7 times with a 2 s exponential backoff and a 120 s timeout by default:
-# minutes per call when a server is gone. Trackers use short limits unless the user set them.
-_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-             "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
 
 
 _DROPPED = object()  # what a guarded call returns when it failed or was skipped
@@ -49,13 +46,6 @@ class TrackingError(RuntimeError):
     """Tracking cannot start (server down, store not writable, bad URI); the message is one line."""
 
 
-def _warn(msg: str) -> None:
-    print(f"updetr: warning: {msg}", file=sys.stderr, flush=True)
-
-
-def _one_line(err: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------------------------- URIs
@@ -189,29 +179,16 @@ class Tracker:
 NullTracker = Tracker
 
 
-class MlflowTracker(Tracker):
+class MlflowTracker(StoreAndForward, Tracker):
     """One MLflow run, by id; every call after opening is guarded (see the module docstring)."""
 
     def __init__(self, uri: str, run_id: str, *, retry_interval_s: Optional[float] = None,
                  experiment_name: Optional[str] = None, resumed: bool = False):
-        for key, value in _HTTP_ENV.items():
-            os.environ.setdefault(key, value)
-        _use_credentials_file()
+        _prepare_client_env()
         from mlflow.tracking import MlflowClient
 
-        self.uri, self.run_id, self.resumed = uri, run_id, resumed
-        self.experiment_name = experiment_name
-        self.client = MlflowClient(tracking_uri=uri)
-        # seconds between tries while the server is away ($UPDETR_TRACKING_RETRY_S, default 30)
-        self.retry_interval_s = float(os.environ.get("UPDETR_TRACKING_RETRY_S", 30.0)) \
-            if retry_interval_s is None else retry_interval_s
-        self.errors = 0          # failed calls, all outages together
-        self.dropped = 0         # reads that failed or were skipped while down (writes are kept instead)
-        self.pending: list[dict] = []   # writes not delivered yet, oldest first (JSON-able operations)
-        self.spool: Any = None          # tracking_spool.Spool mirroring `pending` on disk, when attached
-        self.quiet = False              # no outage / recovery warnings (`updetr tracking sync` says it itself)
-        self._down_since: Optional[float] = None
-        self._retry_at = 0.0
+        StoreAndForward.__init__(self, MlflowClient(tracking_uri=uri), uri, run_id, retry_interval_s)
+        self.resumed, self.experiment_name = resumed, experiment_name
         self._logged_params: Optional[dict[str, str]] = None
 
     # -- construction
@@ -224,9 +201,7 @@ class MlflowTracker(Tracker):
     def open(cls, uri: str, experiment: str, run_name: str, identity: Mapping[str, str],
              tags: Optional[Mapping[str, str]] = None, check: bool = True) -> "MlflowTracker":
         """Find the run whose tags match `identity` (and re-open it) or create one. Strict: TrackingError."""
-        for key, value in _HTTP_ENV.items():
-            os.environ.setdefault(key, value)
-        _use_credentials_file()
+        _prepare_client_env()
         if check:
             check_tracking_uri(uri)
         _quiet_mlflow_logs()
@@ -263,27 +238,7 @@ class MlflowTracker(Tracker):
             raise TrackingError(f"MLflow tracking at {uri} failed while opening the run: {_one_line(e)}") from None
         return tracker
 
-    # -- guard
-    def _may_try(self) -> bool:
-        return self._down_since is None or time.monotonic() >= self._retry_at
-
-    def _failed(self, what: str, err: BaseException) -> None:
-        self.errors += 1
-        if self._down_since is None:
-            self._down_since = time.monotonic()
-            if not self.quiet:
-                _warn(f"MLflow tracking at {self.uri} failed ({what}: {_one_line(err, 200)}); training "
-                      f"continues, metrics, params and tags are kept and delivered when it answers again "
-                      f"(retry every {self.retry_interval_s:.0f} s)")
-        self._retry_at = time.monotonic() + self.retry_interval_s
-
-    def _answered(self) -> None:
-        if self._down_since is not None:
-            if not self.quiet:
-                _warn(f"MLflow tracking at {self.uri} is back after {time.monotonic() - self._down_since:.0f} s"
-                      + (f"; delivering {len(self.pending)} kept entries" if self.pending else ""))
-            self._down_since = None
-
+    # -- guard (writes: StoreAndForward, updetr/tracking_spool.py)
     def _call(self, what: str, fn, *args: Any, **kwargs: Any) -> Any:
         """A read: its result, or _DROPPED when the server is away (nothing to keep for later)."""
         if not self._may_try():
@@ -297,65 +252,6 @@ class MlflowTracker(Tracker):
             return _DROPPED
         self._answered()
         return result
-
-    def _write(self, op: dict) -> bool:
-        """Deliver one write now, or keep it behind the earlier undelivered ones. True: delivered."""
-        if self.pending and self._may_try():
-            self.flush()
-        if self.pending or not self._may_try():
-            self._keep(op)
-            return False
-        from updetr.tracking_spool import deliver, rejected
-
-        try:
-            deliver(self, op)
-        except Exception as e:  # noqa: BLE001 - tracking never stops training
-            if rejected(e):  # the server answered "no": keeping it would block every later write
-                self._answered()
-                _warn(f"MLflow run {self.run_id} refused a {op['op']} write: {_one_line(e, 200)}")
-                return False
-            self._failed(op["op"], e)
-            self._keep(op)
-            return False
-        self._answered()
-        return True
-
-    def _keep(self, op: dict) -> None:
-        self.pending.append(op)
-        if self.spool is not None:
-            self.spool.append(op)
-
-    def keep_commit(self, state: Mapping[str, Any]) -> None:
-        """A metric-ledger commit that cannot read the marker now: kept, and run (marker check included)
-        when the server answers, after every write kept before it."""
-        self._keep({"op": "commit", "state": dict(state)})
-
-    def flush(self, force: bool = False) -> int:
-        """Deliver the kept writes in order (merged into few requests); stop at the first failure.
-        `force` tries even within the retry interval. Returns how many kept writes were delivered."""
-        if not self.pending or not (force or self._may_try()):
-            return 0
-        from updetr.tracking_spool import deliver, next_chunk, rejected
-
-        done, single = 0, False
-        while self.pending:
-            n, op = (1, self.pending[0]) if single else next_chunk(self.pending)
-            try:
-                deliver(self, op)
-            except Exception as e:  # noqa: BLE001 - tracking never stops training
-                if not rejected(e):
-                    self._failed(f"delivering kept {op['op']}", e)
-                    break
-                if n > 1:  # one write of the merged request was refused: find it, send the others
-                    single = True
-                    continue
-                _warn(f"MLflow run {self.run_id} refused a kept {op['op']} write: {_one_line(e, 200)}")
-            del self.pending[:n]
-            done += n
-            self._answered()
-        if done and self.spool is not None:
-            self.spool.rewrite(self.pending)
-        return done
 
     @property
     def healthy(self) -> bool:
@@ -433,10 +329,11 @@ class MlflowTracker(Tracker):
         return f"MLflow run {self.run_id} (experiment '{self.experiment_name}') at {self.uri}"
 
 
-def _use_credentials_file() -> None:
-    from updetr.tracking_server import use_credentials_file  # a server with basic auth (tracking_server.py)
-
-    use_credentials_file()
+def _prepare_client_env() -> None:
+    try:
+        prepare_client_env()
+    except CredentialsError as e:
+        raise TrackingError(str(e)) from None
 
 
 def _quote(value: str) -> str:
@@ -468,7 +365,7 @@ def start_tracking(enabled: bool, uri: str, experiment: str, run_name: str, stor
             **{f"updetr.env.{k}": v for k, v in env.items()}, **(extra_tags or {})}
     tracker = MlflowTracker.open(uri, experiment, run_name, identity={TAG_RUN_NAME: run_name, TAG_STORAGE: storage},
                                  tags=tags, check=False)
-    from updetr.tracking_spool import attach_local_spool
+    from updetr.tracking_sync import attach_local_spool
 
     attach_local_spool(tracker, storage, "driver")  # writes an outage keeps go to the run folder
     if tracker.resumed:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from updetr.tracking import default_tracking_uri, resolve_tracking_uri
+from updetr.tracking_client import read_credentials
 
 
 def server_command(host: str = "127.0.0.1", port: int = 5000, backend_store_uri: Optional[str] = None,
@@ -51,7 +52,6 @@ def wait_for_server(uri: str, timeout_s: float = 60.0, proc: Any = None) -> bool
 # ------------------------------------------------------------------------------------------- auth
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 ADMIN = "admin"
-CREDENTIALS_ENV = "UPDETR_TRACKING_CREDENTIALS"  # path of a credentials file runs read
 
 
 def auth_wanted(host: str, flag: Optional[bool]) -> bool:
@@ -72,22 +72,6 @@ def _write_secret(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
-
-
-def read_credentials(path: str | Path) -> tuple[str, str]:
-    """(username, password) of a credentials file in MLflow's `~/.mlflow/credentials` format."""
-    import configparser
-
-    if not Path(path).is_file():
-        raise ValueError(f"{path}: no such credentials file")
-    parser = configparser.ConfigParser()
-    if not parser.read(path) or "mlflow" not in parser:
-        raise ValueError(f"{path}: not an MLflow credentials file (no [mlflow] section)")
-    section = parser["mlflow"]
-    user, password = section.get("mlflow_tracking_username"), section.get("mlflow_tracking_password")
-    if not user or not password:
-        raise ValueError(f"{path}: needs mlflow_tracking_username and mlflow_tracking_password")
-    return user, password
 
 
 def auth_setup(backend_uri: str) -> tuple[dict[str, str], Path, Optional[str]]:
@@ -118,18 +102,3 @@ def auth_setup(backend_uri: str) -> tuple[dict[str, str], Path, Optional[str]]:
     env = {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_USERNAME": ADMIN,
            "MLFLOW_AUTH_ADMIN_PASSWORD": password, "MLFLOW_FLASK_SERVER_SECRET_KEY": key.read_text().strip()}
     return env, creds, generated
-
-
-def use_credentials_file() -> None:
-    """A run's MLflow client: take the user / password from $UPDETR_TRACKING_CREDENTIALS unless
-    MLFLOW_TRACKING_USERNAME / PASSWORD are set (MLflow itself also reads ~/.mlflow/credentials)."""
-    path = os.environ.get(CREDENTIALS_ENV)
-    if not path or (os.environ.get("MLFLOW_TRACKING_USERNAME") and os.environ.get("MLFLOW_TRACKING_PASSWORD")):
-        return
-    from updetr.tracking import TrackingError
-
-    try:
-        user, password = read_credentials(path)
-    except (OSError, ValueError) as e:
-        raise TrackingError(f"{CREDENTIALS_ENV}={path}: {e}") from None
-    os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = user, password

@@ -17,7 +17,6 @@ unknown outcome (a timeout after the server stored the rows) exactly-once.
 """
 from __future__ import annotations
 
-import argparse
 import fcntl
 import json
 import os
@@ -25,12 +24,21 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 FORMAT = "updetr-tracking-spool"
 PREFIX = "tracking-spool-"
 # MLflow's log_batch limits (per request)
 MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100
+
+
+def warn(msg: str) -> None:
+    print(f"updetr: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------------------- delivery
@@ -116,13 +124,105 @@ def pending_notice(tracker: Any) -> str:
     """The one line printed when a process ends with writes not delivered."""
     where = f"kept in {tracker.spool.path}" if tracker.spool is not None else "kept only in this process"
     target = tracker.spool.path.parent if tracker.spool is not None else None
-    from updetr.command_line import cli_command
-
-    how = (f"deliver them with: {cli_command()} tracking sync {target}" if target is not None
+    how = (f"deliver them with: updetr tracking sync {target}" if target is not None
            else "they are lost when it exits")
     return (f"{len(tracker.pending)} tracking entries of MLflow run {tracker.run_id} are not delivered yet "
             f"(server {tracker.uri} not answering); {where}; {how} (the next run on this store delivers them too)")
 
+
+# ------------------------------------------------------------------------------ the tracker's queue
+class StoreAndForward:
+    """The write side of a tracker: deliver now, or keep (in order) and deliver when the server answers.
+
+    Needs `client` (an MlflowClient), `uri` and `run_id`. Tries again once per `retry_interval_s`
+    ($UPDETR_TRACKING_RETRY_S, default 30 s) while the server is away; warns once per outage."""
+
+    def __init__(self, client: Any, uri: str, run_id: str, retry_interval_s: Optional[float] = None) -> None:
+        self.client, self.uri, self.run_id = client, uri, run_id
+        self.retry_interval_s = float(os.environ.get("UPDETR_TRACKING_RETRY_S", 30.0)) \
+            if retry_interval_s is None else retry_interval_s
+        self.errors = 0          # failed calls, all outages together
+        self.dropped = 0         # reads that failed or were skipped while down (writes are kept instead)
+        self.pending: list[dict] = []   # writes not delivered yet, oldest first (JSON-able operations)
+        self.spool: Optional["Spool"] = None   # mirrors `pending` on disk, when attached
+        self.quiet = False              # no outage / recovery warnings (`updetr tracking sync` says it itself)
+        self._down_since: Optional[float] = None
+        self._retry_at = 0.0
+
+    def _may_try(self) -> bool:
+        return self._down_since is None or time.monotonic() >= self._retry_at
+
+    def _failed(self, what: str, err: BaseException) -> None:
+        self.errors += 1
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            if not self.quiet:
+                warn(f"MLflow tracking at {self.uri} failed ({what}: {one_line(err, 200)}); training "
+                      f"continues, metrics, params and tags are kept and delivered when it answers again "
+                      f"(retry every {self.retry_interval_s:.0f} s)")
+        self._retry_at = time.monotonic() + self.retry_interval_s
+
+    def _answered(self) -> None:
+        if self._down_since is not None:
+            if not self.quiet:
+                warn(f"MLflow tracking at {self.uri} is back after {time.monotonic() - self._down_since:.0f} s"
+                      + (f"; delivering {len(self.pending)} kept entries" if self.pending else ""))
+            self._down_since = None
+
+    def _write(self, op: dict) -> bool:
+        """Deliver one write now, or keep it behind the earlier undelivered ones. True: delivered."""
+        if self.pending and self._may_try():
+            self.flush()
+        if self.pending or not self._may_try():
+            self._keep(op)
+            return False
+        try:
+            deliver(self, op)
+        except Exception as e:  # noqa: BLE001 - tracking never stops training
+            if rejected(e):  # the server answered "no": keeping it would block every later write
+                self._answered()
+                warn(f"MLflow run {self.run_id} refused a {op['op']} write: {one_line(e, 200)}")
+                return False
+            self._failed(op["op"], e)
+            self._keep(op)
+            return False
+        self._answered()
+        return True
+
+    def _keep(self, op: dict) -> None:
+        self.pending.append(op)
+        if self.spool is not None:
+            self.spool.append(op)
+
+    def keep_commit(self, state: Mapping[str, Any]) -> None:
+        """A metric-ledger commit that cannot read the marker now: kept, and run (marker check included)
+        when the server answers, after every write kept before it."""
+        self._keep({"op": "commit", "state": dict(state)})
+
+    def flush(self, force: bool = False) -> int:
+        """Deliver the kept writes in order (merged into few requests); stop at the first failure.
+        `force` tries even within the retry interval. Returns how many kept writes were delivered."""
+        if not self.pending or not (force or self._may_try()):
+            return 0
+        done, single = 0, False
+        while self.pending:
+            n, op = (1, self.pending[0]) if single else next_chunk(self.pending)
+            try:
+                deliver(self, op)
+            except Exception as e:  # noqa: BLE001 - tracking never stops training
+                if not rejected(e):
+                    self._failed(f"delivering kept {op['op']}", e)
+                    break
+                if n > 1:  # one write of the merged request was refused: find it, send the others
+                    single = True
+                    continue
+                warn(f"MLflow run {self.run_id} refused a kept {op['op']} write: {one_line(e, 200)}")
+            del self.pending[:n]
+            done += n
+            self._answered()
+        if done and self.spool is not None:
+            self.spool.rewrite(self.pending)
+        return done
 
 
 # ------------------------------------------------------------------------------------ the spool file
@@ -254,95 +354,3 @@ def attach_spool(tracker: Any, folder: str | Path, role: str) -> None:
     if tracker.pending:
         spool.rewrite(tracker.pending)
         tracker.flush(force=True)
-
-
-def attach_local_spool(tracker: Any, folder: Optional[str], role: str) -> None:
-    """Keep `tracker`'s undelivered writes in `folder` (a local run folder; nothing for `s3://...` etc.),
-    after delivering what earlier runs on the same store left in their spools."""
-    from updetr.tracking import MlflowTracker
-
-    if not isinstance(tracker, MlflowTracker) or not folder or "://" in str(folder):
-        return
-    sync_store(tracker.uri)
-    attach_spool(tracker, folder, role)
-
-
-# ------------------------------------------------------------------------------------------- sync
-def sync_spool(path: str | Path) -> tuple[int, int, str]:
-    """Deliver one spool file. Returns (delivered, still pending, one-line description)."""
-    from updetr.tracking import MlflowTracker
-
-    header, ops = read_spool(path)
-    tracker = MlflowTracker.attach(header["uri"], header["run_id"], experiment_name=header.get("experiment"),
-                                   retry_interval_s=0.0)
-    tracker.quiet = True
-    tracker.spool = Spool(Path(path), header["uri"], header["run_id"], header.get("experiment"))
-    tracker.pending = list(ops)
-    done = tracker.flush(force=True)
-    if not ops:
-        tracker.spool.rewrite([])
-    left = len(tracker.pending)
-    if left:
-        return done, left, (f"{path}: delivered {done}, {left} still pending (MLflow at {header['uri']} does "
-                            f"not answer); run this again when it is back")
-    return done, 0, f"{path}: delivered {done} tracking entries to MLflow run {header['run_id']} at {header['uri']}"
-
-
-def spools_under(folder: str | Path) -> list[Path]:
-    return sorted(Path(folder).rglob(f"{PREFIX}*.jsonl"))
-
-
-def sync_store(uri: str) -> int:
-    """Deliver every indexed spool of the store at `uri` (called when a run opens that store). Never raises;
-    returns the number of entries delivered."""
-    total = 0
-    for path in indexed_spools():
-        try:
-            if not path.is_file() or read_spool(path)[0].get("uri") != uri:
-                continue
-            done, left, line = sync_spool(path)
-        except Exception as e:  # noqa: BLE001 - an old spool must not stop a new run
-            print(f"updetr: warning: tracking spool {path}: {type(e).__name__}: {e}", file=sys.stderr)
-            continue
-        total += done
-        print(f"updetr: {line}", file=sys.stderr if left else sys.stdout, flush=True)
-    return total
-
-
-def cmd_tracking_sync(args: argparse.Namespace) -> int:
-    if args.all == bool(args.run_dir):
-        print("updetr: error: tracking sync: give a run folder or --all", file=sys.stderr)
-        return 2
-    if args.all:
-        paths = [p for p in indexed_spools() if p.is_file()]
-    else:
-        folder = Path(args.run_dir)
-        if not folder.exists():
-            print(f"updetr: error: tracking sync: {folder}: no such run folder", file=sys.stderr)
-            return 2
-        paths = [folder] if folder.is_file() else spools_under(folder)
-    if not paths:
-        print("nothing to deliver: no tracking spool " + ("listed" if args.all else f"under {args.run_dir}"))
-        return 0
-    status = 0
-    for path in paths:
-        try:
-            _, left, line = sync_spool(path)
-        except SpoolError as e:
-            print(f"updetr: error: {e}", file=sys.stderr)
-            status = 2
-            continue
-        print(line if not left else f"updetr: error: {line}", file=sys.stderr if left else sys.stdout)
-        status = status or (1 if left else 0)
-    return status
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("tracking", help="tracking tools: deliver what a tracking outage kept on disk")
-    sub = p.add_subparsers(dest="tracking_command", metavar="ACTION", required=True)
-    s = sub.add_parser("sync", help="deliver the metrics, params and tags a run kept while MLflow was away",
-                       description="Send the writes kept in tracking-spool-*.jsonl files (a run folder, or "
-                                   "every spool listed for this user) to their MLflow run, in order, once.")
-    s.add_argument("run_dir", nargs="?", help="run folder (or one spool file)")
-    s.add_argument("--all", action="store_true", help="every spool listed in the user's state folder")
-    s.set_defaults(func=cmd_tracking_sync)

@@ -14,7 +14,8 @@ from base64 import b64encode
 import pytest
 
 from updetr.orchestration.local_cluster import free_port
-from updetr.tracking_server import auth_wanted, read_credentials, wait_for_server
+from updetr.tracking_client import read_credentials
+from updetr.tracking_server import auth_wanted, wait_for_server
 
 from .conftest import SMOKE, cli_env, stop_session, updetr
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import re
 import signal
-import time
 
 import pytest
 
 from updetr import tracking as T
-from updetr.tracking_spool import indexed_spools, spools_under
+from updetr.tracking_spool import indexed_spools
+from updetr.tracking_sync import spools_under
 
 from .conftest import SMOKE, MlflowServer, cli_env, stop_session, updetr, updetr_bg, wait_for
 

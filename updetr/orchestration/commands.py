@@ -203,7 +203,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------------------- mlflow-server
 def cmd_mlflow_server(args: argparse.Namespace) -> int:
-    from updetr.tracking_server import CREDENTIALS_ENV, auth_setup, auth_wanted, server_command, wait_for_server
+    from updetr.tracking_client import CREDENTIALS_ENV
+    from updetr.tracking_server import auth_setup, auth_wanted, server_command, wait_for_server
 
     argv, env = server_command(args.host, args.port, args.backend_store_uri, args.artifacts_destination,
                                args.workers)
