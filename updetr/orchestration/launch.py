@@ -195,7 +195,9 @@ def run(cfg: ExperimentConfig, address: Optional[str] = None, out: TextIO = sys.
     quiet_ray_data()
     from updetr.orchestration import console
 
-    console.install([f"[{cfg.tracking.experiment or cfg.name}"])  # a chain: every stage's lines
+    # a chain: every stage's lines; Ray's own go to the run's log file (updetr/orchestration/console.py)
+    console.install([f"[{cfg.tracking.experiment or cfg.name}"],
+                    console.default_log_path(cfg.runtime.output_dir, cfg.tracking.experiment or cfg.name), out)
     try:
         datasets = build_datasets(cfg, resources)
     except LaunchError:
@@ -263,6 +265,9 @@ def run_eval(cfg: ExperimentConfig, checkpoint: str, address: Optional[str] = No
     print(f"[{cfg.name}] evaluating {checkpoint} on {cfg.ray.num_workers} Ray worker(s); "
           f"tracking -> {tracker.describe()}", file=out, flush=True)
     quiet_ray_data()
+    from updetr.orchestration import console
+
+    console.install([f"[{cfg.name}"], console.default_log_path(cfg.runtime.output_dir, cfg.name), out)
     try:
         result = build_trainer(plan, tracker, resources=resources, action="eval", checkpoint=checkpoint).fit()
     except Exception as e:  # noqa: BLE001 - one line + where to look
