@@ -33,6 +33,7 @@ EXAMPLES = {
     "jobs logs": "updetr jobs logs raysubmit_XXXX --follow --address http://127.0.0.1:8265",
     "jobs stop": "updetr jobs stop raysubmit_XXXX --address http://127.0.0.1:8265",
     "mlflow-server": "updetr mlflow-server --port 5000",
+    "tracking sync": "updetr tracking sync runs/smoke",
     "local-cluster": "updetr local-cluster up",
     "sweep": "updetr sweep experiments/sweeps/table5_frozen-cnn_feature-recon_smoke.yaml --dry-run",
     "demo": "updetr demo",
