@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from updetr.provenance import git_sha  # noqa: F401 - re-exported: checkpoints record the same SHA as tracking
+from updetr.util.safe_load import UnsafeWeightsError, safe_torch_load
 
 FORMAT = "updetr-checkpoint"
 VERSION = 1
@@ -68,7 +69,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = safe_torch_load(path, map_location=map_location)
+    except UnsafeWeightsError as e:
+        raise CheckpointError(str(e)) from None
     except Exception as e:  # the unpickler's errors are many types; all mean "not loadable safely"
         if is_updetr_file(path):  # ours, so damaged (cut short, overwritten): converting cannot help
             raise CheckpointError(f"{path}: updetr checkpoint is damaged and cannot be loaded "
@@ -132,9 +135,10 @@ def _plain(value: Any) -> Any:
 def convert_official(src: str | Path, dst: str | Path) -> dict:
     """Convert an official UP-DETR / DETR checkpoint into our schema.
 
-    The official files pickle an `argparse.Namespace` under 'args', which `weights_only=True` rejects,
-    so this is the ONE place that unpickles with `weights_only=False`: an explicit, trusted-input step
-    the user asks for by running `updetr checkpoint convert`. Only tensors and primitives go out.
+    The official files pickle an `argparse.Namespace` under 'args'; it is the one global the safe loader
+    allows (updetr/util/safe_load.py), so official files load with `weights_only=True` like everything
+    else, and a file that asks for any other global is refused without running it. Only tensors and
+    primitives go out.
 
     Returns a short report: number of keys, whether pre-training heads are present, the official args.
     """
@@ -142,7 +146,9 @@ def convert_official(src: str | Path, dst: str | Path) -> dict:
     if not src.is_file():
         raise CheckpointError(f"{src}: no such file")
     try:
-        raw = torch.load(src, map_location="cpu", weights_only=False)  # trusted input, see docstring
+        raw = safe_torch_load(src, map_location="cpu")
+    except UnsafeWeightsError as e:
+        raise CheckpointError(str(e)) from None
     except Exception as e:
         raise CheckpointError(f"{src}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from None
     if isinstance(raw, dict) and "model" in raw:

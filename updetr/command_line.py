@@ -36,6 +36,7 @@ def user_errors() -> tuple[type, ...]:
     from updetr.run_lock import RunInUse
     from updetr.tasks.detect import DatasetError
     from updetr.tracking import TrackingError
+    from updetr.util.safe_load import UnsafeWeightsError
 
     return (ConfigError, CheckpointError, RunDirError, DatasetError, EvalError, TrackingError, DataSourceError,
-            RunInUse)
+            RunInUse, UnsafeWeightsError)

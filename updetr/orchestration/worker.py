@@ -154,8 +154,14 @@ def watched(batches, cfg: ExperimentConfig, rank: int, tracker: Tracker):
 def _tracker(config: dict, rank: int) -> Tracker:
     if rank != 0 or not config.get("tracking_run_id"):
         return NullTracker()
-    return MlflowTracker.attach(config["tracking_uri"], config["tracking_run_id"],
-                                experiment_name=config.get("experiment"))
+    tracker = MlflowTracker.attach(config["tracking_uri"], config["tracking_run_id"],
+                                   experiment_name=config.get("experiment"))
+    folder = _local_dir(config["run_dir"]) if config.get("run_dir") else None
+    if folder is not None:
+        from updetr.tracking_spool import attach_spool
+
+        attach_spool(tracker, folder, "rank0")  # tags the server cannot take wait in the run folder
+    return tracker
 
 
 def _local_dir(run_dir: str) -> Optional[Path]:
