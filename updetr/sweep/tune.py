@@ -205,7 +205,7 @@ def run_sweep(path: str | Path, overrides: Optional[list[str]] = None, name: Opt
     parent = (MlflowTracker.open(uri, sweep.name, sweep.name, identity={TAG_SWEEP: sweep.name},
                                  tags={"updetr.sweep_file": str(path)}) if uri else NullTracker())
     parent.log_text(path.read_text(), "sweep.yaml")
-    connect_ray(address, first)
+    connect_ray(address, first, dashboard=True)  # early stopping: Train's cleaner needs the State API
     from updetr.orchestration import console
 
     console.install([f"[{sweep.name}-"])       # the trials' own lines without Ray's prefix, Ray's chatter dropped
