@@ -341,6 +341,8 @@ def main() -> None:
     ap.add_argument("--extra", action="store_true", help="also time fold-only, channels-last-only, compile")
     ap.add_argument("--switches", action="store_true",
                     help="each CPU speed-up's own share: alone (reference + it) and all but it (default - it)")
+    ap.add_argument("--variants", default=None,
+                    help="comma-separated variants to time instead (e.g. reference,default,only:onednn_linear)")
     ap.add_argument("--no-parity", action="store_true")
     ap.add_argument("--child", choices=sorted(VARIANTS) + ["parity", "machine"], help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -357,6 +359,11 @@ def main() -> None:
     names = ["reference", "default"] + (["fold", "channels_last", "compile"] if a.extra else [])
     if a.switches:
         names += [n for n in VARIANTS if n.split(":")[0] in ("only", "base", "but")]
+    if a.variants:
+        names = [n for n in a.variants.split(",") if n]
+        unknown = [n for n in names if n not in VARIANTS]
+        if unknown or "reference" not in names:
+            raise SystemExit(f"--variants: unknown {unknown} (known: {', '.join(VARIANTS)}); include reference")
     print_machine(_run_child(["--child", "machine"]))
     print(f"CPU, {a.threads} threads, {a.steps} timed steps after {a.warmup} warm-up, {a.repeats} interleaved "
           f"processes per variant")
@@ -366,7 +373,7 @@ def main() -> None:
             runs[n].append(_run_child(["--child", n] + common))
             print(f"  ({n}: {runs[n][-1]['step_s']:.3f} s/step, CPU {runs[n][-1]['cpu_s']:.3f} s)", flush=True)
     _report(names, runs, "reference")
-    if a.switches:
+    if a.switches and not a.variants:
         _report_switches(runs)
     if not a.no_parity:
         p = _run_child(["--child", "parity", "--threads", str(a.threads)])
