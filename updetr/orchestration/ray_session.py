@@ -131,8 +131,7 @@ def connect_ray(address: Optional[str], cfg: ExperimentConfig,
                           f"GCS, HOST:6379) and that RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token "
                           f"holds the cluster's token") from None
     _restore_env(saved_env)  # the local Ray's processes already carry the pinned address and LOCAL_RAY_ENV
-    if local:
-        _state_api = bool(kwargs["include_dashboard"])
+    _state_api = bool(kwargs["include_dashboard"]) if local else True  # a joined cluster: its own dashboard
     return local, (float(ray.cluster_resources().get("CPU", 0)) if local else None)
 
 
