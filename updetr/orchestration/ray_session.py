@@ -61,6 +61,7 @@ def want_dashboard(dashboard: Optional[bool] = None) -> bool:
 
     The dashboard of ray[default] 2.60 is ten Python processes (the head and one per module) that start
     beside the first run and cost several CPU-seconds: on 2 cores, a large part of a small stage's start.
+    Without it Ray keeps only a minimal head (usage stats, no modules, no web UI).
     A local `updetr run` needs none of it; a sweep asks for it (Train's placement-group cleaner queries the
     State API when Tune stops a trial early)."""
     if dashboard is not None:
