@@ -57,7 +57,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except LaunchError as e:
         text = str(e)
         _shutdown_ray()
-        return _fail(text, 1 if text.startswith(("training failed", "evaluation failed")) else 2)
+        return _fail(text, 1 if text.startswith(("training failed", "training stopped", "evaluation failed")) else 2)
     except user_errors() as e:
         _shutdown_ray()
         return _fail(str(e))
@@ -124,7 +124,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
                                        job_id=args.job_id, env=env, entrypoint_num_cpus=args.entrypoint_num_cpus)
         else:
             job_id = jobs.submit(args.address, config_to_yaml(cfg), job_id=args.job_id, env=env,
-                                 entrypoint_num_cpus=args.entrypoint_num_cpus)
+                                 entrypoint_num_cpus=args.entrypoint_num_cpus,
+                                 tracking_uri=(cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"))
+                                 if cfg.tracking.enabled else None)
     except jobs.JobsError as e:
         return _fail(str(e))
     address = jobs.normalize_address(args.address)
@@ -190,7 +192,14 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             return 0
         if args.jobs_command == "status":
             info = jobs.status(args.address, args.job_id)
-            print(f"{info['job_id']}: {info['status']}" + (f" ({info['message']})" if info["message"] else ""))
+            print(f"{info['job_id']}: {info['status']}" + (f" ({info['message']})" if info["message"] else ""),
+                  flush=True)
+            from updetr.orchestration.job_tags import META_TRACKING_URI, job_runs_line
+            from updetr.tracking import resolve_tracking_uri
+
+            # where the job said it tracks (set by `updetr submit`), else --tracking-uri / this machine's default
+            uri = args.tracking_uri or info["metadata"].get(META_TRACKING_URI) or resolve_tracking_uri(None)
+            print(job_runs_line(args.job_id, uri))
             return 0
         if args.jobs_command == "logs":
             if args.follow:
@@ -297,6 +306,10 @@ def register(subparsers) -> None:
         q.add_argument("--address", default=None, help="Ray dashboard / Jobs API, e.g. http://HEAD:8265")
         if action == "logs":
             q.add_argument("--follow", action="store_true", help="stream until the job ends")
+        if action == "status":
+            q.add_argument("--tracking-uri", default=None,
+                           help="where to look for the job's MLflow run (default: the URI the job was submitted "
+                                "with, else $MLFLOW_TRACKING_URI / ./mlflow.db)")
         q.set_defaults(func=cmd_jobs)
 
     p = subparsers.add_parser("mlflow-server", help="start a lean local MLflow tracking server (127.0.0.1)",

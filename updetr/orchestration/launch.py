@@ -147,7 +147,9 @@ def open_tracking(plan: RunPlan, parent_run_id: Optional[str] = None, extra_tags
     """Open (or re-open) the run's MLflow run and log the config; NullTracker when tracking is off."""
     if plan.tracking_uri is None:
         return NullTracker()
-    tags = dict(extra_tags or {})
+    from updetr.orchestration.job_tags import cluster_tags
+
+    tags = {**cluster_tags(), **(extra_tags or {})}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     try:
@@ -225,7 +227,9 @@ def run(cfg: ExperimentConfig, address: Optional[str] = None, out: TextIO = sys.
     quiet_ray_data()
     from updetr.orchestration import console
 
-    console.install([f"[{cfg.tracking.experiment or cfg.name}"])  # a chain: every stage's lines
+    # a chain: every stage's lines; Ray's own go to the run's log file (updetr/orchestration/console.py)
+    console.install([f"[{cfg.tracking.experiment or cfg.name}"],
+                    console.default_log_path(cfg.runtime.output_dir, cfg.tracking.experiment or cfg.name), out)
     try:
         datasets = build_datasets(cfg, resources)
     except LaunchError:
@@ -239,22 +243,33 @@ def run(cfg: ExperimentConfig, address: Optional[str] = None, out: TextIO = sys.
         print(f"[{cfg.name}] resuming from checkpoint step {resumed_from} in {plan.run_dir}", file=out, flush=True)
     print(f"[{cfg.name}] checkpoints -> {plan.run_dir}; tracking -> {tracker.describe()}", file=out, flush=True)
     status = "FAILED"
+    wait = None
     try:
         from updetr.orchestration.metrics_commit import commit_callbacks
 
         trainer = build_trainer(plan, tracker, datasets=datasets, resources=resources,
                                 callbacks=[*commit_callbacks(tracker), *callbacks], report_epochs=report_epochs)
         _interrupt_on_sigint(trainer)
+        wait = _watch_resources(cfg, trainer, resources, out)
         mark("fit_start")
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        finally:
+            wait.stop()
         mark("fit_end")
+        if wait.gave_up:
+            raise LaunchError(failure_message(wait.gave_up, plan, stopped="training stopped"))
         status = "FINISHED"
     except (KeyboardInterrupt, SystemExit):  # SystemExit: Ray Train's own SIGINT handler, if ours is not in
         status = "KILLED"
         raise RunInterrupted(interrupted_message(plan, tracker)) from None
-    except LaunchError:
+    except LaunchError as e:
+        tracker.set_tags({"updetr.error": str(e)[:4000]})
         raise
     except Exception as e:  # noqa: BLE001 - TrainingFailedError and friends: one line + where to look
+        if wait is not None and wait.gave_up:  # the abort below made fit() fail: the wait is the reason
+            tracker.set_tags({"updetr.error": wait.gave_up[:4000]})
+            raise LaunchError(failure_message(wait.gave_up, plan, stopped="training stopped")) from None
         reason = _first_line(e)
         tracker.set_tags({"updetr.error": reason[:4000]})
         raise LaunchError(failure_message(reason, plan)) from None
@@ -298,6 +313,9 @@ def run_eval(cfg: ExperimentConfig, checkpoint: str, address: Optional[str] = No
     print(f"[{cfg.name}] evaluating {checkpoint} on {cfg.ray.num_workers} Ray worker(s); "
           f"tracking -> {tracker.describe()}", file=out, flush=True)
     quiet_ray_data()
+    from updetr.orchestration import console
+
+    console.install([f"[{cfg.name}"], console.default_log_path(cfg.runtime.output_dir, cfg.name), out)
     try:
         result = build_trainer(plan, tracker, resources=resources, action="eval", checkpoint=checkpoint).fit()
     except Exception as e:  # noqa: BLE001 - one line + where to look
@@ -310,6 +328,33 @@ def run_eval(cfg: ExperimentConfig, checkpoint: str, address: Optional[str] = No
     if not metrics:
         raise LaunchError("evaluation finished without metrics (see the worker logs above)")
     return dict(metrics), tracker.run_id
+
+
+def _watch_resources(cfg: ExperimentConfig, trainer, resources, out: TextIO):
+    """Start the `ResourceWait` of this run (updetr/orchestration/resource_wait.py); it aborts the Train
+    controller (handed to `trainer._register_sigint_handler` when `fit()` starts) past `ray.resource_wait_s`."""
+    from updetr.orchestration.resource_wait import ResourceWait
+
+    sc = scaling_config(cfg, resources)
+    box: dict = {}
+    hook = getattr(trainer, "_register_sigint_handler", None)
+    if hook is not None:
+        def register(controller) -> None:
+            box["controller"] = controller
+            hook(controller)
+        trainer._register_sigint_handler = register
+
+    def abort() -> None:
+        if "controller" in box:
+            try:
+                box["controller"].abort.remote()
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+    wait = ResourceWait(cfg.tracking.experiment or cfg.name, cfg.ray.num_workers, dict(sc.resources_per_worker),
+                        cfg.ray.placement_strategy, out, cfg.ray.resource_wait_s or None, abort)
+    wait.start()
+    return wait
 
 
 def _interrupt_on_sigint(trainer) -> None:
@@ -345,10 +390,12 @@ _NOT_RETRYABLE = ("FileNotFoundError", "No such file", "not found", "NotADirecto
                   "CheckpointError", "architecture differs", "DataSourceError")
 
 
-def failure_message(reason: str, plan: RunPlan) -> str:
+def failure_message(reason: str, plan: RunPlan, stopped: str = "training failed") -> str:
     kept = existing_checkpoints(plan.run_dir)
     where = (f"checkpoints kept in {plan.run_dir}, last at step {kept[-1][0]}" if kept
              else f"no checkpoint was written in {plan.run_dir}")
+    if stopped != "training failed":  # a resource wait: nothing is wrong with the run itself
+        return f"{stopped}: {reason} ({where}; re-run the same command once the cluster has room)"
     if any(k in reason for k in _NOT_RETRYABLE):
         return f"training failed: {reason} ({where}; fix that, then run the same command to continue)"
     return f"training failed: {reason} ({where}; re-run the same command to resume)"

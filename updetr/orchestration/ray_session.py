@@ -107,7 +107,10 @@ def connect_ray(address: Optional[str], cfg: ExperimentConfig,
         for key, value in LOCAL_RAY_ENV.items():
             os.environ.setdefault(key, value)  # a user's own setting wins
     else:
+        from updetr.orchestration.ray_start import keep_loopback_for
+
         check_address(address)
+        keep_loopback_for(address)
         kwargs["address"] = address
     cwd = os.getcwd()
     captured: dict = {}

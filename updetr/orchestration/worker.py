@@ -127,7 +127,9 @@ class RayReport(Callback):
             ray.train.report({"step": state.step, "epoch": state.epoch, **self._fresh()}, checkpoint=None)
 
     def on_epoch_end(self, state, metrics):
-        if self.per_epoch:
+        # A run cut by max_steps inside its last epoch summarises that part too; schedulers compare whole
+        # epochs only, so that one is not a per-epoch result.
+        if self.per_epoch and not state.step_in_epoch:
             self.pending.update({k: float(v) for k, v in metrics.items()})
 
     def on_eval(self, state, metrics):
