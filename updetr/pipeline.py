@@ -22,6 +22,7 @@ from typing import Optional, Protocol, TextIO
 
 from updetr.config import Experiment, ExperimentConfig, config_to_dict
 from updetr.tracking import NullTracker, Tracker
+from updetr.phases import mark
 
 TAG_CHAIN = "updetr.chain"
 TAG_CHAIN_STATE = "updetr.chain_state"
@@ -144,10 +145,12 @@ def _run_chain(exp: Experiment, driver: StageDriver, out: TextIO, parent_run_id:
             else:
                 print(f"[{exp.name}] stage {i + 1}/{len(exp.stages)} {stage.name}: {stage.action} {cfg.task}"
                       + (f" from {cfg.init.checkpoint}" if cfg.init.checkpoint else ""), file=out, flush=True)
+                mark(f"chain_stage_start:{stage.name}")
                 if stage.action == "eval":
                     result = driver.evaluate(cfg, cfg.init.checkpoint, parent.run_id)
                 else:
                     result = driver.train(cfg, parent.run_id)
+                mark(f"chain_stage_end:{stage.name}")
                 done[stage.name] = {"hash": h, "checkpoint": result.checkpoint, "metrics": result.metrics,
                                     "run_id": result.run_id}
                 _write_state(path, state)

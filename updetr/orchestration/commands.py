@@ -29,6 +29,9 @@ def _experiment_args(p: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------------------------ run
 def cmd_run(args: argparse.Namespace) -> int:
+    from updetr.phases import mark
+
+    mark("cli_ready")
     from updetr.command_line import user_errors
     from updetr.config import load_experiment
     from updetr.orchestration.launch import RunInterrupted, run, summary
@@ -67,12 +70,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _shutdown_ray() -> None:
+    from updetr.phases import mark
+
+    mark("shutdown_start")
     try:
         import ray
 
         ray.shutdown()
     except Exception:  # noqa: BLE001 - cosmetic only
         pass
+    mark("shutdown_end")
 
 
 # --------------------------------------------------------------------------------------- submit

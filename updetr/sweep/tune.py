@@ -216,7 +216,7 @@ def _run_sweep(sweep: Sweep, path: Path, overrides: list[str], folder: Path, sto
     parent = (MlflowTracker.open(uri, sweep.name, sweep.name, identity={TAG_SWEEP: sweep.name},
                                  tags={"updetr.sweep_file": str(path)}) if uri else NullTracker())
     parent.log_text(path.read_text(), "sweep.yaml")
-    connect_ray(address, first)
+    connect_ray(address, first, dashboard=True)  # early stopping: Train's cleaner needs the State API
     from updetr.orchestration import console
 
     # the trials' own lines without Ray's prefix; Ray's own (Tune's tables included) to the sweep's log file
