@@ -12,7 +12,7 @@ from updetr.config import ConfigError, config_to_yaml, load_experiment
 
 # Areas that add subcommands through a `register(subparsers)` function in their own module.
 COMMAND_MODULES = ("updetr.data.commands", "updetr.orchestration.commands", "updetr.sweep.commands",
-                   "updetr.demo", "updetr.compare")
+                   "updetr.demo", "updetr.compare", "updetr.tracking_sync")
 
 
 # One example per command, shown at the end of its --help (tests/core/test_cli_help.py checks that every
@@ -33,6 +33,7 @@ EXAMPLES = {
     "jobs logs": "updetr jobs logs raysubmit_XXXX --follow --address http://127.0.0.1:8265",
     "jobs stop": "updetr jobs stop raysubmit_XXXX --address http://127.0.0.1:8265",
     "mlflow-server": "updetr mlflow-server --port 5000",
+    "tracking sync": "updetr tracking sync runs/smoke",
     "local-cluster": "updetr local-cluster up",
     "sweep": "updetr sweep experiments/sweeps/table5_frozen-cnn_feature-recon_smoke.yaml --dry-run",
     "demo": "updetr demo",
@@ -227,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_ck = sub.add_parser("checkpoint", help="checkpoint tools")
     ck_sub = p_ck.add_subparsers(dest="checkpoint_command", metavar="ACTION", required=True)
-    p = ck_sub.add_parser("convert", help="convert an official UP-DETR/DETR .pth (trusted input) to updetr's format")
+    p = ck_sub.add_parser("convert", help="convert an official UP-DETR/DETR .pth to updetr's format (loaded as data only)")
     p.add_argument("src")
     p.add_argument("dst")
     p.set_defaults(func=cmd_checkpoint_convert)

@@ -15,10 +15,11 @@ from typing import Any, Callable, Optional, Sequence, TextIO
 import torch
 
 from updetr.data.skips import split_counts
-from updetr.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from updetr.checkpoint import CheckpointError, load_checkpoint
 from updetr.config import RUN_LENGTH_FIELDS, ExperimentConfig, identity_diff
 from updetr.engine import TrainState, Trainer, evaluate, format_eta, summary_epoch, total_steps
 from updetr.engine_setup import dist_rank_world, seed_process
+from updetr.metric_ledger import MetricLedger, commit
 from updetr.tasks import InitReport, Task
 
 # Sections that change the network's shape or the pretext; resuming across a change is refused.
@@ -228,15 +229,40 @@ class Tracking(Callback):
                                    "updetr.last_checkpoint_step": state.step})
 
 
-class LocalCheckpoint(Callback):
-    """Atomic `last.pt` (rank 0) every `schedule.checkpoint_every` steps and at the end."""
+class LedgerTracking(Tracking):
+    """`Tracking` whose metrics wait in a `MetricLedger` until a checkpoint covers them (exactly-once,
+    updetr/metric_ledger.py); tags go to the tracker at once."""
 
-    def __init__(self, path: Path, rank: int = 0) -> None:
-        self.path, self.rank = Path(path), rank
+    def __init__(self, tracker, ledger: MetricLedger, rank: int = 0, checkpoint_location=None) -> None:
+        super().__init__(tracker, rank, checkpoint_location)
+        self.ledger = ledger
+
+    def log(self, state: TrainState, metrics: dict, step: int) -> None:
+        self.ledger.add((state.step, state.epoch), metrics, step=step)
+
+
+class LocalCheckpoint(Callback):
+    """Rank 0: the newest `keep` checkpoints in `folder` (checkpoint_files.save: checksums, `last.pt`), every
+    `schedule.checkpoint_every` steps and at the end. With a ledger, each checkpoint carries the metrics it
+    covers (`metric_ledger`), committed to `tracker` once the file is durable: a run resumed from an older
+    checkpoint re-runs steps whose metrics are already committed, and they are not logged twice."""
+
+    def __init__(self, folder: Path, keep: int = 2, rank: int = 0, ledger: Optional[MetricLedger] = None,
+                 tracker=None) -> None:
+        self.folder, self.keep, self.rank, self.ledger, self.tracker = Path(folder), keep, rank, ledger, tracker
 
     def on_checkpoint(self, state, ckpt):
         if self.rank == 0:
-            save_checkpoint(ckpt, self.path)
+            self.save(state, ckpt)
+
+    def save(self, state: TrainState, ckpt: dict) -> Path:
+        from updetr import checkpoint_files
+
+        part = self.ledger.take(upto=(state.step, state.epoch)) if self.ledger is not None else None
+        path = checkpoint_files.save({**ckpt, "metric_ledger": part} if part else ckpt, self.folder, self.keep)
+        if part and self.tracker is not None:
+            commit(part, self.tracker)
+        return path
 
 
 class WrappedBatches:

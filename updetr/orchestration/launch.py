@@ -28,6 +28,7 @@ from updetr.config import ExperimentConfig, config_to_dict, config_to_yaml
 from updetr.orchestration.ray_session import quiet_ray_data, connect_ray, is_local_address
 from updetr.orchestration.run_plan import LaunchError, RunPlan, existing_checkpoints, is_uri, plan_run, run_name_for
 from updetr.tracking import TAG_LAST_CHECKPOINT, NullTracker, Tracker, TrackingError, start_tracking
+from updetr.phases import mark
 
 # Driver env vars forwarded to the training workers (tracking credentials, updetr drills/settings).
 WORKER_ENV_PREFIXES = ("UPDETR_", "MLFLOW_TRACKING_", "AWS_", "GOOGLE_APPLICATION_CREDENTIALS")
@@ -100,10 +101,10 @@ def build_trainer(plan: RunPlan, tracker: Tracker, *, datasets: Optional[dict] =
                   callbacks: Sequence[Any] = (), env: Optional[dict] = None, action: str = "train",
                   checkpoint: Optional[str] = None, report_epochs: bool = False):
     """The `TorchTrainer` of a plan (needs Ray initialised: it builds the Ray Data pipeline unless given)."""
-    from ray.train.torch import TorchTrainer
-
+    from updetr.orchestration.ray_session import state_api_available
     from updetr.orchestration.worker import train_fn_per_worker
 
+    TorchTrainer = _trainer_class(cleaner=state_api_available())
     if datasets is None:
         datasets = build_datasets(plan.cfg, resources) if action == "train" else {}
     return TorchTrainer(train_fn_per_worker,
@@ -114,6 +115,32 @@ def build_trainer(plan: RunPlan, tracker: Tracker, *, datasets: Optional[dict] =
                         run_config=run_config(plan, callbacks, env),
                         datasets=datasets or None,
                         dataset_config=dataset_config() if datasets else None)
+
+
+def _trainer_class(cleaner: bool):
+    """`TorchTrainer`, or without Ray Train's placement-group cleaner when this process runs its own Ray
+    without the dashboard.
+
+    The cleaner is a detached actor (one more process to start) that frees the workers' placement group if
+    the controller dies while the cluster lives on; it asks the State API, which only the dashboard serves,
+    and without it retries for ~20 s then fails in its own thread. A Ray this process started and shuts
+    down takes every placement group with it, so there is nothing for it to clean.
+    """
+    from ray.train.torch import TorchTrainer
+
+    if cleaner:
+        return TorchTrainer
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:  # another Ray layout: keep Ray's defaults
+        return TorchTrainer
+
+    class LocalTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks()
+                    if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return LocalTorchTrainer
 
 
 def open_tracking(plan: RunPlan, parent_run_id: Optional[str] = None, extra_tags: Optional[dict] = None) -> Tracker:
@@ -179,14 +206,26 @@ def run(cfg: ExperimentConfig, address: Optional[str] = None, out: TextIO = sys.
         LaunchError: before any work (data, resources, storage, tracking, address, token) or when training
             failed; RunInterrupted on Ctrl-C.
     """
+    from updetr.run_lock import hold_run
     from updetr.tasks import get_task
 
     t0 = time.monotonic()
+    mark("stage_start")
     cfg = get_task(cfg).prepare()  # absolute data paths, generated data: workers chdir elsewhere
     plan = plan_run(cfg, run_name=run_name)
+    # One driver per run (updetr/run_lock.py): the lock lives in the run's folder (a lease on object
+    # stores); the Train workers never take it, so a worker restart inside this driver is not refused.
+    with hold_run(plan.run_dir, f"run '{plan.run_name}'", "set ray.run_name=... for a separate run"):
+        return _run(cfg, plan, t0, address, out, parent_run_id, callbacks, report_epochs)
+
+
+def _run(cfg: ExperimentConfig, plan: RunPlan, t0: float, address: Optional[str], out: TextIO,
+         parent_run_id: Optional[str], callbacks: Sequence[Any], report_epochs: bool) -> RunOutcome:
     num_items, resources = preflight(cfg, address)
     plan.extra["num_items"] = num_items
+    mark("preflight_done")
     local, _ = connect_ray(address, cfg, num_cpus=resources.total_cpus if resources is not None else None)
+    mark("ray_up")
     if resources is None:
         from updetr.resources import cluster_resources
 
@@ -206,7 +245,9 @@ def run(cfg: ExperimentConfig, address: Optional[str] = None, out: TextIO = sys.
         raise
     except Exception as e:  # noqa: BLE001 - e.g. an object-store path Ray Data cannot list
         raise LaunchError(f"cannot build the data pipeline: {_first_line(e)}") from None
+    mark("data_built")
     tracker = open_tracking(plan, parent_run_id)
+    mark("mlflow_open")
     if resumed_from is not None:
         print(f"[{cfg.name}] resuming from checkpoint step {resumed_from} in {plan.run_dir}", file=out, flush=True)
     print(f"[{cfg.name}] checkpoints -> {plan.run_dir}; tracking -> {tracker.describe()}", file=out, flush=True)
@@ -219,10 +260,12 @@ def run(cfg: ExperimentConfig, address: Optional[str] = None, out: TextIO = sys.
                                 callbacks=[*commit_callbacks(tracker), *callbacks], report_epochs=report_epochs)
         _interrupt_on_sigint(trainer)
         wait = _watch_resources(cfg, trainer, resources, out)
+        mark("fit_start")
         try:
             result = trainer.fit()
         finally:
             wait.stop()
+        mark("fit_end")
         if wait.gave_up:
             raise LaunchError(failure_message(wait.gave_up, plan, stopped="training stopped"))
         status = "FINISHED"
@@ -253,6 +296,7 @@ def run(cfg: ExperimentConfig, address: Optional[str] = None, out: TextIO = sys.
     if ckpt:
         tracker.set_tags({TAG_LAST_CHECKPOINT: ckpt})
     tracker.end("FINISHED")
+    mark("stage_end")
     return RunOutcome(plan, step, epoch, ckpt, tracker, time.monotonic() - t0, resumed_from, ret.get("eval"))
 
 

@@ -188,12 +188,6 @@ def check_same_settings(sweep: Sweep, folder: Path) -> None:
 def run_sweep(path: str | Path, overrides: Optional[list[str]] = None, name: Optional[str] = None,
               address: Optional[str] = None, out: TextIO = sys.stdout) -> SweepOutcome:
     """Validate every cell, open the sweep's MLflow parent, run the trials on Ray Tune, summarise."""
-    import ray
-    from ray import tune
-
-    from updetr.orchestration.ray_session import connect_ray
-    from updetr.tracking import MlflowTracker, NullTracker
-
     t0 = time.monotonic()
     path = Path(path).resolve()
     sweep = load_sweep(path, overrides, name=name)          # every cell, before anything starts
@@ -202,12 +196,27 @@ def run_sweep(path: str | Path, overrides: Optional[list[str]] = None, name: Opt
     first = sweep.cells[0].experiment.stages[0].cfg
     storage = Path(first.runtime.output_dir) / "sweeps"
     folder = storage / sweep.name
+    # One driver per sweep (updetr/run_lock.py), before anything is written or Ray starts.
+    from updetr.run_lock import hold_run
+
+    with hold_run(folder, f"sweep '{sweep.name}'", "use --name NAME for a separate sweep"):
+        return _run_sweep(sweep, path, overrides, folder, storage, first, address, out, t0)
+
+
+def _run_sweep(sweep: Sweep, path: Path, overrides: list[str], folder: Path, storage: Path, first,
+               address: Optional[str], out: TextIO, t0: float) -> SweepOutcome:
+    import ray
+    from ray import tune
+
+    from updetr.orchestration.ray_session import connect_ray
+    from updetr.tracking import MlflowTracker, NullTracker
+
     check_same_settings(sweep, folder)
     uri = first.tracking.uri if first.tracking.enabled else None
     parent = (MlflowTracker.open(uri, sweep.name, sweep.name, identity={TAG_SWEEP: sweep.name},
                                  tags={"updetr.sweep_file": str(path)}) if uri else NullTracker())
     parent.log_text(path.read_text(), "sweep.yaml")
-    connect_ray(address, first)
+    connect_ray(address, first, dashboard=True)  # early stopping: Train's cleaner needs the State API
     from updetr.orchestration import console
 
     # the trials' own lines without Ray's prefix; Ray's own (Tune's tables included) to the sweep's log file
