@@ -64,3 +64,23 @@ def test_no_subset_file_without_a_subset_and_bad_settings_are_refused(tmp_path):
         finetune_cfg(tmp_path, "stages.finetune.data.fraction=0.5", "stages.finetune.data.subset_size=3")
     with pytest.raises(ConfigError, match="stages.finetune.data.fraction"):
         load_experiment(CHAIN, ["data.fraction=0.5"])                            # pre-training has no subset
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_debug_run_logs_its_subset_to_mlflow_and_evaluates_the_whole_split(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from updetr.local import run_debug
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = finetune_cfg(tmp_path, "stages.finetune.data.subset_size=3", "stages.finetune.init.checkpoint=null",
+                       "stages.finetune.schedule.max_steps=1", "tracking.enabled=true", f"tracking.uri={uri}",
+                       "stages.finetune.data.batch_size=1")
+    out = run_debug(cfg)
+    assert out.eval_metrics["images"] == 6                                        # every evaluation image
+    client = MlflowClient(tracking_uri=uri)
+    local = tmp_path / cfg.name / SUBSET_FILE
+    logged = client.download_artifacts(out.tracker.run_id, f"data/{SUBSET_FILE}", str(tmp_path / "dl"))
+    record = json.loads(open(logged).read())
+    assert record == json.loads(local.read_text()) and len(record["image_ids"]) == 3
