@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from updetr.sweep.demo import DEMO_SWEEP, conclusion
+from updetr.demo import DEMO_SWEEP, conclusion
 from updetr.sweep.spec import load_sweep
 from updetr.sweep.tune import SweepOutcome, TrialResult
 from updetr.tracking_query import TAG_CELL, TAG_PARENT, TAG_SEED, TAG_SWEEP

@@ -9,7 +9,8 @@ segment mostly on them is no false positive). Unclaimed predicted pixels form an
 (in no average), so every unmatched ground-truth segment is a false negative, as in panopticapi. AP^seg: every query's mask (DETR's PostProcessSegm) against
 the thing segments of the evaluated images' ground truth (RLE), categories = the thing classes.
 
-Distributed: like `CocoEvaluator`, `state()` / `merge(parts)` / `summarize()` (the per-class sums add up).
+Distributed: an `updetr.eval.base.Evaluator`: `state()` / `merge(parts)` / `summarize()` (the per-class sums
+add up).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from updetr.data.coco import coco_from_dict
-from updetr.eval.coco_eval import EvalError, distinct_ids, write_json_atomic
+from updetr.eval.base import EvalError, Evaluator, distinct_ids, write_json_atomic
 
 # reported names, in Table 4's column order
 PANOPTIC_METRICS = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st", "segm_AP")
@@ -69,8 +70,10 @@ def _plain(rle: dict) -> dict:
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
-class PanopticEvaluator:
+class PanopticEvaluator(Evaluator):
     """Accumulate panoptic + mask predictions of images of a `PanopticIndex`, then score them."""
+
+    metric_names = PANOPTIC_METRICS
 
     def __init__(self, pan) -> None:
         """`pan`: `updetr.data.panoptic.PanopticIndex` of the evaluation split."""
@@ -132,7 +135,7 @@ class PanopticEvaluator:
     # -- distributed
     def state(self) -> tuple[list[int], dict]:
         """What one rank contributes (plain Python / CPU tensors, for `all_gather_object`): (image ids, the
-        rest); image ids first, as `CocoEvaluator.state()` (the engine counts them)."""
+        rest); image ids first (the engine counts them)."""
         m = self.metric
         return list(self.img_ids), {
             "results": list(self.results), "gt_anns": list(self.gt_anns),
