@@ -30,7 +30,8 @@ def test_demo_sweep_compares_pretrained_and_random_init_with_the_same_fine_tunin
     assert set(by_cell) == {"updetr-init", "random-init"}
     for seed in (0, 1, 2):
         pre, scratch = by_cell["updetr-init"][seed], by_cell["random-init"][seed]
-        assert [s.name for s in pre] == ["pretrain", "finetune", "eval"] and [s.name for s in scratch] == ["finetune", "eval"]
+        assert [s.name for s in pre] == ["pretrain", "finetune", "eval"]
+        assert [s.name for s in scratch] == ["finetune", "eval"]
         pre_ft, scratch_ft = pre[1].cfg, scratch[0].cfg
         assert pre_ft.init.checkpoint == "previous" and scratch_ft.init.checkpoint is None
         assert scratch_ft == pre_ft.model_copy(update={"init": scratch_ft.init})     # only the start differs
@@ -106,8 +107,8 @@ def test_demo_end_to_end_prints_the_table_and_writes_plots_and_runs(tmp_path):
     parents = [r for r in runs if r.data.tags.get(TAG_SWEEP) == "demo"]
     assert len(parents) == 1
     children = [r for r in runs if r.data.tags.get(TAG_PARENT) == parents[0].info.run_id]
-    assert sorted(r.info.run_name for r in children) == sorted(f"demo-{c}_seed-{s}" for c in ("random-init", "updetr-init")
-                                                               for s in range(3))
+    assert sorted(r.info.run_name for r in children) == sorted(
+        f"demo-{c}_seed-{s}" for c in ("random-init", "updetr-init") for s in range(3))
     assert all("eval/AP50" in r.data.metrics for r in children)
     assert {(r.data.tags[TAG_CELL], r.data.tags[TAG_SEED]) for r in children} == {
         (c, str(s)) for c in ("random-init", "updetr-init") for s in range(3)}

@@ -228,8 +228,8 @@ def run_sweep(path: str | Path, overrides: Optional[list[str]] = None, name: Opt
     if added:
         # Tune cannot add trials to a saved run: start its run again over every cell. The cells run before
         # find their chains finished (run folders and chain state are the trial's own) and only report again.
-        print(f"sweep {sweep.name}: {len(added)} new trial(s) ({', '.join(added)}); the {len(sweep.cells) - len(added)} "
-              f"earlier ones report their finished results", file=out, flush=True)
+        print(f"sweep {sweep.name}: {len(added)} new trial(s) ({', '.join(added)}); the "
+              f"{len(sweep.cells) - len(added)} earlier ones report their finished results", file=out, flush=True)
     if tune.Tuner.can_restore(str(folder)) and not added:
         print(f"sweep {sweep.name}: resuming from {folder}", file=out, flush=True)
         tuner = tune.Tuner.restore(str(folder), trainable, resume_errored=True)
