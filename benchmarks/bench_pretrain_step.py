@@ -44,6 +44,27 @@ VARIANTS = {
     "gpu-default": [],
     "gpu-bf16": ["runtime.precision=bf16"],
 }
+# The CPU speed-ups, each a `runtime` field. `--switches` times each one alone (the reference path + it) and
+# all but it (the default path - it), interleaved with the reference and the default in the same run. The mask
+# prefetch needs the oneDNN linear layers, bool masks and the folded CNN, so "alone" it is measured with those
+# on and set against them (`SWITCH_ALONE_BASE`).
+SWITCHES = ["fold_frozen_bn", "channels_last", "fused_adamw", "onednn_linear", "bool_dropout_masks",
+            "prefetch_dropout_masks"]
+SWITCH_ALONE_BASE = {"prefetch_dropout_masks": ["fold_frozen_bn", "onednn_linear", "bool_dropout_masks"]}
+
+
+def _switch_variants() -> dict[str, list[str]]:
+    out = {}
+    for sw in SWITCHES:
+        base = [f"runtime.{b}=true" for b in SWITCH_ALONE_BASE.get(sw, [])]
+        out[f"only:{sw}"] = REFERENCE + base + [f"runtime.{sw}=true"]
+        if base:
+            out[f"base:{sw}"] = REFERENCE + base
+        out[f"but:{sw}"] = [f"runtime.{sw}=false"]
+    return out
+
+
+VARIANTS.update(_switch_variants())
 SHAPE = ["model.backbone=resnet50", "model.num_queries=100", "pretext.num_patches=10",
          "model.freeze_backbone=true", "tracking.enabled=false"]
 
@@ -231,6 +252,44 @@ def parity(threads: int) -> dict:
     return report
 
 
+def machine_info() -> dict:
+    """What decides which CPU speed-up pays: the processor and its vector extensions, the math libraries
+    torch was built with, its threading."""
+    import platform
+    import re
+
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__}
+    try:
+        cpu = open("/proc/cpuinfo").read()
+        first = cpu.split("\n\n")[0]
+        info["cpu"] = re.search(r"model name\s*:\s*(.*)", first).group(1).strip()
+        flags = re.search(r"flags\s*:\s*(.*)", first).group(1).split()
+        info["flags"] = " ".join(f for f in flags if re.match(r"(avx|amx|fma|f16c|sse4|vnni)", f))
+        info["hypervisor"] = "hypervisor" in flags
+    except (OSError, AttributeError):
+        info["cpu"] = platform.processor() or "unknown"
+    cfg = torch.__config__.show()
+    for key, pat in (("mkl", r"Intel\(R\) (?:oneAPI )?Math Kernel Library Version ([^\n]*)"),
+                     ("onednn", r"Intel\(R\) MKL-DNN v?([^\s(]*)|oneDNN v?([^\s(]*)"),
+                     ("cpu_capability", r"CPU capability usage: ([^\n]*)")):
+        m = re.search(pat, cfg)
+        info[key] = next((g for g in m.groups() if g), "").strip() if m else "not found"
+    info["mkldnn_version"] = getattr(torch.backends.mkldnn, "version", lambda: None)() if hasattr(
+        torch.backends, "mkldnn") else None
+    info["parallel_info"] = torch.__config__.parallel_info().strip()
+    return info
+
+
+def print_machine(info: dict) -> None:
+    print(f"machine: {info.get('cpu')}{' (virtual machine)' if info.get('hypervisor') else ''}; "
+          f"torch {info['torch']}, MKL {info.get('mkl')}, oneDNN {info.get('onednn')}, "
+          f"CPU capability {info.get('cpu_capability')}")
+    print(f"  vector flags: {info.get('flags', '?')}")
+    print("  " + "\n  ".join(info["parallel_info"].splitlines()))
+
+
 def _run_child(args: list[str]) -> dict:
     out = subprocess.run([sys.executable, __file__] + args, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -255,6 +314,24 @@ def _report(names: list[str], runs: dict[str, list[dict]], base: str) -> None:
                   f"peak RSS x{m['peak_rss_mb'] / b['peak_rss_mb']:.3f} ({m['peak_rss_mb'] - b['peak_rss_mb']:+.0f} MB)")
 
 
+def _report_switches(runs: dict[str, list[dict]]) -> None:
+    """Per switch: its own gain alone (against the reference path, or against its prerequisites) and what
+    the default path loses without it. A gain < 1 is a speed-up; > 1 means the switch costs time here."""
+    def med(n: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[n])
+
+    print("per switch (x < 1: faster with it; wall time, CPU time in brackets):")
+    print(f"  {'switch':24s} {'alone vs reference':>26s} {'default vs default without it':>32s}")
+    for sw in SWITCHES:
+        base = f"base:{sw}" if f"base:{sw}" in runs else "reference"
+        alone = med(f"only:{sw}", "step_s") / med(base, "step_s")
+        alone_c = med(f"only:{sw}", "cpu_s") / med(base, "cpu_s")
+        drop = med("default", "step_s") / med(f"but:{sw}", "step_s")
+        drop_c = med("default", "cpu_s") / med(f"but:{sw}", "cpu_s")
+        against = "" if base == "reference" else " (vs its prerequisites)"
+        print(f"  {sw:24s} {f'x{alone:.2f} (x{alone_c:.2f}){against}':>26s} {f'x{drop:.2f} (x{drop_c:.2f})':>32s}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=5)
@@ -262,17 +339,32 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved fresh processes per variant")
     ap.add_argument("--extra", action="store_true", help="also time fold-only, channels-last-only, compile")
+    ap.add_argument("--switches", action="store_true",
+                    help="each CPU speed-up's own share: alone (reference + it) and all but it (default - it)")
+    ap.add_argument("--variants", default=None,
+                    help="comma-separated variants to time instead (e.g. reference,default,only:onednn_linear)")
     ap.add_argument("--no-parity", action="store_true")
-    ap.add_argument("--child", choices=sorted(VARIANTS) + ["parity"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=sorted(VARIANTS) + ["parity", "machine"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child == "parity":
         print(json.dumps(parity(a.threads)))
+        return
+    if a.child == "machine":
+        print(json.dumps(machine_info()))
         return
     if a.child:
         print(json.dumps(child(a.child, a.steps, a.warmup, a.threads)))
         return
     common = ["--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads)]
     names = ["reference", "default"] + (["fold", "channels_last", "compile"] if a.extra else [])
+    if a.switches:
+        names += [n for n in VARIANTS if n.split(":")[0] in ("only", "base", "but")]
+    if a.variants:
+        names = [n for n in a.variants.split(",") if n]
+        unknown = [n for n in names if n not in VARIANTS]
+        if unknown or "reference" not in names:
+            raise SystemExit(f"--variants: unknown {unknown} (known: {', '.join(VARIANTS)}); include reference")
+    print_machine(_run_child(["--child", "machine"]))
     print(f"CPU, {a.threads} threads, {a.steps} timed steps after {a.warmup} warm-up, {a.repeats} interleaved "
           f"processes per variant")
     runs: dict[str, list[dict]] = {n: [] for n in names}
@@ -281,6 +373,8 @@ def main() -> None:
             runs[n].append(_run_child(["--child", n] + common))
             print(f"  ({n}: {runs[n][-1]['step_s']:.3f} s/step, CPU {runs[n][-1]['cpu_s']:.3f} s)", flush=True)
     _report(names, runs, "reference")
+    if a.switches and not a.variants:
+        _report_switches(runs)
     if not a.no_parity:
         p = _run_child(["--child", "parity", "--threads", str(a.threads)])
         print("parity, default vs reference path, largest relative difference (tensor norm) "

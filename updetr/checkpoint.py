@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from updetr.provenance import git_sha  # noqa: F401 - re-exported: checkpoints record the same SHA as tracking
+from updetr.util.safe_load import UnsafeWeightsError, safe_torch_load
 
 FORMAT = "updetr-checkpoint"
 VERSION = 1
@@ -68,8 +69,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = safe_torch_load(path, map_location=map_location)
+    except UnsafeWeightsError as e:
+        raise CheckpointError(str(e)) from None
     except Exception as e:  # the unpickler's errors are many types; all mean "not loadable safely"
+        if is_updetr_file(path):  # ours, so damaged (cut short, overwritten): converting cannot help
+            raise CheckpointError(f"{path}: updetr checkpoint is damaged and cannot be loaded "
+                                  f"({type(e).__name__}: {str(e).split('. ')[0][:200]})") from None
         raise CheckpointError(
             f"{path}: cannot be loaded with weights_only=True ({type(e).__name__}: {str(e)[:200]}). "
             "If this is an official UP-DETR/DETR file, convert it first: "
@@ -81,6 +87,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: checkpoint version {ckpt.get('version')} is not supported "
                               f"(this updetr reads version {VERSION})")
     return ckpt
+
+
+def is_updetr_file(path: str | Path, scan_bytes: int = 1 << 20) -> bool:
+    """Whether the file carries updetr's metadata: torch writes the pickled dict (with `format`) first,
+    uncompressed, so its start holds the marker even when the tensors after it are cut off."""
+    try:
+        with open(path, "rb") as f:
+            return FORMAT.encode() in f.read(scan_bytes)
+    except OSError:
+        return False
 
 
 def strip_prefixes(state_dict: dict[str, Any], prefixes=("module.", "_orig_mod.")) -> dict[str, Any]:
@@ -119,9 +135,10 @@ def _plain(value: Any) -> Any:
 def convert_official(src: str | Path, dst: str | Path) -> dict:
     """Convert an official UP-DETR / DETR checkpoint into our schema.
 
-    The official files pickle an `argparse.Namespace` under 'args', which `weights_only=True` rejects,
-    so this is the ONE place that unpickles with `weights_only=False`: an explicit, trusted-input step
-    the user asks for by running `updetr checkpoint convert`. Only tensors and primitives go out.
+    The official files pickle an `argparse.Namespace` under 'args'; it is the one global the safe loader
+    allows (updetr/util/safe_load.py), so official files load with `weights_only=True` like everything
+    else, and a file that asks for any other global is refused without running it. Only tensors and
+    primitives go out.
 
     Returns a short report: number of keys, whether pre-training heads are present, the official args.
     """
@@ -129,7 +146,9 @@ def convert_official(src: str | Path, dst: str | Path) -> dict:
     if not src.is_file():
         raise CheckpointError(f"{src}: no such file")
     try:
-        raw = torch.load(src, map_location="cpu", weights_only=False)  # trusted input, see docstring
+        raw = safe_torch_load(src, map_location="cpu")
+    except UnsafeWeightsError as e:
+        raise CheckpointError(str(e)) from None
     except Exception as e:
         raise CheckpointError(f"{src}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from None
     if isinstance(raw, dict) and "model" in raw:

@@ -12,7 +12,72 @@ from updetr.config import ConfigError, config_to_yaml, load_experiment
 
 # Areas that add subcommands through a `register(subparsers)` function in their own module.
 COMMAND_MODULES = ("updetr.data.commands", "updetr.orchestration.commands", "updetr.sweep.commands",
-                   "updetr.demo", "updetr.compare")
+                   "updetr.demo", "updetr.compare", "updetr.tracking_sync")
+
+
+# One example per command, shown at the end of its --help (tests/core/test_cli_help.py checks that every
+# command has one and that it parses). Groups (`config`, `data`, ...) show their actions' examples.
+EXAMPLES = {
+    "config show": "updetr config show experiments/smoke.yaml pretext.num_patches=5 model.num_queries=20",
+    "config validate": "updetr config validate experiments/smoke_chain.yaml",
+    "debug": "updetr debug experiments/smoke.yaml schedule.max_steps=10",
+    "eval": "updetr eval experiments/smoke_chain.yaml --checkpoint runs/smoke_chain-finetune/checkpoints/last.pt",
+    "checkpoint convert": "updetr checkpoint convert updetr_pretrain.pth pre.pt",
+    "visualize": "updetr visualize runs/smoke IMAGE.jpg --random 2 --compare --out fig5.png",
+    "data shard": "updetr data shard /data/imagenet/train /data/imagenet-shards --shard-size 1000",
+    "data synth": "updetr data synth demo_images --kind images --n 8",
+    "run": "updetr run experiments/smoke_chain.yaml",
+    "submit": "updetr submit experiments/smoke.yaml --address http://127.0.0.1:8265 --follow",
+    "jobs list": "updetr jobs list --address http://127.0.0.1:8265",
+    "jobs status": "updetr jobs status raysubmit_XXXX --address http://127.0.0.1:8265",
+    "jobs logs": "updetr jobs logs raysubmit_XXXX --follow --address http://127.0.0.1:8265",
+    "jobs stop": "updetr jobs stop raysubmit_XXXX --address http://127.0.0.1:8265",
+    "mlflow-server": "updetr mlflow-server --port 5000",
+    "tracking sync": "updetr tracking sync runs/smoke",
+    "local-cluster": "updetr local-cluster up",
+    "sweep": "updetr sweep experiments/sweeps/table5_frozen-cnn_feature-recon_smoke.yaml --dry-run",
+    "demo": "updetr demo",
+    "compare": "updetr compare demo --baseline run=random-init",
+}
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps text as usual, but keeps the example lines of the epilog whole (a command is copied, not read)."""
+
+    def _fill_text(self, text, width, indent):
+        if not text.startswith("example"):
+            return super()._fill_text(text, width, indent)
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
+
+def command_parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """Every (command path, help, parser) below `parser`, depth first, in the order they were added."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                yield path + (name,), helps.get(name) or "", sub
+                yield from command_parsers(sub, path + (name,))
+
+
+def _add_examples(parser: argparse.ArgumentParser) -> None:
+    for path, _, sub in command_parsers(parser):
+        name = " ".join(path)
+        lines = [EXAMPLES[name]] if name in EXAMPLES else [v for k, v in EXAMPLES.items() if k.startswith(name + " ")]
+        sub.formatter_class = _HelpFormatter
+        if lines:
+            sub.epilog = "example" + ("s" if len(lines) > 1 else "") + ":\n" + "\n".join(f"  {ln}" for ln in lines)
+
+
+def command_table(parser: argparse.ArgumentParser) -> str:
+    """What `updetr` alone prints: every command (and action) in one line each."""
+    rows = [(" ".join(path), text) for path, text, sub in command_parsers(parser)
+            if not any(isinstance(a, argparse._SubParsersAction) for a in sub._actions)]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(["updetr: UP-DETR pre-training, fine-tuning, sweeps and comparisons on Ray, tracked in MLflow",
+                      "", "commands:", *(f"  {name:<{width}}  {text}" for name, text in rows), "",
+                      "`updetr COMMAND --help` shows a command's options and an example; "
+                      "start with `updetr demo` (a small study on CPU, a few minutes)."])
 
 
 def _add_experiment_args(p: argparse.ArgumentParser) -> None:
@@ -67,11 +132,11 @@ def cmd_debug(args) -> int:
 
 def cmd_eval(args) -> int:
     """`updetr eval EXP --checkpoint PATH`: the COCO table of any checkpoint on the experiment's eval split."""
-    from updetr.tasks import get_task
+    from updetr.tasks import get_task, task_class
 
     try:
         exp = load_experiment(args.experiment, args.overrides)
-        evals = [s for s in exp.stages if s.cfg.task in ("detect", "oneshot", "panoptic")]
+        evals = [s for s in exp.stages if task_class(s.cfg.task).has_eval]
         if not evals:
             return fail(f"{args.experiment}: no detection or one-shot stage to take the evaluation split from")
         cfg = evals[-1].cfg
@@ -163,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_ck = sub.add_parser("checkpoint", help="checkpoint tools")
     ck_sub = p_ck.add_subparsers(dest="checkpoint_command", metavar="ACTION", required=True)
-    p = ck_sub.add_parser("convert", help="convert an official UP-DETR/DETR .pth (trusted input) to updetr's format")
+    p = ck_sub.add_parser("convert", help="convert an official UP-DETR/DETR .pth to updetr's format (loaded as data only)")
     p.add_argument("src")
     p.add_argument("dst")
     p.set_defaults(func=cmd_checkpoint_convert)
@@ -194,11 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register(sub)
+    _add_examples(parser)
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):
+        print(command_table(parser))
+        return 0
     # Overrides may come after flags (`debug EXP --resume k=v`), which argparse leaves unparsed.
     args, extra = parser.parse_known_args(argv)
     if extra:

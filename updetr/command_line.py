@@ -33,7 +33,10 @@ def user_errors() -> tuple[type, ...]:
     from updetr.data.preflight import DataSourceError
     from updetr.eval import EvalError
     from updetr.local import RunDirError
+    from updetr.run_lock import RunInUse
     from updetr.tasks.detect import DatasetError
     from updetr.tracking import TrackingError
+    from updetr.util.safe_load import UnsafeWeightsError
 
-    return ConfigError, CheckpointError, RunDirError, DatasetError, EvalError, TrackingError, DataSourceError
+    return (ConfigError, CheckpointError, RunDirError, DatasetError, EvalError, TrackingError, DataSourceError,
+            RunInUse, UnsafeWeightsError)

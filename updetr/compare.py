@@ -205,10 +205,14 @@ def plot_curves(client, groups: list[Group], title: str, out: Path, loss_metric:
     matplotlib.use("Agg")        # files only: no display on a server or in CI
     import matplotlib.pyplot as plt
 
+    from updetr.tasks import task_class, task_names
+
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for key, task, xlabel, fname in ((loss_metric, "pretrain", "step", "pretrain_loss.png"),
-                                     (ap_metric, "detect", "fine-tuning epoch", "eval_ap_vs_epoch.png")):
+    # Each task that declares a curve contributes one PNG: its loss by step, or its evaluation by epoch.
+    plots = [(name, task_class(name).curve) for name in task_names()]
+    for task, (which, xlabel, fname) in [(name, curve) for name, curve in plots if curve]:
+        key = loss_metric if which == "loss" else ap_metric
         curves = []
         for g in groups:
             runs = [pts for pts in (history(client, v, key, prefer_task=task) for v in g.variants) if len(pts) > 1]

@@ -439,7 +439,8 @@ class Trainer:
         (unless the last step was just checkpointed), so an interrupted run loses < K steps.
         `evaluate_fn` (every rank) runs after every `schedule.eval_every`-th epoch and once at the end
         (before the final checkpoint, so the last report carries the final metrics); `on_eval` gets its
-        metrics.
+        metrics. `on_epoch_end` fires once per epoch, for the run's last epoch too: closed, or, when
+        `schedule.max_steps` stops the run inside it, as far as it went (`summary_epoch(state)` names it).
         """
         cb = callbacks
         sched = self.cfg.schedule
@@ -457,6 +458,11 @@ class Trainer:
             epoch_t0 = time.perf_counter()
             skip = self.state.step_in_epoch
             for batch in epoch_batches(self.state.epoch, skip):
+                if self.finished():
+                    # max_steps was reached and this epoch still has data. Checked once the next batch
+                    # came rather than right after the step, so that an epoch ending exactly on max_steps
+                    # closes through `else` like any other (its summary once, the next run at a new epoch).
+                    break
                 if ckpt_due:
                     # The periodic checkpoint of the previous step, taken now that the epoch goes on (see below).
                     ckpt_due = False
@@ -488,8 +494,6 @@ class Trainer:
                 # epoch's last step then holds the closed epoch (its summary metrics included), so that state
                 # is saved once, never as two checkpoints of the same step.
                 ckpt_due = self.state.step % sched.checkpoint_every == 0
-                if self.finished():
-                    break
             else:
                 # The epoch's data ran out (not a max_steps stop): close the epoch.
                 self.lr_scheduler.step()
@@ -498,18 +502,17 @@ class Trainer:
                 if tally.steps == 0 and skip == 0 and not skipped_epoch:
                     raise RuntimeError(f"epoch {self.state.epoch - 1} yielded no batches: the data source is empty")
                 if cb is not None:
-                    em = {f"epoch/{k}": v / max(tally.steps, 1) for k, v in epoch_sums.items()}
-                    dt = max(time.perf_counter() - epoch_t0, 1e-9)
-                    em.update({"epoch/images_per_s": epoch_images / dt, "epoch/steps": float(tally.steps),
-                               "epoch/lr": self.lr()})
-                    em.update({f"epoch/skipped_{r}": float(n) for r, n in skipped_epoch.items()})
-                    cb.on_epoch_end(self.state, em)
+                    cb.on_epoch_end(self.state, self._epoch_metrics(tally, epoch_images, epoch_t0))
                 if (sched.eval_every and self.state.epoch % sched.eval_every == 0 and not self.finished()):
                     self._evaluate(evaluate_fn, cb)
                 if ckpt_due and not self.finished():  # the run's last state is saved below, after the final eval
                     ckpt_due = False
                     last_ckpt = self._save(cb)
                 continue
+            # Stopped on schedule.max_steps inside the epoch: the run's last epoch is summarised as far as
+            # it went (`summary_epoch`); the epoch stays open, so a longer max_steps continues it.
+            if cb is not None:
+                cb.on_epoch_end(self.state, self._epoch_metrics(tally, epoch_images, epoch_t0))
             break
         if self.last_eval is None or self.last_eval[0] != self.state.epoch or self.state.step_in_epoch:
             self._evaluate(evaluate_fn, cb)
@@ -517,11 +520,25 @@ class Trainer:
             self._save(cb)
         return self.state
 
+    def _epoch_metrics(self, tally: "EpochTally", images: int, t0: float) -> dict[str, float]:
+        """The `epoch/*` summary: mean of each step metric over the epoch's steps, speed, steps, lr, skips."""
+        em = {f"epoch/{k}": v / max(tally.steps, 1) for k, v in tally.sums.items()}
+        em.update({"epoch/images_per_s": images / max(time.perf_counter() - t0, 1e-9),
+                   "epoch/steps": float(tally.steps), "epoch/lr": self.lr()})
+        em.update({f"epoch/skipped_{r}": float(n) for r, n in tally.skipped.items()})
+        return em
+
     def _save(self, cb: Optional[Callbacks]) -> tuple[int, int]:
         """Hand the current state to `on_checkpoint`; returns the (step, epoch) it saved."""
         if cb is not None:
             cb.on_checkpoint(self.state, self.checkpoint())
         return self.state.step, self.state.epoch
+
+
+def summary_epoch(state: TrainState) -> int:
+    """The epoch an `on_epoch_end` summary is about: the one just closed (`state.epoch - 1`), or the run's
+    unfinished last one when it stopped on `schedule.max_steps` inside it (`step_in_epoch > 0`)."""
+    return state.epoch if state.step_in_epoch else state.epoch - 1
 
 
 def total_steps(cfg: ExperimentConfig, batches_per_epoch: Optional[int]) -> Optional[int]:

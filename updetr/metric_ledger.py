@@ -19,8 +19,9 @@ tracker. Instead the process that owns tracking (Ray Train rank 0, or any single
 Steps re-run after a restore are added again, and commit only when a later checkpoint covers them, by which
 time the marker has moved past the old ones: each step lands in the tracker once, with the value of the run
 that the checkpoints continue. Guarantee: exactly once across worker and driver failures, including a kill
-between logging a batch and moving the marker (step 5); the tracker's own outage handling drops calls, so
-nothing is retried blindly.
+between logging a batch and moving the marker (step 5). While the tracker cannot read the marker (server
+away, or earlier writes still kept), the commit itself is kept by the tracker (`keep_commit`) and runs,
+marker check included, when the server answers: store and forward, updetr/tracking_spool.py.
 
 Position = `(step, epoch)` of the `TrainState` after the event, ordered lexicographically: a step at
 `(s, e)`; the end of epoch e after step s at `(s, e + 1)`; a checkpoint covers every position <= its state.
@@ -120,32 +121,49 @@ class MetricLedger:
         self._entries = [dict(e) for e in state.get("entries", [])]
 
 
-def commit(state: Mapping[str, Any], tracker: CommitTarget) -> int:
-    """Log the entries of `state` (from `MetricLedger.take`) after the tracker's marker; move the marker.
-
-    Returns the number of entries logged (0 when all were committed before: idempotent, or when the tracker
-    cannot be read: those metrics are then dropped, as any call during a tracking outage is).
-    """
+def plan_commit(state: Mapping[str, Any], marker: Optional[Position]
+                ) -> Optional[tuple[Position, list[tuple[int, dict[str, float], Optional[int]]], int]]:
+    """What committing `state` after `marker` logs: (new marker, [(step, metrics, timestamp_ms)] by step,
+    number of ledger entries), or None when the marker already covers it."""
     upto = state.get("upto")
     if upto is None:
         raise ValueError("commit needs a ledger state from MetricLedger.take(upto=...)")
     upto = _pos(upto)
-    try:
-        marker = parse_marker(tracker.get_tag(TAG_COMMITTED))
-    except MarkerUnavailable:
-        return 0
     if marker is not None and upto <= marker:
-        return 0
+        return None
     fresh = [e for e in state.get("entries", []) if marker is None or _pos(e["pos"]) > marker]
     by_step: dict[int, dict[str, float]] = {}
     stamp: dict[int, Optional[int]] = {}
     for e in fresh:  # one tracker call per x-axis step; later entries win within a step
         by_step.setdefault(int(e["step"]), {}).update(e["metrics"])
         stamp.setdefault(int(e["step"]), e.get("ts"))    # ledgers written before timestamps: None (now)
-    for step in sorted(by_step):
-        tracker.log_metrics(by_step[step], step=step, timestamp_ms=stamp[step])
+    return upto, [(step, by_step[step], stamp[step]) for step in sorted(by_step)], len(fresh)
+
+
+def commit(state: Mapping[str, Any], tracker: CommitTarget) -> int:
+    """Log the entries of `state` (from `MetricLedger.take`) after the tracker's marker; move the marker.
+
+    Returns the number of entries logged (0 when all were committed before: idempotent). When the marker
+    cannot be read, a tracker with `keep_commit` keeps the whole commit for later (0 now); one without
+    it drops it.
+    """
+    if state.get("upto") is None:
+        raise ValueError("commit needs a ledger state from MetricLedger.take(upto=...)")
+    try:
+        marker = parse_marker(tracker.get_tag(TAG_COMMITTED))
+    except MarkerUnavailable:
+        keep = getattr(tracker, "keep_commit", None)
+        if keep is not None:
+            keep(state)
+        return 0
+    plan = plan_commit(state, marker)
+    if plan is None:
+        return 0
+    upto, rows, n = plan
+    for step, metrics, ts in rows:
+        tracker.log_metrics(metrics, step=step, timestamp_ms=ts)
     tracker.set_tags({TAG_COMMITTED: format_marker(upto)})
-    return len(fresh)
+    return n
 
 
 def write_ledger(folder: str | os.PathLike, state: Mapping[str, Any]) -> Path:

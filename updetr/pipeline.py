@@ -22,6 +22,7 @@ from typing import Optional, Protocol, TextIO
 
 from updetr.config import Experiment, ExperimentConfig, config_to_dict
 from updetr.tracking import NullTracker, Tracker
+from updetr.phases import mark
 
 TAG_CHAIN = "updetr.chain"
 TAG_CHAIN_STATE = "updetr.chain_state"
@@ -111,7 +112,15 @@ def open_parent(exp: Experiment, path: Path, driver: str,
 
 def run_chain(exp: Experiment, driver: StageDriver, out: TextIO = sys.stdout,
               parent_run_id: Optional[str] = None) -> ChainOutcome:
-    """Run every stage in order through `driver`, skipping stages a previous attempt finished."""
+    """Run every stage in order through `driver`, skipping stages a previous attempt finished. The chain is
+    held for the whole call (updetr/run_lock.py): a second driver of it is refused before any work."""
+    from updetr.run_lock import hold_run
+
+    with hold_run(state_path(exp, driver.name).parent, f"chain '{exp.name}'"):
+        return _run_chain(exp, driver, out, parent_run_id)
+
+
+def _run_chain(exp: Experiment, driver: StageDriver, out: TextIO, parent_run_id: Optional[str]) -> ChainOutcome:
     t0 = time.monotonic()
     path = state_path(exp, driver.name)
     state = _read_state(path)
@@ -136,10 +145,12 @@ def run_chain(exp: Experiment, driver: StageDriver, out: TextIO = sys.stdout,
             else:
                 print(f"[{exp.name}] stage {i + 1}/{len(exp.stages)} {stage.name}: {stage.action} {cfg.task}"
                       + (f" from {cfg.init.checkpoint}" if cfg.init.checkpoint else ""), file=out, flush=True)
+                mark(f"chain_stage_start:{stage.name}")
                 if stage.action == "eval":
                     result = driver.evaluate(cfg, cfg.init.checkpoint, parent.run_id)
                 else:
                     result = driver.train(cfg, parent.run_id)
+                mark(f"chain_stage_end:{stage.name}")
                 done[stage.name] = {"hash": h, "checkpoint": result.checkpoint, "metrics": result.metrics,
                                     "run_id": result.run_id}
                 _write_state(path, state)

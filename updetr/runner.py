@@ -15,9 +15,11 @@ from typing import Any, Callable, Optional, Sequence, TextIO
 import torch
 
 from updetr.data.skips import split_counts
-from updetr.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from updetr.checkpoint import CheckpointError, load_checkpoint
 from updetr.config import RUN_LENGTH_FIELDS, ExperimentConfig, identity_diff
-from updetr.engine import TrainState, Trainer, dist_rank_world, evaluate, format_eta, seed_process, total_steps
+from updetr.metric_ledger import MetricLedger, commit
+from updetr.engine import (TrainState, Trainer, dist_rank_world, evaluate, format_eta, seed_process, summary_epoch,
+                           total_steps)
 from updetr.tasks import InitReport, Task
 
 # Sections that change the network's shape or the pretext; resuming across a change is refused.
@@ -39,14 +41,16 @@ def format_progress(name: str, state: TrainState, metrics: dict[str, float], tot
 
 
 def format_epoch_line(name: str, epoch: int, metrics: dict[str, float], steps_label: str, images_per_s: float,
-                      speed_label: str) -> str:
-    """The end-of-epoch summary: steps, mean loss, speed, and bad items skipped / converted by reason."""
+                      speed_label: str, partial: bool = False) -> str:
+    """The end-of-epoch summary: steps, mean loss, speed, and bad items skipped / converted by reason
+    (`partial`: the run stopped on schedule.max_steps inside this epoch)."""
     from updetr.data.skips import split_counts
 
     events = {k.removeprefix("epoch/skipped_"): v for k, v in metrics.items()
               if k.startswith("epoch/skipped_") and k not in ("epoch/skipped_total", "epoch/converted_total")}
     dropped, kept = split_counts(events)
-    line = (f"[{name}] epoch {epoch} done: {int(metrics.get('epoch/steps', 0))} {steps_label}, "
+    end = "stopped at schedule.max_steps" if partial else "done"
+    line = (f"[{name}] epoch {epoch} {end}: {int(metrics.get('epoch/steps', 0))} {steps_label}, "
             f"mean loss {metrics.get('epoch/loss', float('nan')):.3f}, {images_per_s:.1f} {speed_label}")
     if dropped:
         line += f", skipped {sum(dropped.values())} bad (" + ", ".join(f"{n} {r}" for r, n in sorted(dropped.items())) + ")"
@@ -170,12 +174,14 @@ class Progress(Callback):
         self._print(format_progress(self.name, state, metrics, self.total, eta))
 
     def on_epoch_end(self, state, metrics):
+        epoch, partial = summary_epoch(state), state.step_in_epoch > 0
         if self.world_size > 1:
-            line = format_epoch_line(self.name, state.epoch - 1, metrics, "steps/worker",
-                                     metrics.get("epoch/images_per_s_all_workers", 0.0), "img/s (all workers)")
+            line = format_epoch_line(self.name, epoch, metrics, "steps/worker",
+                                     metrics.get("epoch/images_per_s_all_workers", 0.0), "img/s (all workers)",
+                                     partial)
         else:
-            line = format_epoch_line(self.name, state.epoch - 1, metrics, "steps",
-                                     metrics["epoch/images_per_s"], "img/s")
+            line = format_epoch_line(self.name, epoch, metrics, "steps", metrics["epoch/images_per_s"], "img/s",
+                                     partial)
         self._print(line)
 
     def on_eval(self, state, metrics):
@@ -202,7 +208,7 @@ class Tracking(Callback):
 
     def on_epoch_end(self, state, metrics):
         if self.rank == 0:
-            self.log(state, metrics, state.epoch - 1)
+            self.log(state, metrics, summary_epoch(state))
 
     def on_eval(self, state, metrics):
         if self.rank != 0:
@@ -223,15 +229,40 @@ class Tracking(Callback):
                                    "updetr.last_checkpoint_step": state.step})
 
 
-class LocalCheckpoint(Callback):
-    """Atomic `last.pt` (rank 0) every `schedule.checkpoint_every` steps and at the end."""
+class LedgerTracking(Tracking):
+    """`Tracking` whose metrics wait in a `MetricLedger` until a checkpoint covers them (exactly-once,
+    updetr/metric_ledger.py); tags go to the tracker at once."""
 
-    def __init__(self, path: Path, rank: int = 0) -> None:
-        self.path, self.rank = Path(path), rank
+    def __init__(self, tracker, ledger: MetricLedger, rank: int = 0, checkpoint_location=None) -> None:
+        super().__init__(tracker, rank, checkpoint_location)
+        self.ledger = ledger
+
+    def log(self, state: TrainState, metrics: dict, step: int) -> None:
+        self.ledger.add((state.step, state.epoch), metrics, step=step)
+
+
+class LocalCheckpoint(Callback):
+    """Rank 0: the newest `keep` checkpoints in `folder` (checkpoint_files.save: checksums, `last.pt`), every
+    `schedule.checkpoint_every` steps and at the end. With a ledger, each checkpoint carries the metrics it
+    covers (`metric_ledger`), committed to `tracker` once the file is durable: a run resumed from an older
+    checkpoint re-runs steps whose metrics are already committed, and they are not logged twice."""
+
+    def __init__(self, folder: Path, keep: int = 2, rank: int = 0, ledger: Optional[MetricLedger] = None,
+                 tracker=None) -> None:
+        self.folder, self.keep, self.rank, self.ledger, self.tracker = Path(folder), keep, rank, ledger, tracker
 
     def on_checkpoint(self, state, ckpt):
         if self.rank == 0:
-            save_checkpoint(ckpt, self.path)
+            self.save(state, ckpt)
+
+    def save(self, state: TrainState, ckpt: dict) -> Path:
+        from updetr import checkpoint_files
+
+        part = self.ledger.take(upto=(state.step, state.epoch)) if self.ledger is not None else None
+        path = checkpoint_files.save({**ckpt, "metric_ledger": part} if part else ckpt, self.folder, self.keep)
+        if part and self.tracker is not None:
+            commit(part, self.tracker)
+        return path
 
 
 class WrappedBatches:

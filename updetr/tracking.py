@@ -6,15 +6,20 @@ resolved config as params, the YAML as an artifact, the git SHA and the software
 of the Ray Train workers re-attaches by run id (`MlflowTracker.attach`) and logs the metrics; the other
 ranks get a `NullTracker`.
 
-Tracking must never stop training: after the run is open, every MLflow call goes through a guard that
-drops the call on error, warns once per outage (and once when tracking is back) and retries only
-after `retry_interval_s`, so an unreachable server costs one failed request per interval.
+Tracking must never stop training, and must not lose what it was given: after the run is open, every
+write (metrics, params, tags, texts, artifacts, the final status) that cannot be delivered is kept in
+`pending`, in order, and delivered first when the server answers again (store and forward; on disk in
+the run's folder when the tracker has a spool, see updetr/tracking_spool.py). The tracker warns once
+per outage (and once when tracking is back) and tries again only after `retry_interval_s`, so an
+unreachable server costs one failed request per interval. Reads (the committed marker) cannot wait:
+they fail fast while the server is away. Delivering a kept write again is harmless: metric rows keep
+their recording time (MLflow stores an identical row once), tags and the status are set in order,
+and a param is re-sent with the same value.
 Opening the run, in contrast, is strict: `TrackingError` (one line) before any work starts.
 """
 from __future__ import annotations
 
 import os
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +27,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from updetr.provenance import environment_info, git_info  # noqa: F401 - re-exported for callers
+from updetr.tracking_client import CredentialsError, prepare_client_env
+from updetr.tracking_spool import StoreAndForward, one_line as _one_line, warn as _warn
 
 TAG_RUN_NAME = "updetr.run_name"
 TAG_STORAGE = "updetr.storage"
@@ -30,10 +37,6 @@ TAG_LAST_CHECKPOINT = "updetr.last_checkpoint"
 TAG_ATTEMPT = "updetr.attempt"
 DEFAULT_DB = "mlflow.db"
 
-# MLflow's HTTP client retries 7 times with a 2 s exponential backoff and a 120 s timeout by default:
-# minutes per call when a server is gone. Trackers use short limits unless the user set them.
-_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-             "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
 
 
 _DROPPED = object()  # what a guarded call returns when it failed or was skipped
@@ -43,13 +46,6 @@ class TrackingError(RuntimeError):
     """Tracking cannot start (server down, store not writable, bad URI); the message is one line."""
 
 
-def _warn(msg: str) -> None:
-    print(f"updetr: warning: {msg}", file=sys.stderr, flush=True)
-
-
-def _one_line(err: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------------------------- URIs
@@ -183,23 +179,16 @@ class Tracker:
 NullTracker = Tracker
 
 
-class MlflowTracker(Tracker):
+class MlflowTracker(StoreAndForward, Tracker):
     """One MLflow run, by id; every call after opening is guarded (see the module docstring)."""
 
-    def __init__(self, uri: str, run_id: str, *, retry_interval_s: float = 30.0,
+    def __init__(self, uri: str, run_id: str, *, retry_interval_s: Optional[float] = None,
                  experiment_name: Optional[str] = None, resumed: bool = False):
-        for key, value in _HTTP_ENV.items():
-            os.environ.setdefault(key, value)
+        _prepare_client_env()
         from mlflow.tracking import MlflowClient
 
-        self.uri, self.run_id, self.resumed = uri, run_id, resumed
-        self.experiment_name = experiment_name
-        self.client = MlflowClient(tracking_uri=uri)
-        self.retry_interval_s = retry_interval_s
-        self.errors = 0          # failed calls, all outages together
-        self.dropped = 0         # calls dropped (failed or skipped while down)
-        self._down_since: Optional[float] = None
-        self._retry_at = 0.0
+        StoreAndForward.__init__(self, MlflowClient(tracking_uri=uri), uri, run_id, retry_interval_s)
+        self.resumed, self.experiment_name = resumed, experiment_name
         self._logged_params: Optional[dict[str, str]] = None
 
     # -- construction
@@ -212,23 +201,23 @@ class MlflowTracker(Tracker):
     def open(cls, uri: str, experiment: str, run_name: str, identity: Mapping[str, str],
              tags: Optional[Mapping[str, str]] = None, check: bool = True) -> "MlflowTracker":
         """Find the run whose tags match `identity` (and re-open it) or create one. Strict: TrackingError."""
-        for key, value in _HTTP_ENV.items():
-            os.environ.setdefault(key, value)
+        _prepare_client_env()
         if check:
             check_tracking_uri(uri)
         _quiet_mlflow_logs()
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=uri)
         try:
-            exp = client.get_experiment_by_name(experiment)
-            if exp is None:
-                exp_id = client.create_experiment(experiment, artifact_location=local_artifact_root(uri))
-            elif exp.lifecycle_stage == "deleted":
-                raise TrackingError(f"MLflow experiment '{experiment}' is deleted in {uri}; restore it "
-                                    f"or set tracking.experiment")
-            else:
-                exp_id = exp.experiment_id
+            with _first_use_lock(uri):
+                client = MlflowClient(tracking_uri=uri)  # creates / migrates an embedded store's schema
+                exp = client.get_experiment_by_name(experiment)
+                if exp is None:
+                    exp_id = client.create_experiment(experiment, artifact_location=local_artifact_root(uri))
+                elif exp.lifecycle_stage == "deleted":
+                    raise TrackingError(f"MLflow experiment '{experiment}' is deleted in {uri}; restore it "
+                                        f"or set tracking.experiment")
+                else:
+                    exp_id = exp.experiment_id
             query = " and ".join(f"tags.`{k}` = '{_quote(v)}'" for k, v in identity.items())
             found = client.search_runs([exp_id], filter_string=query, max_results=1,
                                        order_by=["attributes.start_time DESC"])
@@ -250,28 +239,19 @@ class MlflowTracker(Tracker):
             raise TrackingError(f"MLflow tracking at {uri} failed while opening the run: {_one_line(e)}") from None
         return tracker
 
-    # -- guard
+    # -- guard (writes: StoreAndForward, updetr/tracking_spool.py)
     def _call(self, what: str, fn, *args: Any, **kwargs: Any) -> Any:
-        now = time.monotonic()
-        if self._down_since is not None and now < self._retry_at:
+        """A read: its result, or _DROPPED when the server is away (nothing to keep for later)."""
+        if not self._may_try():
             self.dropped += 1
             return _DROPPED
         try:
             result = fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - tracking never stops training
-            self.errors += 1
             self.dropped += 1
-            if self._down_since is None:
-                self._down_since = now
-                _warn(f"MLflow tracking at {self.uri} failed ({what}: {_one_line(e, 200)}); training "
-                      f"continues and tracking calls are dropped until it answers again "
-                      f"(retry every {self.retry_interval_s:.0f} s)")
-            self._retry_at = time.monotonic() + self.retry_interval_s
+            self._failed(what, e)
             return _DROPPED
-        if self._down_since is not None:
-            _warn(f"MLflow tracking at {self.uri} is back after {now - self._down_since:.0f} s; "
-                  f"{self.dropped} tracking calls were dropped so far")
-            self._down_since = None
+        self._answered()
         return result
 
     @property
@@ -280,8 +260,6 @@ class MlflowTracker(Tracker):
 
     # -- interface
     def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
         if self._logged_params is None:
             run = self._call("get_run", self.client.get_run, self.run_id)
             self._logged_params = dict(run.data.params) if run is not _DROPPED else {}
@@ -296,56 +274,80 @@ class MlflowTracker(Tracker):
         items = list(new.items())
         for i in range(0, len(items), 100):
             chunk = items[i:i + 100]
-            if self._call("log_params", self.client.log_batch, self.run_id,
-                          params=[Param(k, v) for k, v in chunk]) is not _DROPPED:
-                self._logged_params.update(chunk)
+            self._write({"op": "batch", "params": [[k, v] for k, v in chunk]})
+            self._logged_params.update(chunk)  # delivered or kept: either way it will be there once
         if changed:
             _warn(f"resumed run {self.run_id}: {len(changed)} param(s) differ from the first attempt "
                   f"({', '.join(sorted(changed)[:5])}); kept as tags updetr.param_override.*")
             self.set_tags({f"updetr.param_override.{k}": v for k, v in changed.items()})
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int, timestamp_ms: Optional[int] = None) -> None:
-        from mlflow.entities import Metric
-
         ts = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
         items = []
         for key, value in metrics.items():
             try:
-                items.append(Metric(key, float(value), ts, int(step)))
+                items.append([str(key), float(value), ts, int(step)])
             except (TypeError, ValueError):
                 continue
         for i in range(0, len(items), 1000):
-            self._call("log_metrics", self.client.log_batch, self.run_id, metrics=items[i:i + 1000])
+            self._write({"op": "batch", "metrics": items[i:i + 1000]})
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
-        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        items = [[str(k), str(v)] for k, v in tags.items()]
         for i in range(0, len(items), 100):
-            self._call("set_tags", self.client.log_batch, self.run_id, tags=items[i:i + 100])
+            self._write({"op": "batch", "tags": items[i:i + 100]})
 
     def get_tag(self, key: str) -> Optional[str]:
         """Read from the server; raises MarkerUnavailable when it cannot be read (see metric_ledger)."""
         from updetr.metric_ledger import MarkerUnavailable
 
+        if self.pending:
+            self.flush()
+        if self.pending:  # the marker on the server is older than the writes kept here
+            raise MarkerUnavailable(f"MLflow run {self.run_id} has {len(self.pending)} writes not delivered yet")
         run = self._call("get_run", self.client.get_run, self.run_id)
         if run is _DROPPED:
             raise MarkerUnavailable(f"MLflow run {self.run_id} cannot be read at {self.uri}")
         return run.data.tags.get(key)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self._call("log_text", self.client.log_text, self.run_id, text, artifact_file)
+        self._write({"op": "text", "text": text, "file": artifact_file})
 
     def log_artifact(self, local_path: str | Path, artifact_path: Optional[str] = None) -> None:
-        self._call("log_artifact", self.client.log_artifact, self.run_id, str(local_path), artifact_path)
+        self._write({"op": "artifact", "path": str(Path(local_path).resolve()), "artifact_path": artifact_path})
 
     def end(self, status: str = "FINISHED") -> None:
-        self._call("set_terminated", self.client.set_terminated, self.run_id, status)
-        if self.errors:
-            _warn(f"MLflow tracking: {self.errors} failed call(s), {self.dropped} dropped in this process")
+        self._write({"op": "terminate", "status": status})
+        self.flush(force=True)  # one last try before giving up on this process
+        if self.pending:
+            from updetr.tracking_spool import pending_notice
+
+            _warn(pending_notice(self))
+        elif self.errors:
+            _warn(f"MLflow tracking: {self.errors} failed call(s) in this process; every write was delivered")
 
     def describe(self) -> str:
         return f"MLflow run {self.run_id} (experiment '{self.experiment_name}') at {self.uri}"
+
+
+def _first_use_lock(uri: str):
+    """A file lock beside an embedded SQLite store for its first use: MLflow creates and migrates the schema
+    when a client first opens the file, and two processes doing that at once race inside alembic (`Online
+    migration expected to match one row`); creating the same experiment twice races the same way."""
+    if not uri.startswith("sqlite:///"):
+        import contextlib
+
+        return contextlib.nullcontext()
+    from updetr.run_lock import file_lock
+
+    return file_lock(uri[len("sqlite:///"):] + ".lock")
+
+
+def _prepare_client_env() -> None:
+    try:
+        prepare_client_env()
+    except CredentialsError as e:
+        raise TrackingError(str(e)) from None
 
 
 def _quote(value: str) -> str:
@@ -377,6 +379,9 @@ def start_tracking(enabled: bool, uri: str, experiment: str, run_name: str, stor
             **{f"updetr.env.{k}": v for k, v in env.items()}, **(extra_tags or {})}
     tracker = MlflowTracker.open(uri, experiment, run_name, identity={TAG_RUN_NAME: run_name, TAG_STORAGE: storage},
                                  tags=tags, check=False)
+    from updetr.tracking_sync import attach_local_spool
+
+    attach_local_spool(tracker, storage, "driver")  # writes an outage keeps go to the run folder
     if tracker.resumed:
         tracker.set_tags({k: v for k, v in tags.items() if not k.startswith("mlflow.")})
     tracker.log_params(flatten_params(config))

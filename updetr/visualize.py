@@ -107,7 +107,9 @@ def pretrain_config(ckpt: dict, path: Path, config_path: Optional[str | Path] = 
 def _with_weights(cfg: ExperimentConfig, state: dict) -> ExperimentConfig:
     """Config for the eval model: pre-training task, heads as in the weights, no backbone file to read (the
     checkpoint holds the backbone)."""
-    if cfg.task != "pretrain":
+    from updetr.tasks import task_class
+
+    if not task_class(cfg.task).visualize:
         raise VisualizeError(f"the config is for task '{cfg.task}'; visualize needs a pre-training config")
     num_classes = int(state["class_embed.weight"].shape[0]) - 1 if "class_embed.weight" in state else None
     return cfg.model_copy(update={

@@ -84,3 +84,19 @@ def test_ctrl_c_during_debug_keeps_a_checkpoint_at_the_last_finished_step(tmp_pa
     ckpt = load_checkpoint(tmp_path / "smoke" / "checkpoints" / "last.pt")
     assert ckpt["step"] == steps[-1] >= 3  # no periodic checkpoint was due: this one was written on Ctrl-C
     assert f"checkpoint at step {ckpt['step']} " in lines[0]
+
+
+def test_debug_ending_on_max_steps_logs_its_last_epoch_summary_once(tmp_path):
+    """`schedule.max_steps=16` is exactly 2 epochs of 8 steps: both epochs' lines and `epoch/*` metrics
+    (MLflow steps 0 and 1), each once."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    r = updetr("debug", SMOKE, f"runtime.output_dir={tmp_path}", "schedule.max_steps=16", f"tracking.uri={uri}",
+               cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert [r.stdout.count(f"epoch {e} done: 8 steps") for e in (0, 1)] == [1, 1], r.stdout
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "epoch/loss")) == [0, 1]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "epoch/steps")] == [8.0, 8.0]

@@ -154,3 +154,41 @@ def test_epoch_summary_after_a_mid_epoch_resume_covers_the_whole_epoch():
     assert got["epoch/steps"] == want["epoch/steps"] == 3
     assert got["epoch/skipped_corrupt"] == want["epoch/skipped_corrupt"] == 1  # its batch 0 ran before the restart
     assert got["epoch/loss"] == pytest.approx(want["epoch/loss"], rel=1e-5)
+
+
+def test_run_ending_on_max_steps_at_an_epoch_end_closes_that_epoch_once():
+    """max_steps = 2 epochs of 3 batches: both epochs are summarised, the run ends at a new epoch (so a
+    longer max_steps starts epoch 2 rather than summarising epoch 1 again)."""
+    cfg = tiny_cfg("schedule.epochs=5", "schedule.max_steps=6", "schedule.checkpoint_every=100")
+    rec = Recorder()
+    state = Trainer(cfg, torch.device("cpu")).fit(make_batches(cfg, 3), rec)
+    assert (state.step, state.epoch, state.step_in_epoch) == (6, 2, 0)
+    assert [(e, m["epoch/steps"]) for e, m in rec.epochs] == [(1, 3.0), (2, 3.0)]
+    assert rec.ckpts[-1]["step"] == 6 and len(rec.ckpts) == 1
+
+
+def test_run_stopped_mid_epoch_summarises_its_partial_last_epoch_once_across_a_resume():
+    """max_steps=5 with 3 batches per epoch: epoch 1 ends after 2 of its batches and is summarised as such.
+    Interrupted at step 4 (inside that epoch) and resumed, the run gives the same single summary."""
+    from updetr.engine import summary_epoch
+
+    args = ["schedule.epochs=5", "schedule.max_steps=5", "schedule.checkpoint_every=100", "optim.lr=1e-3"]
+    cfg = tiny_cfg(*args)
+    straight = Recorder()
+    state = Trainer(cfg, torch.device("cpu")).fit(make_batches(cfg, 3), straight)
+    assert (state.step, state.epoch, state.step_in_epoch) == (5, 1, 2)
+    assert [(e, m["epoch/steps"]) for e, m in straight.epochs] == [(1, 3.0), (1, 2.0)]
+    assert [summary_epoch(TrainState(5, e, 0 if i == 0 else 2)) for i, (e, _) in enumerate(straight.epochs)] == [0, 1]
+    first = Recorder()
+    Trainer(tiny_cfg(*args[:1], "schedule.max_steps=4", *args[2:]), torch.device("cpu")).fit(
+        make_batches(cfg, 3), first)
+    # the interrupted part's own summaries (a max_steps=4 stop) are not what is compared: the resumed run
+    # continues from its checkpoint and summarises epoch 1 once, covering all of it
+    resumed = Trainer(cfg, torch.device("cpu"))
+    resumed.load_checkpoint(first.ckpts[-1])
+    rec = Recorder()
+    resumed.fit(make_batches(cfg, 3), rec)
+    assert len(rec.epochs) == 1
+    (_, got), (_, want) = rec.epochs[0], straight.epochs[1]
+    assert got["epoch/steps"] == want["epoch/steps"] == 2
+    assert got["epoch/loss"] == pytest.approx(want["epoch/loss"], rel=1e-5)

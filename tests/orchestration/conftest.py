@@ -86,7 +86,7 @@ class MlflowServer:
              "--artifacts-destination", str(self.root / "artifacts")],
             cwd=self.root, env=cli_env(), start_new_session=True,
             stdout=open(self.root / "server.log", "a"), stderr=subprocess.STDOUT)
-        if not wait_for_server(self.uri, timeout_s=90, proc=self.proc):
+        if not wait_for_server(self.uri, timeout_s=240, proc=self.proc):  # a busy host starts it slowly
             self.stop()
             raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
         return self

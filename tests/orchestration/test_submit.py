@@ -7,6 +7,9 @@ import time
 
 import pytest
 
+import ray
+
+from updetr.orchestration.job_tags import TAG_ADDRESS, TAG_JOB_ID, TAG_NODES, TAG_VERSION
 from updetr.orchestration.local_cluster import cluster_processes, load
 from updetr.tracking import TAG_STORAGE
 
@@ -42,6 +45,7 @@ def test_submit_to_local_two_node_cluster(mlflow_server, tmp_path):
         assert f"submitted job {job_id}" in r.stdout
         assert "finished at step 8" in r.stdout  # the job's own logs, streamed back
         assert f"job {job_id}: SUCCEEDED" in r.stdout
+        r_follow = r.stdout + r.stderr
 
         r = updetr("jobs", "status", job_id, "--address", url, cwd=tmp_path)
         assert r.returncode == 0 and f"{job_id}: SUCCEEDED" in r.stdout
@@ -57,6 +61,19 @@ def test_submit_to_local_two_node_cluster(mlflow_server, tmp_path):
         runs = [x for x in mlflow_server.runs("smoke") if x.data.tags.get(TAG_STORAGE, "").startswith(str(tmp_path))]
         assert len(runs) == 1 and runs[0].info.status == "FINISHED"
         assert runs[0].data.params["ray.placement_strategy"] == "STRICT_SPREAD"
+        # the run names the job and the cluster it came from; status and compare find it by the job
+        tags = runs[0].data.tags
+        assert tags[TAG_JOB_ID] == job_id and tags[TAG_NODES] == "2" and tags[TAG_VERSION] == ray.__version__
+        assert tags[TAG_ADDRESS].endswith(f":{cluster.gcs_port}") and "@" not in tags[TAG_ADDRESS]
+        r = updetr("jobs", "status", job_id, "--address", url, cwd=tmp_path)
+        assert r.returncode == 0 and f"mlflow: run {runs[0].info.run_id} (" in r.stdout, r.stdout + r.stderr
+        r = updetr("compare", "--tag", f"{TAG_JOB_ID}={job_id}", "--metric", "loss", "--no-plots",
+                   "--tracking-uri", mlflow_server.uri,
+                   cwd=tmp_path)
+        assert r.returncode == 0 and runs[0].info.run_name in r.stdout, r.stdout + r.stderr
+        # following the job showed the run's lines, not Ray's packaging / runtime-env set-up or MLflow's links
+        assert "Uploading package" not in r_follow and "Runtime env is setting up" not in r_follow
+        assert "View run" not in r_follow and "worker processes have been started" not in r_follow
 
         # a sweep: validated here, shipped with the experiment file it names (a relative path), run as
         # `updetr sweep` on the cluster, tracked as the sweep's parent run with a child per trial

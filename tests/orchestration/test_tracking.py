@@ -66,8 +66,9 @@ def test_open_reattach_params_artifacts(mlflow_server):
     assert len(mlflow_server.runs("t-open")) == 2
 
 
-def test_outage_warns_once_drops_and_recovers(mlflow_server, capsys):
-    """Guard logic: a tracker whose server is gone never raises, warns once, and recovers when it answers."""
+def test_outage_warns_once_keeps_and_delivers_in_order(mlflow_server, capsys):
+    """Guard logic: a tracker whose server is gone never raises, warns once, keeps every write, and
+    delivers them in order (each metric row once) when the server answers again."""
     from mlflow.tracking import MlflowClient
 
     live = T.start_tracking(True, mlflow_server.uri, "t-outage", "r", "/s/r", {"a": 1}, "a: 1\n")
@@ -77,13 +78,16 @@ def test_outage_warns_once_drops_and_recovers(mlflow_server, capsys):
     for step in range(20):
         t.log_metrics({"loss": float(step)}, step=step)  # never raises
     t.set_tags({"x": "y"})
+    t.set_tags({"x": "z"})
     assert time.monotonic() - t0 < 30
-    assert t.errors >= 1 and t.dropped == 21 and not t.healthy
+    assert t.errors >= 1 and len(t.pending) == 22 and not t.healthy
     assert capsys.readouterr().err.count("training continues") == 1
-    # the server answers again (same run id): logging resumes and that is said once
+    # the server answers again (same run id): the kept writes go first, then the new one
     t.client, t.uri = MlflowClient(tracking_uri=mlflow_server.uri), mlflow_server.uri
     time.sleep(0.6)
     t.log_metrics({"loss": 99.0}, step=99)
-    assert t.healthy and "is back" in capsys.readouterr().err
+    assert t.healthy and not t.pending and "is back" in capsys.readouterr().err
+    t.flush(force=True)
     hist = mlflow_server.client().get_metric_history(t.run_id, "loss")
-    assert [m.step for m in hist] == [99]
+    assert sorted(m.step for m in hist) == [*range(20), 99]
+    assert mlflow_server.client().get_run(t.run_id).data.tags["x"] == "z"  # the later value wins

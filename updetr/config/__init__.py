@@ -15,7 +15,7 @@ path and the reason (`ConfigError`).
 """
 from updetr.config.base import ConfigError
 from updetr.config.data import DataConfig, DetectionConfig
-from updetr.config.experiment import _LEGACY_STAGE, TASKS, ExperimentConfig
+from updetr.config.experiment import _LEGACY_STAGE, ExperimentConfig
 from updetr.config.identity import (IDENTITY_KEEP, OPERATIONAL_PREFIXES, RUN_LENGTH_FIELDS, identity_diff,
                                     identity_fields, resume_note)
 from updetr.config.loading import (_format_validation, _read_yaml, config_from_dict, config_to_dict, config_to_yaml,
@@ -37,7 +37,7 @@ __all__ = [
     "ConfigError", "DataConfig", "DetectionConfig", "Experiment", "ExperimentConfig", "IDENTITY_KEEP", "InitConfig",
     "LossConfig", "ModelConfig", "ONESHOT_UNSEEN", "OPERATIONAL_PREFIXES", "OneShotConfig", "OptimConfig",
     "PRETRAIN_SCALES", "PanopticConfig", "PretextConfig", "RUN_LENGTH_FIELDS", "RayConfig", "RuntimeConfig",
-    "STAGE_ACTIONS", "ScheduleConfig", "Stage", "TASKS", "TrackingConfig", "VOC_CLASSES", "config_from_dict",
+    "STAGE_ACTIONS", "ScheduleConfig", "Stage", "TrackingConfig", "VOC_CLASSES", "config_from_dict",
     "config_to_dict", "config_to_yaml", "flatten", "identity_diff", "identity_fields", "load_config",
     "load_experiment", "parse_overrides", "resolve_dict", "resume_note",
 ]

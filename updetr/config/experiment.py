@@ -1,9 +1,9 @@
 """The root config: one experiment = a task plus every section it needs."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from updetr.config.base import _Strict
 from updetr.config.data import DataConfig, DetectionConfig
@@ -20,7 +20,6 @@ from updetr.config.tracking import TrackingConfig
 from updetr.config.weights import InitConfig
 
 
-TASKS = ("pretrain", "detect", "oneshot", "panoptic")
 # The field was called `stage` before tasks existed; old YAMLs and overrides keep working.
 _LEGACY_STAGE = {"pretrain": "pretrain", "finetune": "detect"}
 
@@ -29,7 +28,7 @@ class ExperimentConfig(_Strict):
     """One experiment: a task plus every setting it needs."""
 
     name: str = Field("experiment", min_length=1, description="Experiment name (run names derive from it).")
-    task: Literal["pretrain", "detect", "oneshot", "panoptic"] = Field(
+    task: str = Field(
         "pretrain", description="What is trained (updetr.tasks): pretrain = random query patch detection, "
                                 "detect = DETR detection fine-tuning / evaluation, oneshot = one-shot "
                                 "detection on VOC (paper Table 3), panoptic = DETR's mask head on a frozen "
@@ -79,58 +78,50 @@ class ExperimentConfig(_Strict):
             raise ValueError("data.fraction / data.subset_size: a subset of a labelled TRAIN split is for "
                              "fine-tuning (detect / oneshot / panoptic); in a chain, set it on that stage "
                              "(stages.finetune.data.fraction=...)")
-        if self.task == "pretrain":
-            n, m = self.model.num_queries, self.pretext.num_patches
-            if n % m:
-                raise ValueError(f"model.num_queries ({n}) must be divisible by pretext.num_patches ({m})")
-            if self.model.num_classes is not None and self.model.num_classes < 2:
-                # Index num_classes is no-object: with 1 class, the patch label 1 would be no-object.
-                raise ValueError(f"model.num_classes ({self.model.num_classes}) must be >= 2 for pre-training "
-                                 "(label 1 = patch; index num_classes is no-object)")
-            if self.data.source in ("coco", "voc", "synthetic_coco", "synthetic_voc", "coco_panoptic",
-                                    "synthetic_panoptic"):
-                raise ValueError(f"data.source '{self.data.source}' is a detection dataset; pre-training "
-                                 "reads synthetic | folder | shards")
-        elif self.task == "oneshot":
-            self._check_oneshot()
-        elif self.data.source == "synthetic_voc":
-            raise ValueError("data.source 'synthetic_voc' is read by task oneshot; detect reads coco | voc | "
-                             "synthetic_coco")
-        elif self.data.source in ("synthetic", "folder", "shards"):
-            raise ValueError(f"data.source '{self.data.source}' has no labels; detection reads coco | voc | "
-                             "synthetic_coco")
-        if self.task == "panoptic" and self.data.source not in ("coco_panoptic", "synthetic_panoptic"):
-            raise ValueError(f"data.source '{self.data.source}' has no segment maps; the panoptic task reads "
-                             "coco_panoptic | synthetic_panoptic")
+        _task_class(self.task).check_config(self)   # the task's own rules (sources, heads, losses)
         if self.data.source in ("folder", "shards", "coco", "voc", "coco_panoptic") and not self.data.path:
             raise ValueError(f"data.path is required for data.source '{self.data.source}'")
         return self
 
-    def _check_oneshot(self) -> None:
-        if self.data.source not in ("voc", "synthetic_voc"):
-            raise ValueError(f"data.source '{self.data.source}': one-shot detection reads voc | synthetic_voc")
-        if self.model.num_classes not in (None, 2):
-            raise ValueError(f"model.num_classes ({self.model.num_classes}) must be 2 (or unset) for oneshot: "
-                             "label 1 = instance of the query's class, as pre-training's label 1 = patch")
-        if self.loss.feature != 0:
-            raise ValueError(f"loss.feature ({self.loss.feature}) must be 0 for oneshot: feature reconstruction "
-                             "is a pre-training loss (feature_align is kept in the model, not trained)")
-
     @model_validator(mode="before")
     @classmethod
-    def _oneshot_defaults(cls, data: Any) -> Any:
-        # One-shot keeps feature_align's weights but has no feature loss: its weight defaults to 0 there.
-        if isinstance(data, dict) and data.get("task") == "oneshot":
-            loss = data.get("loss") if isinstance(data.get("loss"), dict) else {}
-            if "feature" not in loss and not isinstance(data.get("loss"), (str, int, float, list)):
-                data = {**data, "loss": {**loss, "feature": 0.0}}
+    def _task_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("task"), str) and data["task"] in _task_names():
+            data = _task_class(data["task"]).config_defaults(data)
         return data
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        names = _task_names()
+        if v not in names:
+            quoted = [f"'{n}'" for n in names]
+            raise ValueError(f"Input should be {', '.join(quoted[:-1])} or {quoted[-1]}")
+        return v
 
     @property
     def num_classes(self) -> int:
-        """Classes the head predicts (excluding no-object): 2 for pre-training unless overridden."""
+        """Classes the head predicts (excluding no-object): the task's default (2 for pre-training and
+        one-shot) unless model.num_classes is set."""
         if self.model.num_classes is not None:
             return self.model.num_classes
-        if self.task in ("pretrain", "oneshot"):
-            return 2
+        n = _task_class(self.task).default_num_classes
+        if n is not None:
+            return n
         raise ValueError("model.num_classes must be set for fine-tuning (max category id + 1)")
+
+
+# The one import that points up: the task a config names validates that config (its sources, its rules).
+# Deferred to validation time; tasks/ imports nothing of config/, so no import circle forms.
+def _tasks():
+    from updetr import tasks
+
+    return tasks
+
+
+def _task_class(name: str):
+    return _tasks().task_class(name)
+
+
+def _task_names() -> tuple[str, ...]:
+    return _tasks().task_names()

@@ -26,6 +26,10 @@ class RayConfig(_Strict):
     stall_warn_s: float = Field(
         120.0, ge=0, description="Say on the terminal and in MLflow (with what Ray Data reports) when a training "
                                  "worker has waited this long for a batch; 0 disables.")
+    resource_wait_s: float = Field(
+        1800.0, ge=0, description="Stop the run (checkpoints kept, one line) when its training workers have "
+                                  "waited this long for resources, e.g. after a node was lost; 0 waits for ever. "
+                                  "While it waits, a line about every 30 s says what for.")
     stall_fail_s: float = Field(
         1800.0, ge=0, description="Fail the run (checkpoints kept) when a worker has waited this long for a batch; "
                                   "0 disables. Counts per worker attempt (ray.max_failures restarts it).")

@@ -17,6 +17,9 @@ class ScheduleConfig(_Strict):
     steps_per_epoch: Optional[int] = Field(
         None, gt=0, description="Cap on steps per epoch (streaming sources); None: one pass over the data.")
     checkpoint_every: int = Field(500, gt=0, description="Write a checkpoint every K optimizer steps.")
+    keep_checkpoints: int = Field(
+        2, gt=0, description="`updetr debug` keeps this many newest checkpoints (as Ray's `num_to_keep`), so a "
+                             "damaged newest one falls back to the one before it.")
     log_every: int = Field(10, gt=0, description="Progress line / per-step metrics every K steps.")
     eval_every: int = Field(1, ge=0, description="Evaluate every K epochs and at the end (tasks with an "
                                                  "evaluation split); 0: only at the end.")

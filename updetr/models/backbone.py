@@ -17,6 +17,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from updetr.models import mask_prefetch
 from updetr.models.position_encoding import build_position_encoding
 from updetr.util.nested_tensor import NestedTensor, to_nested_tensor
+from updetr.util.safe_load import safe_torch_load
 
 log = logging.getLogger(__name__)
 
@@ -191,12 +192,8 @@ class WeightLoadReport:
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickled non-tensor objects (e.g. argparse.Namespace in training checkpoints)
-        log.warning("weights_only load of %s failed (%s); retrying with weights_only=False (trusted local file)",
-                    path, type(e).__name__)
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+    # Data only (no pickle code runs); refusals raise UnsafeWeightsError naming the field, file and global.
+    obj = safe_torch_load(path, map_location="cpu", what="model.backbone_weights")
     # Unwrap the usual containers: {'state_dict': ...} (SwAV / Lightning) or {'model': ...} (DETR-style).
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):

@@ -29,6 +29,9 @@ def _experiment_args(p: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------------------------ run
 def cmd_run(args: argparse.Namespace) -> int:
+    from updetr.phases import mark
+
+    mark("cli_ready")
     from updetr.command_line import user_errors
     from updetr.config import load_experiment
     from updetr.orchestration.launch import RunInterrupted, run, summary
@@ -54,7 +57,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except LaunchError as e:
         text = str(e)
         _shutdown_ray()
-        return _fail(text, 1 if text.startswith(("training failed", "evaluation failed")) else 2)
+        return _fail(text, 1 if text.startswith(("training failed", "training stopped", "evaluation failed")) else 2)
     except user_errors() as e:
         _shutdown_ray()
         return _fail(str(e))
@@ -67,12 +70,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _shutdown_ray() -> None:
+    from updetr.phases import mark
+
+    mark("shutdown_start")
     try:
         import ray
 
         ray.shutdown()
     except Exception:  # noqa: BLE001 - cosmetic only
         pass
+    mark("shutdown_end")
 
 
 # --------------------------------------------------------------------------------------- submit
@@ -117,7 +124,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
                                        job_id=args.job_id, env=env, entrypoint_num_cpus=args.entrypoint_num_cpus)
         else:
             job_id = jobs.submit(args.address, config_to_yaml(cfg), job_id=args.job_id, env=env,
-                                 entrypoint_num_cpus=args.entrypoint_num_cpus)
+                                 entrypoint_num_cpus=args.entrypoint_num_cpus,
+                                 tracking_uri=(cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"))
+                                 if cfg.tracking.enabled else None)
     except jobs.JobsError as e:
         return _fail(str(e))
     address = jobs.normalize_address(args.address)
@@ -183,7 +192,14 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             return 0
         if args.jobs_command == "status":
             info = jobs.status(args.address, args.job_id)
-            print(f"{info['job_id']}: {info['status']}" + (f" ({info['message']})" if info["message"] else ""))
+            print(f"{info['job_id']}: {info['status']}" + (f" ({info['message']})" if info["message"] else ""),
+                  flush=True)
+            from updetr.orchestration.job_tags import META_TRACKING_URI, job_runs_line
+            from updetr.tracking import resolve_tracking_uri
+
+            # where the job said it tracks (set by `updetr submit`), else --tracking-uri / this machine's default
+            uri = args.tracking_uri or info["metadata"].get(META_TRACKING_URI) or resolve_tracking_uri(None)
+            print(job_runs_line(args.job_id, uri))
             return 0
         if args.jobs_command == "logs":
             if args.follow:
@@ -203,13 +219,23 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------------------- mlflow-server
 def cmd_mlflow_server(args: argparse.Namespace) -> int:
-    from updetr.tracking_server import server_command, wait_for_server
+    from updetr.tracking_client import CREDENTIALS_ENV
+    from updetr.tracking_server import auth_setup, auth_wanted, server_command, wait_for_server
 
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"updetr: warning: binding {args.host}: MLflow's security middleware then needs "
-              f"--allowed-hosts; put it behind authentication on a shared network", file=sys.stderr)
     argv, env = server_command(args.host, args.port, args.backend_store_uri, args.artifacts_destination,
                                args.workers)
+    if auth_wanted(args.host, args.auth):
+        auth_env, creds, generated = auth_setup(argv[argv.index("--backend-store-uri") + 1])
+        env.update(auth_env)
+        argv += ["--app-name", "basic-auth"]
+        if generated:
+            print(f"MLflow basic auth: user admin, password {generated} (shown once; kept in {creds}, mode 0600)",
+                  flush=True)
+        print(f"  runs log with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, or {CREDENTIALS_ENV}={creds}, "
+              f"or that file copied to ~/.mlflow/credentials", flush=True)
+    elif args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"updetr: warning: binding {args.host} with --no-auth: anyone who reaches port {args.port} can "
+              f"read, change and delete every run", file=sys.stderr)
     argv += [a for a in (args.extra or []) if a != "--"]
     backend = argv[argv.index("--backend-store-uri") + 1]
     artifacts = argv[argv.index("--artifacts-destination") + 1]
@@ -290,6 +316,10 @@ def register(subparsers) -> None:
         q.add_argument("--address", default=None, help="Ray dashboard / Jobs API, e.g. http://HEAD:8265")
         if action == "logs":
             q.add_argument("--follow", action="store_true", help="stream until the job ends")
+        if action == "status":
+            q.add_argument("--tracking-uri", default=None,
+                           help="where to look for the job's MLflow run (default: the URI the job was submitted "
+                                "with, else $MLFLOW_TRACKING_URI / ./mlflow.db)")
         q.set_defaults(func=cmd_jobs)
 
     p = subparsers.add_parser("mlflow-server", help="start a lean local MLflow tracking server (127.0.0.1)",
@@ -302,6 +332,12 @@ def register(subparsers) -> None:
     p.add_argument("--backend-store-uri", default=None, help="default: sqlite:///<cwd>/mlflow.db")
     p.add_argument("--artifacts-destination", default=None, help="default: <cwd>/mlartifacts")
     p.add_argument("--workers", type=int, default=1)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--auth", dest="auth", action="store_true", default=None,
+                   help="MLflow basic auth (the default for any address but loopback): random admin password, "
+                        "made at first start and kept in mlflow-auth/credentials next to the store (mode 0600)")
+    g.add_argument("--no-auth", dest="auth", action="store_false",
+                   help="serve without a login even on a network address (anyone who reaches it can change runs)")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="further `mlflow server` flags, after --")
     p.set_defaults(func=cmd_mlflow_server)
 

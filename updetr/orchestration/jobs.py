@@ -13,7 +13,9 @@ token, refused request). Token auth: when `RAY_AUTH_MODE` is unset and a token i
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import re
 import shutil
 import socket
 import sys
@@ -139,13 +141,19 @@ def job_env(extra: Optional[Mapping[str, str]] = None) -> dict[str, str]:
 
 
 def submit(address: Optional[str], config_yaml: str, *, run_args: Iterable[str] = (), job_id: Optional[str] = None,
-           env: Optional[Mapping[str, str]] = None, entrypoint_num_cpus: Optional[float] = None) -> str:
-    """Submit the resolved experiment as a Ray Job; returns the job (submission) id."""
+           env: Optional[Mapping[str, str]] = None, entrypoint_num_cpus: Optional[float] = None,
+           tracking_uri: Optional[str] = None) -> str:
+    """Submit the resolved experiment as a Ray Job; returns the job (submission) id. `tracking_uri` (where the
+    job tracks, when readable from elsewhere) goes into the job's metadata for `jobs status`."""
+    from updetr.orchestration.job_tags import META_TRACKING_URI, tracking_uri_for_job
+
     address = normalize_address(address)
     jobs = client(address)
     workdir = stage_working_dir(config_yaml)
     entry = ["python", "-m", "updetr.orchestration", "run", "experiment.yaml", "--address", "auto", *run_args]
-    return _submit(address, jobs, workdir, entry, job_id, env, entrypoint_num_cpus)
+    uri = tracking_uri_for_job(tracking_uri)
+    return _submit(address, jobs, workdir, entry, job_id, env, entrypoint_num_cpus,
+                   {META_TRACKING_URI: uri} if uri else None)
 
 
 def submit_sweep(address: Optional[str], files: list[Path], overrides: Iterable[str] = (), *,
@@ -165,11 +173,15 @@ def submit_sweep(address: Optional[str], files: list[Path], overrides: Iterable[
 
 
 def _submit(address: str, jobs, workdir: Path, entry: list[str], job_id: Optional[str],
-            env: Optional[Mapping[str, str]], entrypoint_num_cpus: Optional[float]) -> str:
+            env: Optional[Mapping[str, str]], entrypoint_num_cpus: Optional[float],
+            metadata: Optional[dict] = None) -> str:
+    if os.environ.get("UPDETR_RAY_LOGS", "").lower() != "all":
+        # Ray's SDK says "Uploading package gcs://..." at INFO on every submit; updetr's next line names the job
+        logging.getLogger("ray.dashboard.modules.dashboard_sdk").setLevel(logging.WARNING)
     try:
         runtime_env = {"working_dir": str(workdir), "env_vars": job_env(env)}
         return _call(address, jobs.submit_job, entrypoint=" ".join(entry), runtime_env=runtime_env,
-                     submission_id=job_id, entrypoint_num_cpus=entrypoint_num_cpus)
+                     submission_id=job_id, entrypoint_num_cpus=entrypoint_num_cpus, metadata=metadata)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -179,7 +191,8 @@ def status(address: Optional[str], job_id: str) -> dict:
     address = normalize_address(address)
     info = _call(address, client(address).get_job_info, job_id)
     return {"job_id": job_id, "status": str(getattr(info.status, "value", info.status)), "message": info.message,
-            "entrypoint": info.entrypoint, "start_time": info.start_time, "end_time": info.end_time}
+            "entrypoint": info.entrypoint, "start_time": info.start_time, "end_time": info.end_time,
+            "metadata": dict(info.metadata or {})}
 
 
 def list_jobs(address: Optional[str]) -> list[dict]:
@@ -196,19 +209,60 @@ def logs(address: Optional[str], job_id: str) -> str:
     return _call(address, client(address).get_job_logs, job_id)
 
 
+# Routine lines of a followed job that say nothing about the run (matched anywhere in a line): Ray's
+# packaging and runtime-env set-up, the raylet's note on how many worker processes it started, MLflow's
+# links (the run's closing lines name its MLflow run already). `UPDETR_RAY_LOGS=all` shows them.
+FOLLOW_NOISE = tuple(re.compile(p) for p in (
+    r"Uploading package ", r"Runtime env is setting up", r"Creating a file package for local module",
+    r"Successfully pushed file package", r"Finished uploading package",
+    r"worker processes have been started on node", r"This could be a result of using a large number of actors",
+    r"\U0001f3c3 View run ", r"\U0001f9ea View experiment at",
+))
+
+
+class FollowFilter:
+    """Drops `FOLLOW_NOISE` and `console.is_noise` lines from streamed log chunks, which may end mid-line."""
+
+    def __init__(self, out) -> None:
+        from updetr.orchestration.console import is_noise
+
+        self.out, self.is_noise, self.partial = out, is_noise, ""
+        self.keep_all = os.environ.get("UPDETR_RAY_LOGS", "").lower() == "all"
+
+    def _keep(self, line: str) -> bool:
+        return self.keep_all or not (any(p.search(line) for p in FOLLOW_NOISE) or self.is_noise(line))
+
+    def write(self, chunk: str) -> None:
+        lines = (self.partial + chunk).split("\n")
+        self.partial = lines.pop()
+        kept = [ln for ln in lines if self._keep(ln)]
+        if kept:
+            self.out.write("".join(ln + "\n" for ln in kept))
+            self.out.flush()
+
+    def close(self) -> None:
+        if self.partial and self._keep(self.partial):
+            self.out.write(self.partial + "\n")
+            self.out.flush()
+        self.partial = ""
+
+
 def follow(address: Optional[str], job_id: str, out=None) -> str:
-    """Stream the job's logs to `out` until it ends; returns the final status."""
+    """Stream the job's logs (less `FollowFilter`'s routine lines) to `out` until it ends; returns the final
+    status."""
     address = normalize_address(address)
     jobs = client(address)
-    out = out or sys.stdout
+    sink = FollowFilter(out or sys.stdout)
 
     async def _tail() -> None:
         async for chunk in jobs.tail_job_logs(job_id):
-            out.write(chunk)
-            out.flush()
+            sink.write(chunk)
 
     try:
-        asyncio.run(_tail())
+        try:
+            asyncio.run(_tail())
+        finally:
+            sink.close()
     except Exception as e:  # noqa: BLE001
         raise _translate(address, e) from None
     # the log stream can close a moment before the status turns terminal

@@ -28,6 +28,7 @@ from updetr.config import ExperimentConfig, config_to_dict, config_to_yaml
 from updetr.orchestration.ray_session import quiet_ray_data, connect_ray, is_local_address
 from updetr.orchestration.run_plan import LaunchError, RunPlan, existing_checkpoints, is_uri, plan_run, run_name_for
 from updetr.tracking import TAG_LAST_CHECKPOINT, NullTracker, Tracker, TrackingError, start_tracking
+from updetr.phases import mark
 
 # Driver env vars forwarded to the training workers (tracking credentials, updetr drills/settings).
 WORKER_ENV_PREFIXES = ("UPDETR_", "MLFLOW_TRACKING_", "AWS_", "GOOGLE_APPLICATION_CREDENTIALS")
@@ -100,10 +101,10 @@ def build_trainer(plan: RunPlan, tracker: Tracker, *, datasets: Optional[dict] =
                   callbacks: Sequence[Any] = (), env: Optional[dict] = None, action: str = "train",
                   checkpoint: Optional[str] = None, report_epochs: bool = False):
     """The `TorchTrainer` of a plan (needs Ray initialised: it builds the Ray Data pipeline unless given)."""
-    from ray.train.torch import TorchTrainer
-
+    from updetr.orchestration.ray_session import state_api_available
     from updetr.orchestration.worker import train_fn_per_worker
 
+    TorchTrainer = _trainer_class(cleaner=state_api_available())
     if datasets is None:
         datasets = build_datasets(plan.cfg, resources) if action == "train" else {}
     return TorchTrainer(train_fn_per_worker,
@@ -116,11 +117,39 @@ def build_trainer(plan: RunPlan, tracker: Tracker, *, datasets: Optional[dict] =
                         dataset_config=dataset_config() if datasets else None)
 
 
+def _trainer_class(cleaner: bool):
+    """`TorchTrainer`, or without Ray Train's placement-group cleaner when this process runs its own Ray
+    without the dashboard.
+
+    The cleaner is a detached actor (one more process to start) that frees the workers' placement group if
+    the controller dies while the cluster lives on; it asks the State API, which only the dashboard serves,
+    and without it retries for ~20 s then fails in its own thread. A Ray this process started and shuts
+    down takes every placement group with it, so there is nothing for it to clean.
+    """
+    from ray.train.torch import TorchTrainer
+
+    if cleaner:
+        return TorchTrainer
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:  # another Ray layout: keep Ray's defaults
+        return TorchTrainer
+
+    class LocalTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks()
+                    if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return LocalTorchTrainer
+
+
 def open_tracking(plan: RunPlan, parent_run_id: Optional[str] = None, extra_tags: Optional[dict] = None) -> Tracker:
     """Open (or re-open) the run's MLflow run and log the config; NullTracker when tracking is off."""
     if plan.tracking_uri is None:
         return NullTracker()
-    tags = dict(extra_tags or {})
+    from updetr.orchestration.job_tags import cluster_tags
+
+    tags = {**cluster_tags(), **(extra_tags or {})}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     from updetr.data.subset import log_subset
@@ -181,14 +210,26 @@ def run(cfg: ExperimentConfig, address: Optional[str] = None, out: TextIO = sys.
         LaunchError: before any work (data, resources, storage, tracking, address, token) or when training
             failed; RunInterrupted on Ctrl-C.
     """
+    from updetr.run_lock import hold_run
     from updetr.tasks import get_task
 
     t0 = time.monotonic()
+    mark("stage_start")
     cfg = get_task(cfg).prepare()  # absolute data paths, generated data: workers chdir elsewhere
     plan = plan_run(cfg, run_name=run_name)
+    # One driver per run (updetr/run_lock.py): the lock lives in the run's folder (a lease on object
+    # stores); the Train workers never take it, so a worker restart inside this driver is not refused.
+    with hold_run(plan.run_dir, f"run '{plan.run_name}'", "set ray.run_name=... for a separate run"):
+        return _run(cfg, plan, t0, address, out, parent_run_id, callbacks, report_epochs)
+
+
+def _run(cfg: ExperimentConfig, plan: RunPlan, t0: float, address: Optional[str], out: TextIO,
+         parent_run_id: Optional[str], callbacks: Sequence[Any], report_epochs: bool) -> RunOutcome:
     num_items, resources = preflight(cfg, address)
     plan.extra["num_items"] = num_items
+    mark("preflight_done")
     local, _ = connect_ray(address, cfg, num_cpus=resources.total_cpus if resources is not None else None)
+    mark("ray_up")
     if resources is None:
         from updetr.resources import cluster_resources
 
@@ -199,32 +240,49 @@ def run(cfg: ExperimentConfig, address: Optional[str] = None, out: TextIO = sys.
     quiet_ray_data()
     from updetr.orchestration import console
 
-    console.install([f"[{cfg.tracking.experiment or cfg.name}"])  # a chain: every stage's lines
+    # a chain: every stage's lines; Ray's own go to the run's log file (updetr/orchestration/console.py)
+    console.install([f"[{cfg.tracking.experiment or cfg.name}"],
+                    console.default_log_path(cfg.runtime.output_dir, cfg.tracking.experiment or cfg.name), out)
     try:
         datasets = build_datasets(cfg, resources)
     except LaunchError:
         raise
     except Exception as e:  # noqa: BLE001 - e.g. an object-store path Ray Data cannot list
         raise LaunchError(f"cannot build the data pipeline: {_first_line(e)}") from None
+    mark("data_built")
     tracker = open_tracking(plan, parent_run_id)
+    mark("mlflow_open")
     if resumed_from is not None:
         print(f"[{cfg.name}] resuming from checkpoint step {resumed_from} in {plan.run_dir}", file=out, flush=True)
     print(f"[{cfg.name}] checkpoints -> {plan.run_dir}; tracking -> {tracker.describe()}", file=out, flush=True)
     status = "FAILED"
+    wait = None
     try:
         from updetr.orchestration.metrics_commit import commit_callbacks
 
         trainer = build_trainer(plan, tracker, datasets=datasets, resources=resources,
                                 callbacks=[*commit_callbacks(tracker), *callbacks], report_epochs=report_epochs)
         _interrupt_on_sigint(trainer)
-        result = trainer.fit()
+        wait = _watch_resources(cfg, trainer, resources, out)
+        mark("fit_start")
+        try:
+            result = trainer.fit()
+        finally:
+            wait.stop()
+        mark("fit_end")
+        if wait.gave_up:
+            raise LaunchError(failure_message(wait.gave_up, plan, stopped="training stopped"))
         status = "FINISHED"
     except (KeyboardInterrupt, SystemExit):  # SystemExit: Ray Train's own SIGINT handler, if ours is not in
         status = "KILLED"
         raise RunInterrupted(interrupted_message(plan, tracker)) from None
-    except LaunchError:
+    except LaunchError as e:
+        tracker.set_tags({"updetr.error": str(e)[:4000]})
         raise
     except Exception as e:  # noqa: BLE001 - TrainingFailedError and friends: one line + where to look
+        if wait is not None and wait.gave_up:  # the abort below made fit() fail: the wait is the reason
+            tracker.set_tags({"updetr.error": wait.gave_up[:4000]})
+            raise LaunchError(failure_message(wait.gave_up, plan, stopped="training stopped")) from None
         reason = _first_line(e)
         tracker.set_tags({"updetr.error": reason[:4000]})
         raise LaunchError(failure_message(reason, plan)) from None
@@ -242,6 +300,7 @@ def run(cfg: ExperimentConfig, address: Optional[str] = None, out: TextIO = sys.
     if ckpt:
         tracker.set_tags({TAG_LAST_CHECKPOINT: ckpt})
     tracker.end("FINISHED")
+    mark("stage_end")
     return RunOutcome(plan, step, epoch, ckpt, tracker, time.monotonic() - t0, resumed_from, ret.get("eval"))
 
 
@@ -267,6 +326,9 @@ def run_eval(cfg: ExperimentConfig, checkpoint: str, address: Optional[str] = No
     print(f"[{cfg.name}] evaluating {checkpoint} on {cfg.ray.num_workers} Ray worker(s); "
           f"tracking -> {tracker.describe()}", file=out, flush=True)
     quiet_ray_data()
+    from updetr.orchestration import console
+
+    console.install([f"[{cfg.name}"], console.default_log_path(cfg.runtime.output_dir, cfg.name), out)
     try:
         result = build_trainer(plan, tracker, resources=resources, action="eval", checkpoint=checkpoint).fit()
     except Exception as e:  # noqa: BLE001 - one line + where to look
@@ -279,6 +341,33 @@ def run_eval(cfg: ExperimentConfig, checkpoint: str, address: Optional[str] = No
     if not metrics:
         raise LaunchError("evaluation finished without metrics (see the worker logs above)")
     return dict(metrics), tracker.run_id
+
+
+def _watch_resources(cfg: ExperimentConfig, trainer, resources, out: TextIO):
+    """Start the `ResourceWait` of this run (updetr/orchestration/resource_wait.py); it aborts the Train
+    controller (handed to `trainer._register_sigint_handler` when `fit()` starts) past `ray.resource_wait_s`."""
+    from updetr.orchestration.resource_wait import ResourceWait
+
+    sc = scaling_config(cfg, resources)
+    box: dict = {}
+    hook = getattr(trainer, "_register_sigint_handler", None)
+    if hook is not None:
+        def register(controller) -> None:
+            box["controller"] = controller
+            hook(controller)
+        trainer._register_sigint_handler = register
+
+    def abort() -> None:
+        if "controller" in box:
+            try:
+                box["controller"].abort.remote()
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+    wait = ResourceWait(cfg.tracking.experiment or cfg.name, cfg.ray.num_workers, dict(sc.resources_per_worker),
+                        cfg.ray.placement_strategy, out, cfg.ray.resource_wait_s or None, abort)
+    wait.start()
+    return wait
 
 
 def _interrupt_on_sigint(trainer) -> None:
@@ -314,10 +403,12 @@ _NOT_RETRYABLE = ("FileNotFoundError", "No such file", "not found", "NotADirecto
                   "CheckpointError", "architecture differs", "DataSourceError")
 
 
-def failure_message(reason: str, plan: RunPlan) -> str:
+def failure_message(reason: str, plan: RunPlan, stopped: str = "training failed") -> str:
     kept = existing_checkpoints(plan.run_dir)
     where = (f"checkpoints kept in {plan.run_dir}, last at step {kept[-1][0]}" if kept
              else f"no checkpoint was written in {plan.run_dir}")
+    if stopped != "training failed":  # a resource wait: nothing is wrong with the run itself
+        return f"{stopped}: {reason} ({where}; re-run the same command once the cluster has room)"
     if any(k in reason for k in _NOT_RETRYABLE):
         return f"training failed: {reason} ({where}; fix that, then run the same command to continue)"
     return f"training failed: {reason} ({where}; re-run the same command to resume)"

@@ -1,12 +1,17 @@
-"""A two-node Ray cluster on one machine (head + one worker node, 1 CPU each) for trying `updetr submit`.
+"""A Ray cluster of several nodes on one machine (a head and worker nodes, 1 CPU each) for trying `updetr
+submit` and for rehearsing the loss of a node.
 
-Each cluster lives in its own state folder (`--dir`, default /tmp/updetr-ray-local): Ray's temp/session dirs
-are `<dir>/t` (head) and `<dir>/w` (worker node), and `state.json` records the ports. Every port is chosen free (GCS,
-dashboard, client server, agents, metrics, worker range), so it runs beside other Ray instances on the host.
-`down` stops only the processes of *this* cluster: those whose command line names its folder, and all
-their descendants (raylet workers, job drivers). It never runs `ray stop`, which kills every Ray of the user.
+Each cluster lives in its own state folder (`--dir`, default /tmp/updetr-ray-local): node i keeps Ray's
+temp/session dir in `<dir>/t` (the head) or `<dir>/w<i>`, and `state.json` records the ports and each node's
+process group. Every port is chosen free (GCS, dashboard, client server, agents, metrics, worker range), so
+it runs beside other Ray instances on the host. Each node's `ray start` runs in a session of its own, so the
+node's daemons (raylet, agents, and on the head the GCS and autoscaler monitor) share one process group that
+no other node is in: `stop-node` stops one node alone, `down` all of them. Only this cluster's processes are
+signalled (never `ray stop`, which kills every Ray of the user).
+Every component listens on 127.0.0.1 (`--node-ip-address`, kept by updetr.orchestration.ray_start, and
+`--dashboard-host`; docs/cluster-operations.md).
 Token authentication (on by default since Ray 2.59) is handled with `RAY_AUTH_MODE=token`: the head
-writes/uses `~/.ray/auth_token`, and the worker node and clients on this host read it from there.
+writes/uses `~/.ray/auth_token`, and the worker nodes and clients on this host read it from there.
 
 The folder path must stay short: Ray puts unix sockets under it (limit ~107 characters).
 """
@@ -16,7 +21,6 @@ import argparse
 import json
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -25,7 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from updetr.orchestration.ray_access import free_port, token_available
+from updetr.orchestration.processes import kill_processes, own_processes, process_group  # noqa: F401 (re-exported)
+from updetr.orchestration.ray_access import free_port, token_available  # noqa: F401 (free_port re-exported)
 
 DEFAULT_DIR = "/tmp/updetr-ray-local"
 
@@ -35,17 +40,18 @@ class LocalCluster:
     dir: str
     gcs_port: int
     dashboard_port: int
-    node_ports: list[dict] = field(default_factory=list)
+    node_ports: list[dict] = field(default_factory=list)   # per node, in start order (head first)
+    # per node: {"index", "temp", "pgid", "cpus"}; index 0 is the head; a stopped node stays listed
+    nodes: list[dict] = field(default_factory=list)
+
+    def node_dir(self, index: int) -> str:
+        # Its own temp dir per node: two runtime-env agents sharing one would delete and re-extract each
+        # other's job working dirs (a job driver then finds its CWD gone).
+        return str(Path(self.dir) / ("t" if index == 0 else f"w{index}"))
 
     @property
     def temp_dir(self) -> str:
-        return str(Path(self.dir) / "t")
-
-    @property
-    def worker_temp_dir(self) -> str:
-        # Its own temp dir: two runtime-env agents sharing one would delete and re-extract each other's
-        # job working dirs (a job driver then finds its CWD gone).
-        return str(Path(self.dir) / "w")
+        return self.node_dir(0)
 
     @property
     def address(self) -> str:
@@ -116,54 +122,55 @@ def load(dir: str | Path = DEFAULT_DIR) -> Optional[LocalCluster]:
     return LocalCluster(**json.loads(path.read_text()))
 
 
-def own_processes(folder: str) -> list:
-    """Processes whose command line names a path under `folder` (a Ray temp dir), plus their descendants."""
-    import psutil
+def _save(cluster: LocalCluster) -> None:
+    path = _state_file(cluster.dir)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(cluster), indent=1))
+    tmp.replace(path)
 
-    marker = folder.rstrip("/") + "/"
-    roots = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
+
+def _start(args: list[str], log: Path, timeout_s: float, address: str, attempts: int = 5) -> int:
+    """`ray start ARGS` in a new session; returns its process group id (the node's daemons inherit it).
+
+    On a busy machine the node's dashboard agent can take longer to start than the raylet waits for it
+    (~15 s in Ray 2.60, not configurable), and `ray start` fails with "timed out during startup"; what
+    that attempt left is stopped and the start tried again (the agent's imports are then cached)."""
+    for attempt in range(1, attempts + 1):
         try:
-            if proc.pid != os.getpid() and any(marker in part for part in (proc.info["cmdline"] or [])):
-                roots.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    seen = {p.pid: p for p in roots}
-    for proc in roots:
-        try:
-            for child in proc.children(recursive=True):
-                seen.setdefault(child.pid, child)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return list(seen.values())
+            return _start_once(args, log, timeout_s, address)
+        except _NodeStartTimeout as e:
+            if attempt == attempts:
+                raise RuntimeError(str(e)) from None
+            kill_processes([p for p in process_group(e.pgid)], grace_s=2.0)
+            print(f"ray start timed out (busy machine?); trying again ({attempt + 1}/{attempts})",
+                  file=sys.stderr, flush=True)
+    raise AssertionError("unreachable")
 
 
-def kill_processes(procs: list, grace_s: float = 5.0) -> int:
-    """SIGTERM, then SIGKILL after `grace_s` whatever is left; returns how many were signalled."""
-    import psutil
-
-    for proc in procs:
-        try:
-            proc.send_signal(signal.SIGTERM)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for proc in alive:
-        try:
-            proc.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    psutil.wait_procs(alive, timeout=grace_s)
-    return len(procs)
+class _NodeStartTimeout(RuntimeError):
+    def __init__(self, message: str, pgid: int) -> None:
+        super().__init__(message)
+        self.pgid = pgid
 
 
-def _start(args: list[str], log: Path, timeout_s: float, address: str) -> None:
+def _start_once(args: list[str], log: Path, timeout_s: float, address: str) -> int:
     with open(log, "ab") as out:
-        proc = subprocess.run([_ray_bin(), "start", *args], env=_env(address), stdout=out,
-                              stderr=subprocess.STDOUT, timeout=timeout_s)
-    if proc.returncode != 0:
+        proc = subprocess.Popen([sys.executable, "-m", "updetr.orchestration.ray_start", "start", *args],
+                                env=_env(address), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"ray start did not finish in {timeout_s:.0f} s; see {log}") from None
+    if rc != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-5:]
-        raise RuntimeError(f"ray start failed (exit {proc.returncode}); see {log}: " + " | ".join(tail))
+        message = f"ray start failed (exit {rc}); see {log}: " + " | ".join(tail)
+        if "timed out during startup" in " ".join(tail):
+            raise _NodeStartTimeout(message, proc.pid)
+        raise RuntimeError(message)
+    return proc.pid
 
 
 def ensure_token() -> None:
@@ -178,8 +185,8 @@ def _flags(ports: dict) -> list[str]:
 
 
 def up(dir: str | Path = DEFAULT_DIR, port: Optional[int] = None, dashboard_port: Optional[int] = None,
-       head_cpus: float = 1, worker_cpus: float = 1, timeout_s: float = 120) -> LocalCluster:
-    """Start head + one worker node; returns the cluster (also saved to `<dir>/state.json`)."""
+       head_cpus: float = 1, worker_cpus: float = 1, timeout_s: float = 180, nodes: int = 2) -> LocalCluster:
+    """Start a head and `nodes - 1` worker nodes; returns the cluster (also saved to `<dir>/state.json`)."""
     dir = Path(dir).absolute()
     existing = load(dir)
     if existing is not None and own_processes(existing.dir + "/"):
@@ -187,6 +194,8 @@ def up(dir: str | Path = DEFAULT_DIR, port: Optional[int] = None, dashboard_port
                            f"run `down` first")
     if len(str(dir)) > 40:
         raise RuntimeError(f"--dir {dir} is too long for Ray's unix sockets; use a short path under /tmp")
+    if nodes < 1:
+        raise RuntimeError(f"--nodes {nodes}: a cluster needs at least its head node")
     dir.mkdir(parents=True, exist_ok=True)
     ensure_token()
     avoid: set[int] = set()
@@ -194,23 +203,82 @@ def up(dir: str | Path = DEFAULT_DIR, port: Optional[int] = None, dashboard_port
     avoid.add(gcs)
     dash = dashboard_port or free_port(avoid)
     avoid.add(dash)
-    cluster = LocalCluster(str(dir), gcs, dash, [_node_ports(avoid), _node_ports(avoid)])
-    _state_file(dir).write_text(json.dumps(asdict(cluster), indent=1))
-    log = dir / "ray-start.log"
-    common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    cluster = LocalCluster(str(dir), gcs, dash)
     try:
-        _start(["--head", f"--port={gcs}", f"--num-cpus={head_cpus}", "--num-gpus=0",
-                "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-                f"--temp-dir={cluster.temp_dir}", *common, *_flags(cluster.node_ports[0])], log, timeout_s,
-               cluster.address)
-        _start([f"--address={cluster.address}", f"--num-cpus={worker_cpus}", "--num-gpus=0",
-                f"--temp-dir={cluster.worker_temp_dir}", *common, *_flags(cluster.node_ports[1])], log, timeout_s,
-               cluster.address)
+        cluster.node_ports.append(_node_ports(avoid))
+        pgid = _start(["--head", f"--port={gcs}", f"--num-cpus={head_cpus}", "--num-gpus=0",
+                       "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+                       f"--temp-dir={cluster.temp_dir}", *LOOPBACK, *_flags(cluster.node_ports[0])],
+                      dir / "ray-start.log", timeout_s, cluster.address)
+        cluster.nodes.append({"index": 0, "temp": cluster.temp_dir, "pgid": pgid, "cpus": head_cpus})
+        _save(cluster)
+        for _ in range(nodes - 1):
+            add_node(dir, worker_cpus, timeout_s, avoid)
+        cluster = load(dir)
         _wait_dashboard(cluster, timeout_s)
     except BaseException:
         kill_processes(own_processes(cluster.dir + "/"))
         raise
     return cluster
+
+
+# With the node IP on loopback (kept as given by updetr.orchestration.ray_start), every component of the
+# node binds 127.0.0.1: GCS, raylet, agents, metrics export, client server; `--dashboard-host` places the
+# dashboard (docs/cluster-operations.md).
+LOOPBACK = ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+
+
+def add_node(dir: str | Path = DEFAULT_DIR, cpus: float = 1, timeout_s: float = 180,
+             avoid: Optional[set[int]] = None) -> dict:
+    """Start one more worker node in the running cluster of `dir`; returns its entry in `state.json`."""
+    cluster = load(dir)
+    if cluster is None or not cluster.nodes:
+        raise RuntimeError(f"no local Ray cluster in {dir}; start one with `local-cluster up`")
+    avoid = set(avoid or ()) | {cluster.gcs_port, cluster.dashboard_port}
+    for ports in cluster.node_ports:
+        avoid.update(v for k, v in ports.items() if not k.endswith("worker-port"))
+        avoid.update(range(ports["min-worker-port"], ports["max-worker-port"] + 1))
+    index = max(n["index"] for n in cluster.nodes) + 1
+    ports = _node_ports(avoid)
+    temp = cluster.node_dir(index)
+    pgid = _start([f"--address={cluster.address}", f"--num-cpus={cpus}", "--num-gpus=0", f"--temp-dir={temp}",
+                   *LOOPBACK, *_flags(ports)], Path(cluster.dir) / "ray-start.log", timeout_s, cluster.address)
+    node = {"index": index, "temp": temp, "pgid": pgid, "cpus": cpus}
+    cluster.node_ports.append(ports)
+    cluster.nodes.append(node)
+    _save(cluster)
+    return node
+
+
+def node_processes(cluster: LocalCluster, index: int) -> list:
+    """The processes of node `index`: its process group (the daemons its `ray start` left), whatever names
+    its temp dir, and their descendants (workers, job drivers)."""
+    import psutil
+
+    node = next((n for n in cluster.nodes if n["index"] == index), None)
+    if node is None:
+        raise RuntimeError(f"the cluster in {cluster.dir} has no node {index} (nodes: "
+                           f"{', '.join(str(n['index']) for n in cluster.nodes)})")
+    procs = {p.pid: p for p in own_processes(node["temp"] + "/")}
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.pid != os.getpid() and os.getpgid(proc.pid) == node["pgid"]:
+                procs.setdefault(proc.pid, proc)
+                for child in proc.children(recursive=True):
+                    procs.setdefault(child.pid, child)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
+            continue
+    return list(procs.values())
+
+
+def stop_node(dir: str | Path, index: int, hard: bool = False, grace_s: float = 5.0) -> int:
+    """Stop node `index` alone: SIGTERM, SIGKILL after `grace_s` (`hard`: SIGKILL at once, as a machine
+    that dies). Returns how many processes were signalled."""
+    cluster = load(dir)
+    if cluster is None:
+        raise RuntimeError(f"no local Ray cluster in {dir}")
+    procs = node_processes(cluster, index)
+    return kill_processes(procs, grace_s=grace_s, hard=hard)
 
 
 def _wait_dashboard(cluster: LocalCluster, timeout_s: float) -> None:
@@ -253,6 +321,9 @@ def cluster_processes(dir: str | Path = DEFAULT_DIR) -> list:
                         procs.setdefault(child.pid, child)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
+        for node in cluster.nodes:
+            for proc in node_processes(cluster, node["index"]):
+                procs.setdefault(proc.pid, proc)
     return list(procs.values())
 
 
@@ -262,11 +333,14 @@ def down(dir: str | Path = DEFAULT_DIR) -> int:
 
 
 def describe(cluster: LocalCluster) -> str:
-    return (f"local Ray cluster: head + 1 worker node on 127.0.0.1 (state in {cluster.dir})\n"
+    workers = len(cluster.nodes) - 1
+    return (f"local Ray cluster: head + {workers} worker node(s) on 127.0.0.1 (state in {cluster.dir})\n"
             f"  address:   {cluster.address}      e.g. {_cli()} run EXP.yaml --address {cluster.address}\n"
             f"  dashboard: {cluster.dashboard_url}   e.g. {_cli()} submit EXP.yaml --address "
             f"{cluster.dashboard_url}\n"
             f"  token auth is on: clients on this host read ~/.ray/auth_token (RAY_AUTH_MODE=token)\n"
+            f"  lose a node: {_cli()} local-cluster stop-node --node 1 [--hard] --dir {cluster.dir}; "
+            f"add one: {_cli()} local-cluster add-node --dir {cluster.dir}\n"
             f"  stop it:   {_cli()} local-cluster down --dir {cluster.dir}")
 
 
@@ -283,20 +357,38 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=["up", "down", "status"])
+    parser.add_argument("action", choices=["up", "down", "status", "stop-node", "add-node"],
+                        help="up | down | status of the cluster; stop-node / add-node: lose or add one node")
     parser.add_argument("--dir", default=os.environ.get("UPDETR_LOCAL_CLUSTER_DIR", DEFAULT_DIR),
                         help="state folder (short path; Ray's temp dir lives in it)")
     parser.add_argument("--port", type=int, default=None, help="GCS port (default: a free one)")
     parser.add_argument("--dashboard-port", type=int, default=None, help="dashboard / Jobs API port")
+    parser.add_argument("--nodes", type=int, default=2, help="up: nodes including the head (default 2)")
+    parser.add_argument("--node", type=int, default=None, help="stop-node: which node (1 = first worker node)")
+    parser.add_argument("--hard", action="store_true",
+                        help="stop-node: SIGKILL at once, as a machine that dies (default: SIGTERM, then SIGKILL)")
+    parser.add_argument("--cpus", type=float, default=1, help="add-node: the node's CPUs (default 1)")
 
 
 def run_command(args: argparse.Namespace) -> int:
     try:
         if args.action == "up":
             t0 = time.monotonic()
-            cluster = up(args.dir, args.port, args.dashboard_port)
+            cluster = up(args.dir, args.port, args.dashboard_port, nodes=args.nodes)
             print(describe(cluster))
             print(f"  (up in {time.monotonic() - t0:.0f} s)")
+        elif args.action == "stop-node":
+            if args.node is None:
+                raise RuntimeError("stop-node needs --node N (1 = the first worker node, 0 = the head)")
+            t0 = time.monotonic()
+            n = stop_node(args.dir, args.node, hard=args.hard)
+            print(f"local Ray cluster in {args.dir}: node {args.node} {'killed' if args.hard else 'stopped'} "
+                  f"({n} process(es), {time.monotonic() - t0:.1f} s)")
+        elif args.action == "add-node":
+            t0 = time.monotonic()
+            node = add_node(args.dir, args.cpus)
+            print(f"local Ray cluster in {args.dir}: node {node['index']} added ({args.cpus:g} CPU, "
+                  f"{time.monotonic() - t0:.0f} s)")
         elif args.action == "down":
             n = down(args.dir)
             print(f"local Ray cluster in {args.dir}: stopped {n} process(es)")
@@ -308,8 +400,13 @@ def run_command(args: argparse.Namespace) -> int:
                 return 1
             print(describe(cluster))
             print(f"  processes: {len(alive)}")
+            for node in cluster.nodes:
+                n = len(node_processes(cluster, node["index"]))
+                role = "head" if node["index"] == 0 else "worker"
+                print(f"  node {node['index']} ({role}, {node['cpus']:g} CPU): "
+                      + (f"{n} process(es)" if n else "stopped"))
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"updetr: error: {e}", file=sys.stderr)
         return 1
     return 0
 

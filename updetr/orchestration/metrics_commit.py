@@ -35,8 +35,10 @@ def commit_checkpoint_folder(folder: str | Path, tracker: Tracker) -> int:
 class CommitMetricsCallback(UserCallback):
     """Runs on the Train controller; holds only the run's address (the tracker is opened lazily there)."""
 
-    def __init__(self, tracking_uri: str, run_id: str, experiment: Optional[str] = None):
+    def __init__(self, tracking_uri: str, run_id: str, experiment: Optional[str] = None,
+                 spool_dir: Optional[str] = None):
         self.tracking_uri, self.run_id, self.experiment = tracking_uri, run_id, experiment
+        self.spool_dir = spool_dir  # the run folder: commits the server cannot take wait there
         self._tracker: Optional[Tracker] = None
 
     def __getstate__(self) -> dict:
@@ -45,6 +47,10 @@ class CommitMetricsCallback(UserCallback):
     def tracker(self) -> Tracker:
         if self._tracker is None:
             self._tracker = MlflowTracker.attach(self.tracking_uri, self.run_id, experiment_name=self.experiment)
+            if self.spool_dir:
+                from updetr.tracking_spool import attach_spool
+
+                attach_spool(self._tracker, self.spool_dir, "commit")
         return self._tracker
 
     def after_report(self, run_context: Any, metrics: list, checkpoint: Any) -> None:
@@ -58,7 +64,9 @@ def commit_callbacks(tracker: Tracker) -> list:
     """The Train callbacks that commit metrics into `tracker`'s run (none when tracking is off)."""
     if not tracker.run_id or not tracker.uri:
         return []
-    return [CommitMetricsCallback(tracker.uri, tracker.run_id, getattr(tracker, "experiment_name", None))]
+    spool = getattr(tracker, "spool", None)
+    return [CommitMetricsCallback(tracker.uri, tracker.run_id, getattr(tracker, "experiment_name", None),
+                                  str(spool.path.parent) if spool is not None else None)]
 
 
 def catch_up(tracker: Tracker) -> int:

@@ -39,12 +39,44 @@ def is_local_address(address: Optional[str]) -> bool:
     return address is None or address == "local"
 
 
+# Set for the local Ray's own processes only (raylet, GCS, workers inherit them at `ray.init`), then taken
+# back out of this process: the Train controller would otherwise get them as a runtime env of its own.
+# Preemption is a cloud node's event, not one of this machine; usage stats are a network call per start.
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+DASHBOARD_ENV = "UPDETR_RAY_DASHBOARD"
+
+# False once this process started a local Ray without the dashboard: no State API then (see
+# `state_api_available`).
+_state_api = True
+
+
+def state_api_available() -> bool:
+    """False when this process started its own Ray without the dashboard, so Ray's State API is absent;
+    True otherwise (a joined cluster, a sweep's Ray, or a Ray Train worker / Tune trial process)."""
+    return _state_api
+
+
+def want_dashboard(dashboard: Optional[bool] = None) -> bool:
+    """A local Ray's dashboard: on when asked (`dashboard`, or UPDETR_RAY_DASHBOARD=1), else off.
+
+    The dashboard of ray[default] 2.60 is ten Python processes (the head and one per module) that start
+    beside the first run and cost several CPU-seconds: on 2 cores, a large part of a small stage's start.
+    Without it Ray keeps only a minimal head (usage stats, no modules, no web UI).
+    A local `updetr run` needs none of it; a sweep asks for it (Train's placement-group cleaner queries the
+    State API when Tune stops a trial early)."""
+    if dashboard is not None:
+        return dashboard
+    return os.environ.get(DASHBOARD_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def connect_ray(address: Optional[str], cfg: ExperimentConfig,
-                num_cpus: Optional[float] = None) -> tuple[bool, Optional[float]]:
-    """Join `address` (or $RAY_ADDRESS) or start a local Ray sized to the machine (`num_cpus`).
+                num_cpus: Optional[float] = None, dashboard: Optional[bool] = None) -> tuple[bool, Optional[float]]:
+    """Join `address` (or $RAY_ADDRESS) or start a local Ray sized to the machine (`num_cpus`); a local
+    Ray starts without its dashboard unless `want_dashboard(dashboard)`.
 
     Returns `(local, cluster_cpus)`: cluster_cpus is set for a local Ray only (it is what we size).
     """
+    global _state_api
     if address is not None and address != "local":
         from updetr.orchestration.ray_access import enable_token_auth
 
@@ -60,7 +92,7 @@ def connect_ray(address: Optional[str], cfg: ExperimentConfig,
         address = "auto"  # inside a Ray Job, or the user pointed RAY_ADDRESS at a cluster
     local = address is None or address == "local"
     kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
-    saved_env = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    saved_env = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT", *LOCAL_RAY_ENV)}
     if local:
         import logging
 
@@ -71,8 +103,14 @@ def connect_ray(address: Optional[str], cfg: ExperimentConfig,
         _pin_local_gcs_address()
         if cfg.ray.use_gpu is False:
             kwargs["num_gpus"] = 0
+        kwargs["include_dashboard"] = want_dashboard(dashboard)
+        for key, value in LOCAL_RAY_ENV.items():
+            os.environ.setdefault(key, value)  # a user's own setting wins
     else:
+        from updetr.orchestration.ray_start import keep_loopback_for
+
         check_address(address)
+        keep_loopback_for(address)
         kwargs["address"] = address
     cwd = os.getcwd()
     captured: dict = {}
@@ -96,7 +134,8 @@ def connect_ray(address: Optional[str], cfg: ExperimentConfig,
         raise LaunchError(f"cannot join the Ray cluster at {address} ({text[:200]}); check the address (the head's "
                           f"GCS, HOST:6379) and that RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token "
                           f"holds the cluster's token") from None
-    _restore_env(saved_env)  # the local Ray's processes already carry the pinned address
+    _restore_env(saved_env)  # the local Ray's processes already carry the pinned address and LOCAL_RAY_ENV
+    _state_api = bool(kwargs["include_dashboard"]) if local else True  # a joined cluster: its own dashboard
     return local, (float(ray.cluster_resources().get("CPU", 0)) if local else None)
 
 

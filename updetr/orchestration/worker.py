@@ -18,22 +18,27 @@ that worker kill itself right after reporting that step's checkpoint (written, p
 """
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-from typing import Optional
+from updetr.phases import mark
 
-import torch
+mark("worker_import_start")  # this module's imports (torch, the engine, the task) in a fresh worker
 
-from updetr.config import ExperimentConfig, config_from_dict
-from updetr.engine import TrainState
-from updetr.metric_ledger import MetricLedger, write_ledger
-from updetr.runner import (AllWorkers, Callback, CallbackList, Progress, Tracking, WrappedBatches,
+import os  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Optional  # noqa: E402
+
+import torch  # noqa: E402
+
+from updetr.config import ExperimentConfig, config_from_dict  # noqa: E402
+from updetr.engine import TrainState  # noqa: E402
+from updetr.metric_ledger import MetricLedger, write_ledger  # noqa: E402
+from updetr.runner import (AllWorkers, Callback, CallbackList, LedgerTracking, Progress, WrappedBatches,  # noqa: E402
                            evaluate_weights, expected_total, setup, train)
-from updetr.tasks import get_task
-from updetr.provenance import environment_info
-from updetr.tracking import MlflowTracker, NullTracker, Tracker
+from updetr.tasks import get_task  # noqa: E402
+from updetr.provenance import environment_info  # noqa: E402
+from updetr.tracking import MlflowTracker, NullTracker, Tracker  # noqa: E402
 
+mark("worker_import_end")
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
@@ -77,18 +82,6 @@ def latest_checkpoint() -> tuple[Optional[dict], str]:
         return load_checkpoint(path, map_location="cpu"), str(path)  # weights_only=True inside
 
 
-class LedgerTracking(Tracking):
-    """`Tracking` whose metrics wait in rank 0's `MetricLedger` until a checkpoint covers them
-    (exactly-once, updetr/metric_ledger.py); tags go to the tracker at once."""
-
-    def __init__(self, tracker, ledger: MetricLedger, rank: int, checkpoint_location=None) -> None:
-        super().__init__(tracker, rank, checkpoint_location)
-        self.ledger = ledger
-
-    def log(self, state: TrainState, metrics: dict, step: int) -> None:
-        self.ledger.add((state.step, state.epoch), metrics, step=step)
-
-
 class RayReport(Callback):
     """`ray.train.report` on every rank at each checkpoint (rank 0 attaches the checkpoint dir with the
     metric ledger's covered entries); the last eval metrics ride along, so the final report carries them.
@@ -112,6 +105,8 @@ class RayReport(Callback):
         return {**fresh, "fresh": sorted(fresh)} if fresh else {}
 
     def on_step(self, state, metrics):
+        if not self.last:
+            mark("first_step")
         self.last = dict(metrics)
         if self.pending:
             import ray.train
@@ -120,7 +115,9 @@ class RayReport(Callback):
             ray.train.report({"step": state.step, "epoch": state.epoch, **self._fresh()}, checkpoint=None)
 
     def on_epoch_end(self, state, metrics):
-        if self.per_epoch:
+        # A run cut by max_steps inside its last epoch summarises that part too; schedulers compare whole
+        # epochs only, so that one is not a per-epoch result.
+        if self.per_epoch and not state.step_in_epoch:
             self.pending.update({k: float(v) for k, v in metrics.items()})
 
     def on_eval(self, state, metrics):
@@ -139,11 +136,13 @@ class RayReport(Callback):
         if self.rank != 0:
             ray.train.report(metrics, checkpoint=None)
             return
+        mark("report_start")
         with tempfile.TemporaryDirectory(prefix="updetr-ckpt-") as tmp:
             save_checkpoint(ckpt, Path(tmp) / CHECKPOINT_FILE)
             write_ledger(tmp, self.ledger.take(upto=(state.step, state.epoch)))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=checkpoint_dir_name(state.step))
+        mark("report_end")
         _drill_kill("after_report", self.rank, state.step)  # written to storage, maybe not yet registered
 
 
@@ -164,8 +163,14 @@ def watched(batches, cfg: ExperimentConfig, rank: int, tracker: Tracker):
 def _tracker(config: dict, rank: int) -> Tracker:
     if rank != 0 or not config.get("tracking_run_id"):
         return NullTracker()
-    return MlflowTracker.attach(config["tracking_uri"], config["tracking_run_id"],
-                                experiment_name=config.get("experiment"))
+    tracker = MlflowTracker.attach(config["tracking_uri"], config["tracking_run_id"],
+                                   experiment_name=config.get("experiment"))
+    folder = _local_dir(config["run_dir"]) if config.get("run_dir") else None
+    if folder is not None:
+        from updetr.tracking_spool import attach_spool
+
+        attach_spool(tracker, folder, "rank0")  # tags the server cannot take wait in the run folder
+    return tracker
 
 
 def _local_dir(run_dir: str) -> Optional[Path]:
@@ -196,6 +201,7 @@ def train_fn_per_worker(config: dict) -> dict:
     import ray.train
     import ray.train.torch
 
+    mark("worker_fn")
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     _write_pid(rank)
@@ -213,6 +219,7 @@ def train_fn_per_worker(config: dict) -> dict:
     trainer, report = setup(cfg, task, device, resume=resume, resume_path=resume_path,
                             init_path=cfg.init.checkpoint)
     resumed_from = trainer.state.step if resume is not None else None
+    mark("worker_setup")
     if resume is not None and rank == 0:
         from updetr.config import resume_note
 
@@ -253,4 +260,5 @@ def train_fn_per_worker(config: dict) -> dict:
     state = train(trainer, stall_watched, callbacks, rank=rank, world_size=world_size, shard=shard,
                   results_dir=folder / "eval" if folder else None)
     last_eval = trainer.last_eval[1] if trainer.last_eval else None
+    mark("worker_fn_end")
     return {"step": state.step, "epoch": state.epoch, "resumed_from": resumed_from, "eval": last_eval}

@@ -29,13 +29,15 @@ FINISHED_KEY = "trial_finished"      # in a trial's last Tune result when its wh
 
 def watched_stage(exp: Experiment, es: EarlyStopping) -> Optional[str]:
     """Name of the stage of `exp` whose per-epoch results ASHA compares (None: the cell has no such stage,
-    so it is never stopped): `es.stage`, else the first detection training stage for an `eval/*` metric
-    (only detection evaluates while training), else the first training stage."""
+    so it is never stopped): `es.stage`, else the first training stage of a task that evaluates while
+    training for an `eval/*` metric, else the first training stage."""
+    from updetr.tasks import task_class
+
     trains = [s for s in exp.stages if s.action == "train"]
     if es.stage is not None:
         return es.stage if any(s.name == es.stage for s in trains) else None
     if es.metric.startswith("eval/"):
-        trains = [s for s in trains if s.cfg.task == "detect"]
+        trains = [s for s in trains if task_class(s.cfg.task).has_eval]
     return trains[0].name if trains else None
 
 

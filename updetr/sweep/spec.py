@@ -36,7 +36,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from updetr.config import (_LEGACY_STAGE, ConfigError, Experiment, Stage, _format_validation, _read_yaml, load_experiment,
+from updetr.config import (_LEGACY_STAGE, ConfigError, Experiment, ExperimentConfig, Stage, _format_validation, _read_yaml, load_experiment,
                            resolve_dict)
 
 _NAME_RE = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -280,7 +280,8 @@ def stage_names(exp_path: Path) -> tuple[list[str], bool]:
     stages = tree.get("stages")
     if isinstance(stages, list):
         return [s.get("name") for s in stages if isinstance(s, dict)], True
-    task = tree.get("task") or _LEGACY_STAGE.get(tree.get("stage"), "pretrain")
+    default = ExperimentConfig.model_fields["task"].default
+    task = tree.get("task") or _LEGACY_STAGE.get(tree.get("stage"), default)
     return [str(task)], False
 
 

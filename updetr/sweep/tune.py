@@ -58,12 +58,14 @@ class SweepOutcome:
 def trial_cpus(sweep: Sweep) -> float:
     """CPUs one trial holds at most: its driver, the widest stage's Train workers and, for a stage fed by
     Ray Data, its preprocessing actors (stages of a chain run one after the other)."""
+    from updetr.tasks import task_class
+
     need = 0.0
     for cell in sweep.cells:
         for st in cell.experiment.stages:
             cfg = st.cfg
             cpus = cfg.ray.num_workers * cfg.ray.cpus_per_worker
-            if st.action == "train" and cfg.task == "pretrain":
+            if st.action == "train" and task_class(cfg.task).ray_data:
                 cpus += max(1, cfg.data.num_workers) * cfg.data.preprocess_cpus
             need = max(need, cpus)
     return need + DRIVER_CPU
@@ -190,12 +192,6 @@ def check_same_settings(sweep: Sweep, folder: Path) -> list[str]:
 def run_sweep(path: str | Path, overrides: Optional[list[str]] = None, name: Optional[str] = None,
               address: Optional[str] = None, out: TextIO = sys.stdout) -> SweepOutcome:
     """Validate every cell, open the sweep's MLflow parent, run the trials on Ray Tune, summarise."""
-    import ray
-    from ray import tune
-
-    from updetr.orchestration.ray_session import connect_ray
-    from updetr.tracking import MlflowTracker, NullTracker
-
     t0 = time.monotonic()
     path = Path(path).resolve()
     sweep = load_sweep(path, overrides, name=name)          # every cell, before anything starts
@@ -204,15 +200,34 @@ def run_sweep(path: str | Path, overrides: Optional[list[str]] = None, name: Opt
     first = sweep.cells[0].experiment.stages[0].cfg
     storage = Path(first.runtime.output_dir) / "sweeps"
     folder = storage / sweep.name
+    # One driver per sweep (updetr/run_lock.py), before anything is written or Ray starts.
+    from updetr.run_lock import hold_run
+
+    with hold_run(folder, f"sweep '{sweep.name}'", "use --name NAME for a separate sweep"):
+        return _run_sweep(sweep, path, overrides, folder, storage, first, address, out, t0)
+
+
+def _run_sweep(sweep: Sweep, path: Path, overrides: list[str], folder: Path, storage: Path, first,
+               address: Optional[str], out: TextIO, t0: float) -> SweepOutcome:
+    import ray
+    from ray import tune
+
+    from updetr.orchestration.ray_session import connect_ray
+    from updetr.tracking import MlflowTracker, NullTracker
+
     added = check_same_settings(sweep, folder)
     uri = first.tracking.uri if first.tracking.enabled else None
     parent = (MlflowTracker.open(uri, sweep.name, sweep.name, identity={TAG_SWEEP: sweep.name},
                                  tags={"updetr.sweep_file": str(path)}) if uri else NullTracker())
     parent.log_text(path.read_text(), "sweep.yaml")
-    connect_ray(address, first)
+    connect_ray(address, first, dashboard=True)  # early stopping: Train's cleaner needs the State API
     from updetr.orchestration import console
 
-    console.install([f"[{sweep.name}-"])       # the trials' own lines without Ray's prefix, Ray's chatter dropped
+    # the trials' own lines without Ray's prefix; Ray's own (Tune's tables included) to the sweep's log file
+    console.install([f"[{sweep.name}-"], console.default_log_path(first.runtime.output_dir, f"sweep-{sweep.name}"), out)
+    console.quiet_tune()
+    fetch_warnings = console.fetch_warnings()
+    fetch_warnings.trials.clear()
     concurrency = plan_concurrency(sweep, float(ray.cluster_resources().get("CPU", 0.0)))
     print(f"sweep {sweep.name}: {len(sweep.cells)} trials, {concurrency} at a time "
           f"({trial_cpus(sweep):g} CPUs each); tracking -> {parent.describe()}", file=out, flush=True)
@@ -261,6 +276,12 @@ def run_sweep(path: str | Path, overrides: Optional[list[str]] = None, name: Opt
         metrics = {k: v for k, v in last.items() if k.startswith("eval/")}
         stopped = stopped_at(last, es) if err is None else None
         trials.append(TrialResult(cell, metrics, err, stopped, last.get("tracking_lost") or None))
+    if fetch_warnings.trials:
+        # Tune found no saved result for trials that were running when the sweep stopped; they ran again
+        # from their chains' checkpoints above (finished stages skipped)
+        print(f"sweep {sweep.name}: {len(fetch_warnings.trials)} interrupted trial(s) restart: finished stages "
+              f"skipped, the unfinished one from its last checkpoint (Tune kept no result of theirs from before "
+              f"the stop)", file=out, flush=True)
     order = {c.name: i for i, c in enumerate(sweep.cells)}
     trials.sort(key=lambda t: order.get(t.name, len(order)))
     by_name = {c.name: c for c in sweep.cells}

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from updetr.checkpoint import CheckpointError, strip_prefixes
-from updetr.config import ExperimentConfig
 from updetr.eval.base import Evaluator
 
 
@@ -77,17 +76,40 @@ def load_weights(model: nn.Module, state_dict: dict[str, Any], *, source: str,
 
 
 class Task:
-    """One kind of training run. Subclasses set `name` and implement the methods below."""
+    """One kind of training run over `cfg`, the run's `updetr.config.ExperimentConfig` (not imported here:
+    config validation asks the task classes, so tasks/ must import without config/). Subclasses set `name`, declare what the rest of updetr asks about them
+    (the class attributes and classmethods below, read without building anything) and implement the
+    methods that build and feed the run."""
 
     name: str = ""
+    # data.source values the task reads; `check_config` refuses the others.
+    sources: tuple[str, ...] = ()
+    # Classes of the head (no-object excluded) when model.num_classes is unset; None: it must be set.
+    default_num_classes: Optional[int] = None
+    # Streams its training data through Ray Data (`ray_datasets`): the launcher and the sweep's CPU
+    # budget count preprocessing actors for it.
+    ray_data: bool = False
+    # Evaluates on a split (while training too); the evaluator's class gives its metric names and table.
     has_eval: bool = False
-    # The evaluator's class: its metric names and the table `updetr eval` / `run` / `debug` print.
     evaluator_class: type[Evaluator] = Evaluator
+    # `updetr compare`'s curve PNG for this task: (which metric: "loss" | "eval", x label, file name).
+    curve: Optional[tuple[str, str, str]] = None
+    # `updetr visualize` draws this task's checkpoints (query patches and the boxes found for them).
+    visualize: bool = False
 
-    def __init__(self, cfg: ExperimentConfig) -> None:
+    @classmethod
+    def config_defaults(cls, tree: dict) -> dict:
+        """The raw experiment mapping with this task's defaults filled in, before validation."""
+        return tree
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """Cross-field rules of a config of this task; ValueError with one line naming the fields."""
+
+    def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
 
-    def prepare(self) -> ExperimentConfig:
+    def prepare(self) -> Any:
         """Driver side, before any worker starts: resolve data locations (absolute), write generated data.
         Returns the config the run should use (workers get this one)."""
         init = self.cfg.init.checkpoint

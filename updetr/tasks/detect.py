@@ -77,8 +77,19 @@ def resolve_data_paths(cfg):
 
 class DetectTask(Task):
     name = "detect"
+    sources = ("coco", "voc", "synthetic_coco", "coco_panoptic", "synthetic_panoptic")
     has_eval = True
     evaluator_class = CocoEvaluator
+    curve = ("eval", "fine-tuning epoch", "eval_ap_vs_epoch.png")
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.data.source == "synthetic_voc":
+            raise ValueError("data.source 'synthetic_voc' is read by task oneshot; detect reads coco | voc | "
+                             "synthetic_coco")
+        if cfg.data.source in ("synthetic", "folder", "shards"):
+            raise ValueError(f"data.source '{cfg.data.source}' has no labels; detection reads coco | voc | "
+                             "synthetic_coco")
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)

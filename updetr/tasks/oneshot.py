@@ -51,8 +51,29 @@ def ensure_synthetic_voc(cfg) -> Path:
 
 class OneShotTask(Task):
     name = "oneshot"
+    sources = ("voc", "synthetic_voc")
+    default_num_classes = 2   # label 1 = instance of the query's class
     has_eval = True
     evaluator_class = OneShotEvaluator
+
+    @classmethod
+    def config_defaults(cls, tree: dict) -> dict:
+        # One-shot keeps feature_align's weights but has no feature loss: its weight defaults to 0 here.
+        loss = tree.get("loss") if isinstance(tree.get("loss"), dict) else {}
+        if "feature" not in loss and not isinstance(tree.get("loss"), (str, int, float, list)):
+            tree = {**tree, "loss": {**loss, "feature": 0.0}}
+        return tree
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.data.source not in cls.sources:
+            raise ValueError(f"data.source '{cfg.data.source}': one-shot detection reads voc | synthetic_voc")
+        if cfg.model.num_classes not in (None, 2):
+            raise ValueError(f"model.num_classes ({cfg.model.num_classes}) must be 2 (or unset) for oneshot: "
+                             "label 1 = instance of the query's class, as pre-training's label 1 = patch")
+        if cfg.loss.feature != 0:
+            raise ValueError(f"loss.feature ({cfg.loss.feature}) must be 0 for oneshot: feature reconstruction "
+                             "is a pre-training loss (feature_align is kept in the model, not trained)")
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)

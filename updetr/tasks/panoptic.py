@@ -18,8 +18,17 @@ MASK_HEAD = ("bbox_attention.", "mask_head.")
 
 class PanopticTask(DetectTask):
     name = "panoptic"
+    sources = ("coco_panoptic", "synthetic_panoptic")
     has_eval = True
     evaluator_class = PanopticEvaluator
+    curve = None
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
+        if cfg.data.source not in cls.sources:
+            raise ValueError(f"data.source '{cfg.data.source}' has no segment maps; the panoptic task reads "
+                             "coco_panoptic | synthetic_panoptic")
 
     _annotation_kind = "panoptic annotation"
 

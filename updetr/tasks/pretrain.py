@@ -9,7 +9,25 @@ from updetr.tasks.base import Task
 
 class PretrainTask(Task):
     name = "pretrain"
+    sources = ("synthetic", "folder", "shards")
+    default_num_classes = 2   # label 1 = patch
+    ray_data = True
     has_eval = False
+    curve = ("loss", "step", "pretrain_loss.png")
+    visualize = True
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        n, m = cfg.model.num_queries, cfg.pretext.num_patches
+        if n % m:
+            raise ValueError(f"model.num_queries ({n}) must be divisible by pretext.num_patches ({m})")
+        if cfg.model.num_classes is not None and cfg.model.num_classes < 2:
+            # Index num_classes is no-object: with 1 class, the patch label 1 would be no-object.
+            raise ValueError(f"model.num_classes ({cfg.model.num_classes}) must be >= 2 for pre-training "
+                             "(label 1 = patch; index num_classes is no-object)")
+        if cfg.data.source not in cls.sources:
+            raise ValueError(f"data.source '{cfg.data.source}' is a detection dataset; pre-training "
+                             "reads synthetic | folder | shards")
 
     def prepare(self):
         """Check the data source before any work (one line naming the path and the reason)."""
