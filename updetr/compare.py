@@ -4,6 +4,11 @@ Table: one row per variant, only the parameters that differ between variants, th
 gap to a baseline row in brackets as in the paper's Tables 1, 5 and 6 (`54.9 (+5.0)`). `eval/*` COCO metrics
 are shown in % like the paper. Plots: the pre-training loss of every variant against the step (Fig. 6) and
 eval AP against the fine-tuning epoch (Figs. 1, 3 and 4).
+
+Replicates (a sweep run over seeds): the runs of one cell make one row: n, mean ± sd and the 95 % interval of
+the mean per metric, and per metric the difference to the baseline row with its 95 % Welch interval, marked
+`!` when the interval excludes 0 (updetr/stats.py; the method is the table's footer). The curves then show
+each cell's mean with a min-max band over its seeds.
 """
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ from pathlib import Path
 from typing import Optional
 
 from updetr.sweep.spec import short_keys
-from updetr.tracking_query import QueryError, Selection, Variant, by_tag, history, resolve
+from updetr.stats import METHOD, difference, summarize
+from updetr.tracking_query import Group, QueryError, Selection, Variant, by_tag, history, replicate_groups, resolve
 
 DEFAULT_METRICS = ("eval/AP", "eval/AP50", "eval/AP75")
 
@@ -94,28 +100,106 @@ def build_rows(sel: Selection, metrics: list[str], baseline: Optional[str]) -> t
     return header, rows, records
 
 
-def render(header: list[str], rows: list[list[str]], records: list[dict], fmt: str) -> str:
+def _fmt_ci(key: str, ci: tuple[float, float], signed: bool = False) -> str:
+    scale, spec = (100, ".1f") if _pct(key) else (1, ".3g")
+    sign = "+" if signed else ""
+    return f"[{scale * ci[0]:{sign}{spec}}, {scale * ci[1]:{sign}{spec}}]"
+
+
+def _fmt_summary(key: str, values: list[float]) -> str:
+    if not values:
+        return "-"
+    st = summarize(values)
+    if st.sd is None:
+        return _fmt(key, st.mean)
+    sd = f"{100 * st.sd:.1f}" if _pct(key) else f"{st.sd:.3g}"
+    return f"{_fmt(key, st.mean)} ± {sd} {_fmt_ci(key, st.ci)}"
+
+
+def build_replicate_rows(sel: Selection, groups: list[Group], metrics: list[str], baseline: Optional[str]
+                         ) -> tuple[list[str], list[list[str]], list[dict], list[str]]:
+    """(header, text rows, raw records, footer lines) with one row per cell over its seeds (see module doc)."""
+    keys = varying_params(groups)      # Group has .params (seed left out) like Variant
+    labels = short_keys(keys)
+    base = find_baseline(groups, baseline, labels) if baseline else None
+    header = ["run", *(labels[k] for k in keys), "n"]
+    for m in metrics:
+        header.append(f"{m} mean ± sd [95% CI]")
+        if base is not None:
+            header.append(f"Δ {m} [95% CI]")
+    rows, records, singles, marked = [], [], [], False
+    for i, g in enumerate(groups):
+        cells = [g.name + (" *" if i == base else ""), *(g.params.get(k, "-") for k in keys), str(len(g.variants))]
+        record = {"run": g.name, "n": len(g.variants), **{labels[k]: g.params.get(k) for k in keys}}
+        if len(g.variants) < 2:
+            singles.append(g.name)
+        for m in metrics:
+            xs = g.values(m)
+            cells.append(_fmt_summary(m, xs))
+            if xs:
+                st = summarize(xs)
+                record.update({f"{m} mean": st.mean, f"{m} sd": st.sd, f"{m} n": st.n,
+                               f"{m} ci_low": st.ci[0] if st.ci else None, f"{m} ci_high": st.ci[1] if st.ci else None})
+            if base is None:
+                continue
+            ref = groups[base].values(m)
+            if i == base or not xs or not ref:
+                cells.append("-")
+                continue
+            d = difference(xs, ref)
+            text = (f"{100 * d.delta:+.1f}" if _pct(m) else f"{d.delta:+.3g}")
+            if d.ci is not None:
+                text += " " + _fmt_ci(m, d.ci, signed=True) + (" !" if d.excludes_zero else "")
+                marked = marked or d.excludes_zero
+            cells.append(text)
+            record.update({f"{m} delta": d.delta, f"{m} delta_ci_low": d.ci[0] if d.ci else None,
+                           f"{m} delta_ci_high": d.ci[1] if d.ci else None, f"{m} delta_excludes_0": d.excludes_zero})
+        rows.append(cells)
+        records.append(record)
+    footer = [f"method: {METHOD}" + (" (in % points)" if any(_pct(m) for m in metrics) else "")]
+    if base is not None:
+        footer.append(f"* baseline ({groups[base].name}); ! the 95 % interval of the difference excludes 0"
+                      + ("" if marked else " (none here)"))
+    if singles:
+        footer.append(f"n = 1 ({', '.join(singles)}): one run, no sd and no interval")
+    return header, rows, records, footer
+
+
+def render(header: list[str], rows: list[list[str]], records: list[dict], fmt: str,
+           footer: Optional[list[str]] = None) -> str:
+    footer = footer or []
     if fmt == "csv":
         keys = list(dict.fromkeys(k for r in records for k in r))
         buf = io.StringIO()
         w = csv.DictWriter(buf, keys, lineterminator="\n")
         w.writeheader()
         w.writerows(records)
-        return buf.getvalue().rstrip("\n")
+        return buf.getvalue().rstrip("\n")       # the method is in the column names; no footer in a CSV
     if fmt == "markdown":
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows] + ([""] + footer if footer else []))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows), *footer])
 
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "compare"
 
 
-def plot_curves(client, sel: Selection, out: Path, loss_metric: str, ap_metric: str) -> list[Path]:
-    """Write the loss and AP curve PNGs (only those with data); returns their paths."""
+def band(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float, float, float]]:
+    """(step, mean, min, max) over the curves at each step any of them has (a step only some runs reached
+    averages those)."""
+    at: dict[int, list[float]] = {}
+    for pts in curves:
+        for step, value in pts:
+            at.setdefault(step, []).append(value)
+    return [(s, sum(v) / len(v), min(v), max(v)) for s, v in sorted(at.items())]
+
+
+def plot_curves(client, groups: list[Group], title: str, out: Path, loss_metric: str, ap_metric: str) -> list[Path]:
+    """Write the loss and AP curve PNGs (only those with data): one line per cell, its mean over the seeds
+    with a min-max band when it has several; returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")        # files only: no display on a server or in CI
@@ -129,18 +213,24 @@ def plot_curves(client, sel: Selection, out: Path, loss_metric: str, ap_metric: 
     plots = [(name, task_class(name).curve) for name in task_names()]
     for task, (which, xlabel, fname) in [(name, curve) for name, curve in plots if curve]:
         key = loss_metric if which == "loss" else ap_metric
-        curves = [(v.name, history(client, v, key, prefer_task=task)) for v in sel.variants]
-        curves = [(n, pts) for n, pts in curves if len(pts) > 1]       # a single point is no curve
+        curves = []
+        for g in groups:
+            runs = [pts for pts in (history(client, v, key, prefer_task=task) for v in g.variants) if len(pts) > 1]
+            if runs:                                                    # a single point is no curve
+                curves.append((g.name + (f" (n={len(runs)}, mean, min-max)" if len(runs) > 1 else ""), band(runs)))
         if not curves:
             continue
         fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
         scale = 100 if _pct(key) else 1
         for name, pts in curves:
-            ax.plot([p[0] for p in pts], [scale * p[1] for p in pts], marker="." if len(pts) < 50 else None,
-                    label=name)
+            xs = [p[0] for p in pts]
+            line, = ax.plot(xs, [scale * p[1] for p in pts], marker="." if len(pts) < 50 else None, label=name)
+            if any(p[2] != p[3] for p in pts):
+                ax.fill_between(xs, [scale * p[2] for p in pts], [scale * p[3] for p in pts],
+                                color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(key + (" (%)" if scale == 100 else ""))
-        ax.set_title(f"{sel.title}: {key}")
+        ax.set_title(f"{title}: {key}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -174,13 +264,19 @@ def compare(client, refs: list[str], tags: list[str], metrics: list[str], baseli
                     seen.add(v.run_id)
                     variants.append(v)
         sel = Selection("+".join(s.title for s in selections), variants)
-    header, rows, records = build_rows(sel, metrics, baseline)
-    text = render(header, rows, records, fmt)
+    groups = replicate_groups(sel.variants)
+    if len(groups) < len(sel.variants):        # some cell ran over several seeds: one row per cell
+        build_rows(sel, metrics, None)         # the same check that every metric exists somewhere
+        header, rows, records, footer = build_replicate_rows(sel, groups, metrics, baseline)
+        text = render(header, rows, records, fmt, footer)
+    else:
+        header, rows, records = build_rows(sel, metrics, baseline)
+        text = render(header, rows, records, fmt)
     files: list[Path] = []
     if plots:
         folder = out or Path("compare") / _safe(sel.title)
         ap = next((m for m in metrics if m.startswith("eval/")), "eval/AP")
-        files = plot_curves(client, sel, folder, loss_metric, ap)
+        files = plot_curves(client, groups, sel.title, folder, loss_metric, ap)
         table_path = folder / ("table.csv" if fmt == "csv" else "table.md" if fmt == "markdown" else "table.txt")
         table_path.parent.mkdir(parents=True, exist_ok=True)
         table_path.write_text(text + "\n")
@@ -204,6 +300,9 @@ def cmd_compare(args) -> int:
     except (QueryError, CompareError, TrackingError) as e:
         return fail(str(e))
     print(text)
+    if len(replicate_groups(sel.variants)) == len(sel.variants) and args.format == "table":
+        print("each row is one run (n = 1): no spread and no intervals; a sweep with `replicates:` or "
+              "`options.seeds:` runs every cell over seeds (docs/statistics.md)")
     if files:
         print("wrote: " + ", ".join(str(f) for f in files))
     note = log_to_sweep(client, sel, files)

@@ -91,8 +91,12 @@ def open_local_tracking(cfg: ExperimentConfig, folder: Path, parent_run_id: Opti
     tags = dict(extra_tags or {})
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    return start_tracking(True, resolve_tracking_uri(cfg.tracking.uri), cfg.tracking.experiment or cfg.name,
-                          cfg.name, str(folder), config_to_dict(cfg), config_to_yaml(cfg), extra_tags=tags)
+    from updetr.data.subset import log_subset
+
+    tracker = start_tracking(True, resolve_tracking_uri(cfg.tracking.uri), cfg.tracking.experiment or cfg.name,
+                             cfg.name, str(folder), config_to_dict(cfg), config_to_yaml(cfg), extra_tags=tags)
+    log_subset(tracker, cfg)
+    return tracker
 
 
 @dataclass

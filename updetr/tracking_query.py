@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 TAG_SWEEP = "updetr.sweep"          # on a sweep's parent run: the sweep name
+TAG_TRIAL = "updetr.trial"          # on a sweep trial's run: the trial name (cell and seed)
+TAG_CELL = "updetr.cell"            # on a sweep trial's run: the cell it replicates (the same for every seed)
+TAG_SEED = "updetr.seed"            # on a replicate's run: its seed
 TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
 _IDENTITY_PARAMS = {"name", "init.checkpoint", "tracking.experiment", "ray.run_name"}
@@ -67,6 +70,57 @@ class Variant:
 
     def metric_keys(self) -> set[str]:
         return {k for run in self.runs() for k in run.data.metrics}
+
+
+@dataclass
+class Group:
+    """The runs of one cell that differ only by seed (a sweep's replicates: same `updetr.cell` tag under the
+    same sweep run); a run outside such a cell is a group of one."""
+
+    name: str
+    variants: list[Variant]
+
+    @property
+    def params(self) -> dict[str, str]:
+        """The first run's params without its seed (the seed is what the replicates vary)."""
+        return {k: v for k, v in self.variants[0].params.items() if k != "seed" and not k.endswith(".seed")}
+
+    def values(self, key: str) -> list[float]:
+        return [x for x in (v.metric(key) for v in self.variants) if x is not None]
+
+    def metric(self, key: str) -> Optional[float]:
+        """The mean over the runs that have `key` (None when none has it)."""
+        xs = self.values(key)
+        return sum(xs) / len(xs) if xs else None
+
+    def metric_keys(self) -> set[str]:
+        return {k for v in self.variants for k in v.metric_keys()}
+
+
+def _seed_of(variant: Variant) -> Optional[int]:
+    raw = variant.run.data.tags.get(TAG_SEED, variant.run.data.params.get("seed"))
+    try:
+        return int(raw) if raw is not None else None
+    except ValueError:
+        return None
+
+
+def replicate_groups(variants: list[Variant]) -> list[Group]:
+    """Variants grouped by cell (tag `updetr.cell` and the sweep run above them), in order of first appearance,
+    each group's runs by seed; a variant without the tag is its own group. Only the tag groups: runs that merely
+    look alike (same params) may differ in what was not logged, so they stay apart."""
+    groups: dict[tuple, Group] = {}
+    for v in variants:
+        cell = v.run.data.tags.get(TAG_CELL)
+        key = (v.run.data.tags.get(TAG_PARENT), cell) if cell else ("run", v.run_id)
+        if key not in groups:
+            seed = v.run.data.tags.get(TAG_SEED)
+            name = v.name.removesuffix(f"_seed-{seed}") if cell and seed is not None else v.name
+            groups[key] = Group(name, [])
+        groups[key].variants.append(v)
+    for g in groups.values():
+        g.variants.sort(key=lambda v: (_seed_of(v) is None, _seed_of(v) or 0))
+    return list(groups.values())
 
 
 @dataclass

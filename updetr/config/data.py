@@ -40,6 +40,19 @@ class DataConfig(_Strict):
                                                         "prefetch; DataLoader prefetch per worker).")
     preprocess_batch_size: int = Field(8, gt=0, description="Ray Data: images per decode + patch-crop call "
                                                             "(small keeps the first batch fast and memory flat).")
+    fraction: float = Field(1.0, gt=0, le=1, description="Low-data fine-tuning (detect / oneshot / panoptic): "
+                            "train on a seeded subset of this fraction of the TRAIN split's images (at least 1); "
+                            "the evaluation split is always whole. 1.0: every image.")
+    subset_size: Optional[int] = Field(None, gt=0, description="Low-data fine-tuning: train on this many images "
+                                       "of the TRAIN split instead of a fraction (at most all); None: data.fraction.")
+    subset_seed: Optional[int] = Field(None, description="Seed of the subset draw; None: the run's seed. The ids "
+                                       "are written to <run folder>/train_subset.json and MLflow.")
+
+    @model_validator(mode="after")
+    def _one_subset_rule(self) -> "DataConfig":
+        if self.subset_size is not None and self.fraction < 1.0:
+            raise ValueError(f"data.fraction ({self.fraction}) and data.subset_size ({self.subset_size}): give one")
+        return self
 
 
 class DetectionConfig(_Strict):

@@ -74,6 +74,10 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_field(self) -> "ExperimentConfig":
+        if self.task == "pretrain" and (self.data.fraction < 1.0 or self.data.subset_size is not None):
+            raise ValueError("data.fraction / data.subset_size: a subset of a labelled TRAIN split is for "
+                             "fine-tuning (detect / oneshot / panoptic); in a chain, set it on that stage "
+                             "(stages.finetune.data.fraction=...)")
         _task_class(self.task).check_config(self)   # the task's own rules (sources, heads, losses)
         if self.data.source in ("folder", "shards", "coco", "voc", "coco_panoptic") and not self.data.path:
             raise ValueError(f"data.path is required for data.source '{self.data.source}'")

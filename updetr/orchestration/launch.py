@@ -152,11 +152,15 @@ def open_tracking(plan: RunPlan, parent_run_id: Optional[str] = None, extra_tags
     tags = {**cluster_tags(), **(extra_tags or {})}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
+    from updetr.data.subset import log_subset
+
     try:
-        return start_tracking(True, plan.tracking_uri, plan.experiment, plan.run_name, plan.run_dir,
-                              config_to_dict(plan.cfg), config_to_yaml(plan.cfg), extra_tags=tags)
+        tracker = start_tracking(True, plan.tracking_uri, plan.experiment, plan.run_name, plan.run_dir,
+                                 config_to_dict(plan.cfg), config_to_yaml(plan.cfg), extra_tags=tags)
     except TrackingError as e:
         raise LaunchError(str(e)) from None
+    log_subset(tracker, plan.cfg)      # the fine-tuning subset's image ids, when the TRAIN split is cut
+    return tracker
 
 
 # ------------------------------------------------------------------------------------------- run

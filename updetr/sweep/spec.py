@@ -12,12 +12,17 @@ variants:                                                # extra cells, e.g. ano
   - {name: detr-scratch, experiment: ../detect_detr-r50-scratch_voc_8xb2-150e.yaml}
   - {name: random-init, stages: [finetune, eval]}        # the same chain without its pre-training stage
 options: {max_concurrent: 2, workers_per_trial: 1, metric: eval/AP, mode: max}
+replicates: 3                                            # every cell over seeds 0, 1, 2 (or options.seeds)
 ```
 
 Keys are the dotted overrides of `updetr run` (`stages.<stage>.k` scopes a key to one stage of a chain).
 Every cell is resolved with `load_experiment` when the sweep is loaded, so an unknown field, a value of the
 wrong type or an invalid combination (N not divisible by M) fails before any trial starts, naming the cell
 and the field. Trial names are built from the cell's parameters only, so a re-run finds the same trials.
+
+Replicates: with `replicates: n` or `options.seeds: [...]` every cell runs once per seed (the run's `seed`, which
+every random draw of every stage derives from: data order, model init, augmentation, synthetic data). Such a
+trial is named `<cell>_seed-<s>`; its `Cell.group` is the cell's own name, so tools group the seeds of a cell.
 """
 from __future__ import annotations
 
@@ -76,6 +81,15 @@ class SweepOptions(_Strict):
     metric: str = Field("eval/AP", description="Metric of the summary table and of the best trial.")
     mode: Literal["max", "min"] = Field("max", description="Whether higher or lower `metric` is better.")
     early_stopping: Optional[EarlyStopping] = Field(None, description="Optional ASHA early stopping.")
+    seeds: Optional[list[int]] = Field(None, min_length=1, description="Run every cell once per seed (the run's "
+                                       "`seed`); None: once, with the experiment's own seed.")
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v: Optional[list[int]]) -> Optional[list[int]]:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"a seed is listed twice: {v}")
+        return v
 
 
 class Variant(_Strict):
@@ -101,6 +115,15 @@ class SweepSpec(_Strict):
     zip: dict[str, list[Any]] = Field(default_factory=dict, description="Dotted keys whose values go together.")
     variants: list[Variant] = Field(default_factory=list, description="Extra cells.")
     options: SweepOptions = Field(default_factory=SweepOptions, description="Trial resources and summary.")
+    replicates: Optional[int] = Field(None, gt=0, description="Run every cell over seeds 0..n-1 (shorthand of "
+                                                              "options.seeds); None: options.seeds or once.")
+
+    @property
+    def seeds(self) -> Optional[list[int]]:
+        """The seeds every cell runs with, or None (one run per cell, the experiment's own seed)."""
+        if self.options.seeds is not None:
+            return list(self.options.seeds)
+        return list(range(self.replicates)) if self.replicates else None
 
     @field_validator("grid", "zip")
     @classmethod
@@ -131,6 +154,14 @@ class SweepSpec(_Strict):
         names = [v.name for v in self.variants]
         if len(set(names)) != len(names):
             raise ValueError(f"variants: names must be unique, got {names}")
+        if self.replicates and self.options.seeds is not None and len(self.options.seeds) != self.replicates:
+            raise ValueError(f"replicates ({self.replicates}) and options.seeds ({self.options.seeds}) disagree; "
+                             f"give one of them")
+        if self.seeds is not None:
+            seeded = [k for k in keys + list(self.overrides) + [k for v in self.variants for k in v.overrides]
+                      if k == "seed" or k.startswith("stages.") and k.endswith(".seed") and k.count(".") == 2]
+            if seeded:
+                raise ValueError(f"{seeded[0]}: the seed comes from replicates / options.seeds; do not set it too")
         return self
 
 
@@ -200,6 +231,13 @@ class Cell:
     experiment_path: Path         # the experiment file it runs
     overrides: tuple[str, ...]    # every `key=value` applied to that file, in order
     experiment: Experiment        # resolved and validated
+    group: str = ""               # the cell without its seed (replicates share it); "" -> name
+    seed: Optional[int] = None    # the replicate's seed (also in params as `seed`), None without replicates
+
+    @property
+    def cell(self) -> str:
+        """The cell this trial replicates (its name without the seed)."""
+        return self.group or self.name
 
 
 @dataclass(frozen=True)
@@ -327,11 +365,20 @@ def load_sweep(path: str | Path, overrides: Optional[list[str]] = None, name: Op
     dupes = sorted({n for n in seen if seen.count(n) > 1})
     if dupes:
         raise SweepError(f"{path}: two cells get the same trial name {dupes}; rename a variant")
+    seeds = spec.seeds
+    if seeds is not None:
+        if any(p.partition("=")[0] == "seed" for p in overrides or []):
+            raise SweepError(f"{path}: override seed=...: the seeds come from replicates / options.seeds")
+        # seed-major: with trials 2 at a time, every cell gets its first seeds before any cell its last
+        plans = [(f"{trial}_seed-{s}", {**params, "seed": s}, exp_path, keep, trial, s)
+                 for s in seeds for trial, params, exp_path, keep in plans]
+    else:
+        plans = [(*p, "", None) for p in plans]
     fixed = _pairs(spec.overrides)
     if spec.options.workers_per_trial:
         fixed.append(f"ray.num_workers={spec.options.workers_per_trial}")
     cells, failures = [], []
-    for trial, params, exp_path, keep in plans:
+    for trial, params, exp_path, keep, group, seed in plans:
         where = f"{path}: cell {trial}"
         if not exp_path.is_file():
             raise SweepError(f"{where}: experiment: {exp_path}: no such file")
@@ -346,7 +393,7 @@ def load_sweep(path: str | Path, overrides: Optional[list[str]] = None, name: Op
         except ConfigError as e:
             failures.append("\n".join(f"{where}: {line}" for line in str(e).splitlines()))
             continue
-        cells.append(Cell(trial, params, exp_path, items, exp))
+        cells.append(Cell(trial, params, exp_path, items, exp, group, seed))
     if failures:
         more = f"\n{path}: ... and {len(failures) - MAX_REPORTED} more cells fail" if len(failures) > MAX_REPORTED else ""
         raise SweepError("\n".join(failures[:MAX_REPORTED]) + more)

@@ -29,7 +29,7 @@ from typing import Optional, TextIO
 
 from updetr.sweep.early_stop import asha, mark_stopped, max_epochs, stopped_at
 from updetr.sweep.spec import Sweep, SweepError, load_sweep
-from updetr.tracking_query import TAG_SWEEP
+from updetr.tracking_query import TAG_CELL, TAG_SEED, TAG_SWEEP, TAG_TRIAL
 
 DRIVER_CPU = 0.01       # a trial's own actor; 0 is rejected by Tune (ray-mlflow-notes §3.2)
 
@@ -111,7 +111,8 @@ def _trial(config: dict) -> None:
         try:
             MlflowClient(outcome.tracking_uri).log_batch(
                 outcome.parent.run_id, params=[Param(k, str(v)) for k, v in cell.params.items()],
-                tags=[RunTag("updetr.trial", cell.name)])
+                tags=[RunTag(TAG_TRIAL, cell.name), RunTag(TAG_CELL, cell.cell),
+                      *([RunTag(TAG_SEED, str(cell.seed))] if cell.seed is not None else [])])
         except Exception as e:  # noqa: BLE001 - the store went away after the chain: the trial still counts
             driver.tracking_lost = driver.tracking_lost or f"MLflow at {outcome.tracking_uri}: {type(e).__name__}"
     if not getattr(outcome.parent, "healthy", True):    # went away while the chain ran (calls were dropped)
@@ -169,17 +170,20 @@ def cell_settings(sweep: Sweep) -> dict[str, list[str]]:
     return {c.name: [f"{st.name}:{config_hash(st.cfg)}" for st in c.experiment.stages] for c in sweep.cells}
 
 
-def check_same_settings(sweep: Sweep, folder: Path) -> None:
+def check_same_settings(sweep: Sweep, folder: Path) -> list[str]:
     """A re-run resumes the sweep Tune saved in `folder`, whose trials keep the settings they started with.
     Refuse (before any work) when the cells now resolve to other settings: resuming would silently report the
-    old ones."""
+    old ones. Cells added to the sweep (e.g. a seed more) are allowed when every saved cell is unchanged;
+    returns their names ([] when the sweep is the same or new)."""
     saved_path = folder / SETTINGS_FILE
     if not saved_path.is_file():
-        return
+        return []
     saved, now = json.loads(saved_path.read_text()), cell_settings(sweep)
     if saved == now:
-        return
-    changed = sorted(set(saved) ^ set(now)) or sorted(k for k in now if saved.get(k) != now[k])
+        return []
+    if set(saved) <= set(now) and all(saved[k] == now[k] for k in saved):
+        return [k for k in now if k not in saved]
+    changed = sorted(set(saved) - set(now)) or sorted(k for k in saved if saved[k] != now.get(k))
     raise SweepError(f"{sweep.path}: sweep '{sweep.name}' in {folder} was started with other settings "
                      f"(cells changed: {', '.join(changed)}); re-run with the same file and overrides to resume "
                      f"it, or give the changed study a new name (--name NEW)")
@@ -211,7 +215,7 @@ def _run_sweep(sweep: Sweep, path: Path, overrides: list[str], folder: Path, sto
     from updetr.orchestration.ray_session import connect_ray
     from updetr.tracking import MlflowTracker, NullTracker
 
-    check_same_settings(sweep, folder)
+    added = check_same_settings(sweep, folder)
     uri = first.tracking.uri if first.tracking.enabled else None
     parent = (MlflowTracker.open(uri, sweep.name, sweep.name, identity={TAG_SWEEP: sweep.name},
                                  tags={"updetr.sweep_file": str(path)}) if uri else NullTracker())
@@ -236,7 +240,12 @@ def _run_sweep(sweep: Sweep, path: Path, overrides: list[str], folder: Path, sto
               f"{es.grace_period}, reduction {es.reduction_factor:g}, last rung {max_epochs(sweep, es)}",
               file=out, flush=True)
     trainable = tune.with_resources(_trial, {"cpu": DRIVER_CPU})
-    if tune.Tuner.can_restore(str(folder)):
+    if added:
+        # Tune cannot add trials to a saved run: start its run again over every cell. The cells run before
+        # find their chains finished (run folders and chain state are the trial's own) and only report again.
+        print(f"sweep {sweep.name}: {len(added)} new trial(s) ({', '.join(added)}); the "
+              f"{len(sweep.cells) - len(added)} earlier ones report their finished results", file=out, flush=True)
+    if tune.Tuner.can_restore(str(folder)) and not added:
         print(f"sweep {sweep.name}: resuming from {folder}", file=out, flush=True)
         tuner = tune.Tuner.restore(str(folder), trainable, resume_errored=True)
     else:

@@ -101,6 +101,10 @@ class DetectTask(Task):
         self.cfg = cfg
         self._datasets = {}
         self.dataset("train")  # fail here, in one line, before any worker starts
+        if self.subset is not None:      # on the driver only: a Ray worker's working dir is elsewhere
+            from updetr.data.subset import write_subset
+
+            write_subset(cfg, *self.subset)
         return cfg
 
     def dataset(self, split: str):
@@ -120,6 +124,8 @@ class DetectTask(Task):
             if len(ds) == 0:
                 raise DatasetError(f"data ({split} split) under {cfg.data.val_path or cfg.data.path}: "
                                    "no images listed")
+            if split == "train":
+                ds = self._subset(ds)
             n = self.num_classes(ds)
             bad = sorted(c for c in self._category_ids(ds) if c >= n or c < 0)
             if bad:
@@ -127,6 +133,20 @@ class DetectTask(Task):
                                    f"= {n} (ids must be < num_classes; DETR's rule is max id + 1)")
             self._datasets[split] = ds
         return self._datasets[split]
+
+    def _subset(self, ds):
+        """The TRAIN split cut to data.fraction / data.subset_size (seeded: every process draws the same ids;
+        prepare() writes them down); the class count still comes from the whole split."""
+        from updetr.data.subset import choose_subset, subset_active, subset_seed
+
+        if not subset_active(self.cfg):
+            return ds
+        total = len(ds.ids)
+        ds.ids = choose_subset(ds.ids, self.cfg.data.fraction, self.cfg.data.subset_size, subset_seed(self.cfg))
+        self.subset = (list(ds.ids), total)
+        return ds
+
+    subset = None                        # (kept ids, images in the whole split) when the split is cut
 
     _annotation_kind = "annotation file"     # named in the error for an annotation file that cannot be parsed
 

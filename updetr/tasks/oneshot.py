@@ -93,7 +93,13 @@ class OneShotTask(Task):
         self.cfg = cfg
         self._cache = {}
         self.train_episodes()  # fail here, in one line, before any worker starts
+        if self.subset is not None:      # on the driver only: a Ray worker's working dir is elsewhere
+            from updetr.data.subset import write_subset
+
+            write_subset(cfg, *self.subset)
         return cfg
+
+    subset = None                        # (kept ids, images in the whole split) when the split is cut
 
     def _root(self, split: str) -> str:
         d = self.cfg.data
@@ -123,8 +129,24 @@ class OneShotTask(Task):
                 counter.log_summary(f"VOC {split} annotations")
             if not coco.imgs:
                 raise DatasetError(f"data ({split} split) under {root}: no images listed")
+            if split == "train":
+                coco = self._subset(coco)
             self._cache[key] = (root, coco)
         return self._cache[key]
+
+    def _subset(self, coco):
+        """The TRAIN split's index cut to data.fraction / data.subset_size (seeded; ids written to the run
+        folder by prepare()); episodes are then drawn from the kept images only (queries included)."""
+        from updetr.data.coco import coco_from_dict
+        from updetr.data.subset import choose_subset, subset_active, subset_seed
+
+        if not subset_active(self.cfg):
+            return coco
+        keep = set(choose_subset(coco.imgs, self.cfg.data.fraction, self.cfg.data.subset_size,
+                                 subset_seed(self.cfg)))
+        self.subset = (sorted(keep), len(coco.imgs))
+        return coco_from_dict({**coco.dataset, "images": [i for i in coco.dataset["images"] if i["id"] in keep],
+                               "annotations": [a for a in coco.dataset["annotations"] if a["image_id"] in keep]})
 
     def classes(self):
         from updetr.data.oneshot_pairs import split_classes
