@@ -14,6 +14,8 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from updetr.task_defaults import inherit_pre_norm, resolve_task_defaults
+
 # The paper's image scales for pre-training (reference-notes §2.1: 384 is absent on purpose).
 PRETRAIN_SCALES = [320, 336, 352, 368, 400, 416, 432, 448, 464, 480]
 
@@ -30,9 +32,10 @@ class ModelConfig(_Strict):
     backbone_weights: Optional[str] = Field(
         None, description="Local weight file for the backbone (torchvision or SwAV state_dict; `module.` "
                           "prefixes stripped). None keeps random init: nothing is ever downloaded.")
-    freeze_backbone: bool = Field(
-        True, description="Freeze the whole CNN (pre-training default). When False, layers 2-4 train at "
-                          "optim.lr_backbone and the stem + layer1 stay frozen, as in DETR.")
+    freeze_backbone: Optional[bool] = Field(
+        None, description="Freeze the whole CNN. When False, layers 2-4 train at optim.lr_backbone and the "
+                          "stem + layer1 stay frozen, as in DETR. None (unset): per task as the official code "
+                          "(updetr.task_defaults): True for pretrain (--fre_cnn), False otherwise.")
     dilation: bool = Field(False, description="Replace stride with dilation in the last ResNet stage (DC5).")
     position_embedding: Literal["sine", "learned"] = Field("sine", description="Positional encoding type.")
     hidden_dim: int = Field(256, gt=0, description="Transformer width d_model.")
@@ -41,7 +44,10 @@ class ModelConfig(_Strict):
     dec_layers: int = Field(6, gt=0, description="Transformer decoder layers.")
     dim_feedforward: int = Field(2048, gt=0, description="FFN hidden size in each transformer layer.")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout inside the transformer.")
-    pre_norm: bool = Field(True, description="Pre-norm transformer (UP-DETR) instead of post-norm (DETR).")
+    pre_norm: Optional[bool] = Field(
+        None, description="Pre-norm transformer (UP-DETR) instead of post-norm (DETR). None (unset): per task "
+                          "(updetr.task_defaults): True for pretrain and for a run starting from "
+                          "init.checkpoint (a chained stage takes the previous stage's), False from scratch.")
     num_queries: int = Field(100, gt=0, description="Number of object queries N.")
     aux_loss: bool = Field(True, description="Auxiliary decoding losses on every decoder layer.")
     num_classes: Optional[int] = Field(
@@ -182,7 +188,10 @@ class OptimConfig(_Strict):
     """AdamW with a separate backbone learning rate and gradient clipping (owner: engine)."""
 
     lr: float = Field(1e-4, gt=0, description="Learning rate of transformer and heads.")
-    lr_backbone: float = Field(1e-5, ge=0, description="Learning rate of trainable backbone layers.")
+    lr_backbone: Optional[float] = Field(
+        None, ge=0, description="Learning rate of trainable backbone layers. None (unset): per task "
+                                "(updetr.task_defaults): 5e-5 for detect / oneshot from init.checkpoint "
+                                "(UP-DETR's recipe), optim.lr for an unfrozen pretrain (main.py), else 1e-5.")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
     clip_max_norm: float = Field(0.1, ge=0, description="Gradient-norm clip; 0 disables.")
 
@@ -353,6 +362,11 @@ class ExperimentConfig(_Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
     oneshot: OneShotConfig = Field(default_factory=OneShotConfig, description="One-shot detection (task oneshot).")
     panoptic: PanopticConfig = Field(default_factory=PanopticConfig, description="Panoptic mask head.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, data: Any) -> Any:
+        return resolve_task_defaults(data)
 
     @model_validator(mode="before")
     @classmethod
@@ -614,6 +628,7 @@ def load_experiment(path: str | Path | None, overrides: list[str] | None = None)
                     continue
                 key = ".".join(key.split(".")[2:])
             _set_dotted(merged, key, value)
+        merged = inherit_pre_norm(merged, stages[-1].cfg.model.pre_norm if stages else None)
         try:
             cfg = ExperimentConfig.model_validate(merged)
         except ValidationError as e:
