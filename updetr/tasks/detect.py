@@ -152,6 +152,10 @@ class DetectTask(Task):
     def evaluator(self):
         from updetr.eval import CocoEvaluator
 
+        if self.cfg.eval.metric in ("voc07", "voc12"):
+            from updetr.eval.voc_eval import VocEvaluator
+
+            return VocEvaluator(self.dataset("val").coco, self.cfg.eval.metric)
         return CocoEvaluator(self.dataset("val").coco)
 
     # -- model
