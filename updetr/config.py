@@ -46,8 +46,8 @@ class ModelConfig(_Strict):
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout inside the transformer.")
     pre_norm: Optional[bool] = Field(
         None, description="Pre-norm transformer (UP-DETR) instead of post-norm (DETR). None (unset): per task "
-                          "(updetr.task_defaults): True for pretrain and for a run starting from "
-                          "init.checkpoint (a chained stage takes the previous stage's), False from scratch.")
+                          "(updetr.task_defaults): True for pretrain and for detect / oneshot starting from "
+                          "init.checkpoint, False otherwise; a chained stage takes the previous stage's.")
     num_queries: int = Field(100, gt=0, description="Number of object queries N.")
     aux_loss: bool = Field(True, description="Auxiliary decoding losses on every decoder layer.")
     num_classes: Optional[int] = Field(
@@ -283,8 +283,15 @@ class OneShotConfig(_Strict):
         description="VOC classes held out of training and scored apart (paper Table 3 / CoAE: cow, sheep, cat, "
                     "aeroplane); every other VOC class is seen.")
     train_images_with_unseen: bool = Field(
-        False, description="Keep training images that also show unseen-class objects (unlabelled, i.e. "
-                           "background). Default: drop them, so no unseen object is ever seen in training.")
+        True, description="Keep training images that also show unseen-class objects, those objects unlabelled "
+                          "(background), as CoAE does. False drops them, so no unseen object is ever seen in "
+                          "training (about 20 % of VOC07+12 trainval).")
+    class_sampling: Literal["inverse_frequency", "uniform"] = Field(
+        "inverse_frequency", description="The class of a training episode among its image's seen classes: "
+                                         "weighted by 1 / (training images showing the class), as CoAE; or "
+                                         "uniform.")
+    query_flip: float = Field(0.5, ge=0.0, le=1.0, description="Probability of flipping a training query patch "
+                                                               "horizontally (CoAE: 0.5; 0 = never).")
     patch_dropout: float = Field(
         0.0, ge=0.0, lt=1.0, description="Probability of zeroing the query-patch feature in a query slot during "
                                          "training (pre-training's pretext.patch_dropout; off: with one patch a "
@@ -311,6 +318,16 @@ class TrackingConfig(_Strict):
     uri: Optional[str] = Field(None, description="Tracking URI; None = sqlite file mlflow.db under the working "
                                                  "directory (made absolute).")
     experiment: Optional[str] = Field(None, description="MLflow experiment name; None = the experiment name.")
+
+
+class EvalConfig(_Strict):
+    """How the evaluation split is scored (owner: `updetr.tasks`, `updetr.eval`)."""
+
+    metric: Optional[Literal["coco", "voc07", "voc12"]] = Field(
+        None, description="coco = pycocotools COCOeval (AP, AP50, AP75, ...; VOC difficult objects are crowd "
+                          "regions); voc07 / voc12 = the VOC devkit at IoU 0.5 (difficult detections ignored; "
+                          "11-point / all-point AP), VOC data only. None (unset): coco for detect (the paper's "
+                          "Table 1 reports COCO-style AP on test2007), voc07 for oneshot (CoAE, Table 3).")
 
 
 # ---- panoptic segmentation (task `panoptic`) ------------------------------------------------------------
@@ -362,6 +379,7 @@ class ExperimentConfig(_Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
     oneshot: OneShotConfig = Field(default_factory=OneShotConfig, description="One-shot detection (task oneshot).")
     panoptic: PanopticConfig = Field(default_factory=PanopticConfig, description="Panoptic mask head.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation metric.")
 
     @model_validator(mode="before")
     @classmethod
@@ -417,6 +435,11 @@ class ExperimentConfig(_Strict):
         if self.task == "panoptic" and self.data.source not in ("coco_panoptic", "synthetic_panoptic"):
             raise ValueError(f"data.source '{self.data.source}' has no segment maps; the panoptic task reads "
                              "coco_panoptic | synthetic_panoptic")
+        if self.eval.metric in ("voc07", "voc12") and (self.task not in ("detect", "oneshot") or
+                                                       self.data.source not in ("voc", "synthetic_voc")):
+            raise ValueError(f"eval.metric '{self.eval.metric}' is the VOC devkit's: it scores VOC data only "
+                             f"(task detect | oneshot with data.source voc | synthetic_voc; here task "
+                             f"{self.task}, data.source '{self.data.source}')")
         if self.data.source in ("folder", "shards", "coco", "voc", "coco_panoptic") and not self.data.path:
             raise ValueError(f"data.path is required for data.source '{self.data.source}'")
         return self
@@ -673,7 +696,7 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
 # Everything else (runtime.precision and any runtime switch included) is part of a run's identity.
 OPERATIONAL_PREFIXES = ("ray.", "tracking.", "runtime.output_dir", "runtime.threads", "data.num_workers",
                         "data.preprocess_cpus", "data.prefetch_batches", "data.preprocess_batch_size",
-                        "schedule.checkpoint_every", "schedule.log_every")
+                        "schedule.checkpoint_every", "schedule.log_every", "eval.metric")
 IDENTITY_KEEP = ("ray.use_gpu",)  # GPU vs CPU arithmetic
 # How long to train: extending a run (updetr debug --resume with a higher max_steps) continues it.
 RUN_LENGTH_FIELDS = ("schedule.epochs", "schedule.max_steps")

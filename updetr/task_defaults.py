@@ -6,7 +6,9 @@ runs each task (reference: dddzg/up-detr `main.py` for pre-training, `detr_main.
 | pretrain                              | True (--fre_cnn)| True (--pre_norm)      | optim.lr when not frozen (main.py: `lr_backbone = 0 if fre_cnn else lr`), else 1e-5 (unused) |
 | detect / oneshot with init.checkpoint | False           | True (UP-DETR fine-tuning recipe: --pre_norm --pretrain) | 5e-5 (the recipe's --lr_backbone) |
 | detect / oneshot from scratch         | False           | False (DETR)           | 1e-5 (DETR's default)    |
-| panoptic                              | False           | True with init.checkpoint, else False | 1e-5 (DETR's default) |
+| panoptic                              | False           | False (DETR's panoptic recipe starts from a DETR detector) | 1e-5 (DETR's default) |
+
+`eval.metric`: voc07 for oneshot (CoAE's protocol, Table 3), coco otherwise (Table 1: COCO-style AP on VOC).
 
 A stage of a chain that starts from the previous stage's weights (`init.checkpoint: previous`) takes that
 stage's `pre_norm` (`inherit_pre_norm`): the architecture must match the weights it loads.
@@ -31,7 +33,7 @@ def _section(data: dict, key: str) -> dict:
 
 
 def resolve_task_defaults(data: Any) -> Any:
-    """Fill unset `model.freeze_backbone`, `model.pre_norm`, `optim.lr_backbone` of a raw experiment mapping
+    """Fill unset `model.freeze_backbone`, `model.pre_norm`, `optim.lr_backbone`, `eval.metric` of a raw mapping
     by its task and `init.checkpoint` (table above). Non-mappings and wrongly typed sections pass through
     untouched so that the field checks report them."""
     if not isinstance(data, dict):
@@ -46,7 +48,8 @@ def resolve_task_defaults(data: Any) -> Any:
     if model.get("freeze_backbone") is None:
         model["freeze_backbone"] = task == "pretrain"
     if model.get("pre_norm") is None:
-        model["pre_norm"] = task == "pretrain" or from_weights
+        # a panoptic run loads a detector, DETR's (post-norm) in DETR's recipe; the UP-DETR one sets pre_norm
+        model["pre_norm"] = task == "pretrain" or (from_weights and task in ("detect", "oneshot"))
     if optim.get("lr_backbone") is None:
         if task == "pretrain":
             optim["lr_backbone"] = DETR_LR_BACKBONE if model["freeze_backbone"] is True else \
@@ -55,6 +58,12 @@ def resolve_task_defaults(data: Any) -> Any:
             optim["lr_backbone"] = UPDETR_LR_BACKBONE
         else:
             optim["lr_backbone"] = DETR_LR_BACKBONE
+    evaluation = _section(data, "eval") if data.get("eval") is None or isinstance(data.get("eval"), dict) \
+        or hasattr(data.get("eval"), "model_dump") else None
+    if evaluation is not None and evaluation.get("metric") is None:
+        # one-shot AP50 as CoAE and the paper's Table 3 report it; detection COCO-style as Table 1
+        evaluation["metric"] = "voc07" if task == "oneshot" else "coco"
+        return {**data, "model": model, "optim": optim, "eval": evaluation}
     return {**data, "model": model, "optim": optim}
 
 
@@ -68,3 +77,13 @@ def inherit_pre_norm(merged: dict, previous_pre_norm: Optional[bool]) -> dict:
     if model is not None and not isinstance(model, dict):
         return merged
     return {**merged, "model": {**(model or {}), "pre_norm": previous_pre_norm}}
+
+
+def sets_pre_norm(tree: dict, overrides: Optional[list[str]] = None) -> bool:
+    """Whether an experiment mapping (as read, `stages:` included) or its `k=v` overrides set model.pre_norm."""
+    def in_model(d: Any) -> bool:
+        return isinstance(d, dict) and isinstance(d.get("model"), dict) and d["model"].get("pre_norm") is not None
+
+    stages = tree.get("stages") if isinstance(tree.get("stages"), list) else []
+    return in_model(tree) or any(in_model(s) for s in stages) or \
+        any(o.split("=", 1)[0].endswith("model.pre_norm") for o in overrides or [])
