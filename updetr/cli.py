@@ -7,32 +7,12 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from updetr.command_line import fail, user_errors
 from updetr.config import ConfigError, config_to_yaml, load_experiment
 
 # Areas that add subcommands through a `register(subparsers)` function in their own module.
 COMMAND_MODULES = ("updetr.data.commands", "updetr.orchestration.commands", "updetr.sweep.commands",
-                   "updetr.sweep.demo", "updetr.compare")
-
-
-def cli_command() -> str:
-    """How to call updetr in a printed hint: `updetr` when that is on PATH and is this installation, else
-    this interpreter's `python -m updetr` (e.g. an unactivated venv)."""
-    import os
-    import shutil
-
-    found = shutil.which("updetr")
-    mine = os.path.join(os.path.dirname(sys.executable), "updetr")
-    if found and (os.path.realpath(found) == os.path.realpath(mine) or not os.path.exists(mine)):
-        return "updetr"
-    if os.path.exists(mine):
-        return mine
-    return f"{sys.executable} -m updetr"
-
-
-def fail(message: str, code: int = 2) -> int:
-    """Print a one-line-per-cause error (no traceback) and return the exit code."""
-    print(f"updetr: error: {message}", file=sys.stderr)
-    return code
+                   "updetr.demo", "updetr.compare")
 
 
 def _add_experiment_args(p: argparse.ArgumentParser) -> None:
@@ -60,18 +40,6 @@ def cmd_config_validate(args) -> int:
     parts = ", ".join(f"{s.name}: {s.action} {s.cfg.task}" if exp.chained else f"{s.cfg.task}" for s in exp.stages)
     print(f"{args.experiment}: OK ({parts} '{exp.name}')")
     return 0
-
-
-def user_errors() -> tuple[type, ...]:
-    """Exceptions that mean bad input or an unusable environment: one line, exit 2, no traceback."""
-    from updetr.checkpoint import CheckpointError
-    from updetr.data.preflight import DataSourceError
-    from updetr.eval import EvalError
-    from updetr.local import RunDirError
-    from updetr.tasks.detect import DatasetError
-    from updetr.tracking import TrackingError
-
-    return ConfigError, CheckpointError, RunDirError, DatasetError, EvalError, TrackingError, DataSourceError
 
 
 def cmd_debug(args) -> int:
@@ -102,7 +70,7 @@ def _norm_of_the_weights(cfg, experiment, overrides, checkpoint):
     default assumes training from scratch, post-norm, for a detect stage without init.checkpoint)."""
     from updetr.checkpoint import weights_pre_norm
     from updetr.config import resolve_dict
-    from updetr.task_defaults import sets_pre_norm
+    from updetr.config.task_defaults import sets_pre_norm
 
     if sets_pre_norm(resolve_dict(experiment, None), overrides):
         return cfg
@@ -114,7 +82,7 @@ def _norm_of_the_weights(cfg, experiment, overrides, checkpoint):
 
 def cmd_eval(args) -> int:
     """`updetr eval EXP --checkpoint PATH`: the COCO table of any checkpoint on the experiment's eval split."""
-    from updetr.eval import format_table
+    from updetr.tasks import get_task
 
     try:
         exp = load_experiment(args.experiment, args.overrides)
@@ -142,7 +110,7 @@ def cmd_eval(args) -> int:
     except KeyboardInterrupt:
         return fail("interrupted", 130)
     speed = metrics["images"] / max(metrics["seconds"], 1e-9)
-    print(format_table(metrics, f"[{cfg.name}] {args.checkpoint}: {int(metrics['images'])} images, "
+    print(get_task(cfg).format_table(metrics, f"[{cfg.name}] {args.checkpoint}: {int(metrics['images'])} images, "
                                 f"{speed:.1f} img/s per process"), flush=True)
     return 0
 

@@ -187,7 +187,7 @@ def compare(client, refs: list[str], tags: list[str], metrics: list[str], baseli
 def cmd_compare(args) -> int:
     from mlflow.tracking import MlflowClient
 
-    from updetr.cli import fail
+    from updetr.command_line import fail
     from updetr.tracking import TrackingError, check_tracking_uri, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)

@@ -145,7 +145,7 @@ def run_debug(cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = 
     n_all = sum(p.numel() for p in trainer.model.parameters())
     print(f"[{cfg.name}] {cfg.task} on {device}: {n_train:,} of {n_all:,} parameters trainable; "
           f"batch {cfg.data.batch_size}, {total or '?'} steps; run dir {folder}", file=out, flush=True)
-    progress = Progress(cfg.name, total, out=out)
+    progress = Progress(cfg.name, total, out=out, table=task.format_table)
     tracking = Tracking(tracker, checkpoint_location=lambda s: str(ckpt_path))
     callbacks = CallbackList([AllWorkers(1), progress, LocalCheckpoint(ckpt_path), tracking])
     status = "FAILED"

@@ -52,11 +52,16 @@ class ChainOutcome:
 
     @property
     def final_metrics(self) -> dict:
+        return self.final_stage[1]
+
+    @property
+    def final_stage(self) -> tuple[Optional[ExperimentConfig], dict]:
+        """(config, metrics) of the last stage that reported metrics; (None, {}) when none did."""
         for stage in reversed(self.experiment.stages):
             r = self.results.get(stage.name)
             if r is not None and r.metrics:
-                return r.metrics
-        return {}
+                return stage.cfg, r.metrics
+        return None, {}
 
 
 def stage_hash(cfg: ExperimentConfig) -> str:
@@ -161,15 +166,15 @@ def run_chain(exp: Experiment, driver: StageDriver, out: TextIO = sys.stdout,
 
 def chain_summary(outcome: ChainOutcome) -> str:
     """The closing lines: the final COCO table, each stage's checkpoint, where the MLflow runs are."""
-    from updetr.eval import format_table
+    from updetr.tasks import get_task
     from updetr.tracking import ui_hint
 
     exp = outcome.experiment
     lines = [f"[{exp.name}] chain of {len(exp.stages)} stage(s) finished in {outcome.seconds:.0f} s"
              + (f" ({', '.join(outcome.skipped)} skipped: finished earlier)" if outcome.skipped else "")]
-    final = outcome.final_metrics
+    final_cfg, final = outcome.final_stage
     if final:
-        lines.append(format_table(final, "  final evaluation (COCO-style, %):"))
+        lines.append(get_task(final_cfg).format_table(final, "  final evaluation (COCO-style, %):"))
     for stage in exp.stages:
         r = outcome.results.get(stage.name)
         if r is not None:
@@ -197,8 +202,8 @@ class DebugDriver:
         return StageResult(str(o.checkpoint), o.eval_metrics or {}, o.tracker.run_id)
 
     def evaluate(self, cfg: ExperimentConfig, checkpoint: str, parent_run_id: Optional[str]) -> StageResult:
-        from updetr.eval import format_table
         from updetr.local import eval_local, open_local_tracking, run_dir
+        from updetr.tasks import get_task
 
         folder = run_dir(cfg)
         tracker = open_local_tracking(cfg, folder, parent_run_id, {"updetr.eval_checkpoint": str(checkpoint)})
@@ -209,6 +214,6 @@ class DebugDriver:
             raise
         tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=0)
         tracker.end("FINISHED")
-        print(format_table(metrics, f"[{cfg.name}] {checkpoint}: {int(metrics['images'])} images"),
+        print(get_task(cfg).format_table(metrics, f"[{cfg.name}] {checkpoint}: {int(metrics['images'])} images"),
               file=self.out, flush=True)
         return StageResult(None, metrics, tracker.run_id)

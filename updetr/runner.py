@@ -148,8 +148,9 @@ class Progress(Callback):
     """Progress line every `log_every` steps (with ETA), the epoch summary, the COCO table (rank 0)."""
 
     def __init__(self, name: str, total: Optional[int], rank: int = 0, world_size: int = 1,
-                 out: TextIO = sys.stdout) -> None:
+                 out: TextIO = sys.stdout, *, table: Callable[[dict, str], str]) -> None:
         self.name, self.total, self.rank, self.world_size, self.out = name, total, rank, world_size, out
+        self.table = table  # the task's `format_table` (evaluation metrics -> printed table)
         self.history: list[tuple[int, float]] = []  # (step, loss), for summaries
         self._t0: Optional[float] = None
         self._step0 = 0
@@ -178,10 +179,8 @@ class Progress(Callback):
         self._print(line)
 
     def on_eval(self, state, metrics):
-        from updetr.eval import format_table
-
         speed = metrics["images"] / max(metrics["seconds"], 1e-9) * self.world_size
-        self._print(format_table(metrics, f"[{self.name}] eval after epoch {state.epoch} (step {state.step}): "
+        self._print(self.table(metrics, f"[{self.name}] eval after epoch {state.epoch} (step {state.step}): "
                                           f"{int(metrics['images'])} images, {speed:.1f} img/s"))
 
 

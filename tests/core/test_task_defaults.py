@@ -6,7 +6,7 @@ import textwrap
 import pytest
 
 from updetr.config import load_config, load_experiment
-from updetr.models import build_model
+from updetr.tasks import build_model
 
 
 def _cfg(*overrides):

@@ -10,7 +10,7 @@ import torch
 from pycocotools.cocoeval import COCOeval
 
 from updetr.data.coco import coco_from_dict
-from updetr.eval import CocoEvaluator, EvalError, format_table
+from updetr.eval import CocoEvaluator, EvalError
 
 
 def gt_dataset() -> dict:
@@ -74,7 +74,7 @@ def test_shifted_boxes_score_what_pycocotools_gives_directly(tmp_path):
     assert len(written) == 7
     assert {"image_id", "category_id", "bbox", "score"} <= set(written[0])
     coco.loadRes(str(path))
-    assert "AP" in format_table(ours)
+    assert "AP" in CocoEvaluator.format_table(ours)
 
 
 def test_merged_rank_parts_equal_one_process():
@@ -105,7 +105,7 @@ def test_empty_split_and_unknown_images_are_errors_not_ap_0():
 def test_accumulated_ids_must_be_distinct_and_not_empty():
     """The check every evaluator's summarize runs over all ranks' parts: none evaluated, or some twice
     (overlapping rank parts), is an error that says which."""
-    from updetr.eval.coco_eval import distinct_ids
+    from updetr.eval.base import distinct_ids
 
     assert distinct_ids([3, 1, 2], "empty") == [1, 2, 3]
     with pytest.raises(EvalError, match="^nothing here$"):

@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 from updetr.data.panoptic import PanopticIndex, id2rgb, load_panoptic_json
-from updetr.eval import format_table
 from updetr.eval.panoptic_eval import PanopticEvaluator
 
 # 10x10: sky (cat 8, stuff) rows 0-4 = 50 px; ground (cat 9, stuff) rows 5-9 cols 4-9 = 30 px;
@@ -71,7 +70,7 @@ def test_ground_truth_against_itself_is_perfect(pan):
     m = score(pan, as_index(ids, [SKY, GROUND, SQUARE]), [8, 9, 1], [ids == SQUARE])
     for k in ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st", "segm_AP", "segm_AP50"):
         assert m[k] == pytest.approx(1.0), k
-    assert "PQ_th" in format_table(m) and "100.00" in format_table(m)
+    assert "PQ_th" in PanopticEvaluator.format_table(m) and "100.00" in PanopticEvaluator.format_table(m)
 
 
 def test_a_shrunk_thing_gives_the_hand_computed_iou(pan):

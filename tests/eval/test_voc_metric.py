@@ -7,7 +7,8 @@ import torch
 from updetr.data.coco import coco_from_dict
 from updetr.data.synthetic import write_voc_dataset
 from updetr.data.voc import voc_to_coco
-from updetr.eval.voc_eval import VocEvaluator, per_class_voc_ap
+from updetr.eval.voc_eval import VocEvaluator
+from updetr.eval.voc_metric import per_class_voc_ap
 from updetr.eval.voc_metric import average_precision, class_ap
 
 

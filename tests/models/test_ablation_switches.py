@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.models.conftest import tiny_cfg
-from updetr.models import build_model
+from updetr.tasks import build_model
 
 
 def _changed_slots(m: int, attention_mask: bool, seed: int = 0) -> torch.Tensor:

@@ -4,7 +4,7 @@ import torch
 
 from updetr.config import load_config
 from updetr.checkpoint import pretrain_to_finetune, strip_prefixes
-from updetr.models import build_model
+from updetr.tasks import build_model
 
 from .conftest import tiny_cfg, tiny_finetune_cfg
 

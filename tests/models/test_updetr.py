@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from updetr.models import build_model
+from updetr.tasks import build_model
 from updetr.models.transformer import Transformer
 from updetr.models.updetr import build_group_attention_mask, patch_keep_mask
 from updetr.util.nested_tensor import to_nested_tensor

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from updetr.config import load_config
-from updetr.orchestration.resources import READ_CPUS, ResourceError, plan_resources
+from updetr.resources import READ_CPUS, ResourceError, plan_resources
 
 from .conftest import SMOKE
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from updetr.sweep.demo import DEMO_SWEEP
+from updetr.demo import DEMO_SWEEP
 from updetr.sweep.spec import load_sweep
 from updetr.tracking_query import TAG_PARENT, TAG_SWEEP
 

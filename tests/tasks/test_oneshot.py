@@ -13,7 +13,6 @@ from updetr.data.oneshot_pairs import (NO_SUPPORT, QUERY_TOO_SMALL, NoSupportErr
                                        all_classes, eval_episodes, present_classes, split_classes)
 from updetr.data.synthetic import write_voc_dataset
 from updetr.data.voc import TEST_SETS, TRAIN_SETS, VOC_CLASSES, voc_to_coco
-from updetr.eval import format_table
 from updetr.eval.oneshot_eval import PAPER_SEEN_ORDER, PAPER_UNSEEN_ORDER, OneShotEvaluator
 
 from .conftest import TINY
@@ -51,7 +50,7 @@ def test_table_prints_the_papers_column_order():
     metrics = {f"seen_AP50_{n}": 0.5 for n in PAPER_SEEN_ORDER}
     metrics.update({f"unseen_AP50_{n}": 0.25 for n in PAPER_UNSEEN_ORDER})
     metrics.update(seen_AP50=0.5, unseen_AP50=0.25, seen_episodes=3, unseen_episodes=1)
-    lines = format_table(metrics, "t").splitlines()
+    lines = OneShotEvaluator.format_table(metrics, "t").splitlines()
     header = lines[2].replace("|", " ").split()
     assert header == ["plant", "sofa", "tv", "car", "bottle", "boat", "chair", "person", "bus", "train", "horse",
                       "bike", "dog", "bird", "mbike", "table", "AP50", "cow", "sheep", "cat", "aero", "AP50"]

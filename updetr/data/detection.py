@@ -106,9 +106,12 @@ def build_detection_dataset(cfg, split: str) -> DetectionDataset:
             counter.log_summary(f"VOC {split} annotations")
         return DetectionDataset(root, coco, train, cfg.seed, params=cfg.detection)
     if d.source in ("coco_panoptic", "synthetic_panoptic"):  # DETR's box stage of the panoptic recipe
-        from updetr.data.panoptic import build_panoptic_detection_dataset
+        from updetr.data.panoptic import detection_index, open_panoptic
 
-        return build_panoptic_detection_dataset(cfg, split)
+        # One box per (non-crowd) segment, things and stuff.
+        root = d.path if train or not d.val_path else d.val_path
+        img_dir, pan = open_panoptic(root, split)
+        return DetectionDataset(img_dir, detection_index(pan), train, cfg.seed, params=cfg.detection)
     raise ValueError(f"data.source '{d.source}' is not a detection dataset (coco | voc | coco_panoptic)")
 
 

@@ -234,14 +234,5 @@ def build_panoptic_dataset(cfg, split: str) -> PanopticDataset:
     return PanopticDataset(img_dir, pan, split == "train", cfg.seed, params=cfg.detection)
 
 
-def build_panoptic_detection_dataset(cfg, split: str):
-    """The detect task's dataset over a panoptic split: one box per (non-crowd) segment, things and stuff."""
-    from updetr.data.detection import DetectionDataset
-
-    root = cfg.data.path if split == "train" or not cfg.data.val_path else cfg.data.val_path
-    img_dir, pan = open_panoptic(root, split)
-    return DetectionDataset(img_dir, detection_index(pan), split == "train", cfg.seed, params=cfg.detection)
-
-
 __all__ = ["BadPanoptic", "PANOPTIC_MISMATCH", "PanopticDataset", "PanopticIndex", "build_panoptic_dataset",
-           "build_panoptic_detection_dataset", "detection_index", "id2rgb", "load_panoptic_json", "open_panoptic", "panoptic_split_paths", "rgb2id"]
+           "detection_index", "id2rgb", "load_panoptic_json", "open_panoptic", "panoptic_split_paths", "rgb2id"]

@@ -42,7 +42,7 @@ from updetr.data.image_io import IMAGE_EXTENSIONS
 from updetr.data.ray_preprocess import CLOCK_NAMESPACE, PretrainPreprocessor, count_events, strip_scheme
 from updetr.data.shards import read_manifest
 from updetr.data.skips import SkipCounter
-from updetr.orchestration.resources import READ_CPUS
+from updetr.resources import READ_CPUS
 
 log = logging.getLogger("updetr.data")
 
@@ -131,7 +131,7 @@ class _StalledPreprocessor(PretrainPreprocessor):
 def _pool(cfg, resources=None) -> tuple[int, int, float]:
     """(min actors, max actors, CPUs per actor): the resource plan's, or a plan made against the cluster."""
     if resources is None:
-        from updetr.orchestration.resources import cluster_resources, plan_resources
+        from updetr.resources import cluster_resources, plan_resources
 
         # Sized against the whole cluster (the training workers are counted in), flexible like a local run.
         resources = plan_resources(cfg, cluster_resources())

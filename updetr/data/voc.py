@@ -14,12 +14,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Optional, Sequence
 
+from updetr.config.oneshot import VOC_CLASSES  # the one list; the one-shot section checks names against it
 from updetr.data import skips
 from updetr.data.skips import SkipCounter
 
-VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-               "train", "tvmonitor")
 TRAIN_SETS = (("2007", "trainval"), ("2012", "trainval"))
 TEST_SETS = (("2007", "test"),)
 

@@ -1,4 +1,7 @@
-"""Evaluation: COCO-style box AP with pycocotools (COCO and VOC, which is scored COCO-style)."""
-from updetr.eval.coco_eval import COCO_METRICS, CocoEvaluator, EvalError, format_table, to_coco_results
+"""Evaluation: one evaluator interface (`base`) and its implementations side by side: COCO-style box AP with
+pycocotools (COCO and VOC, which is scored COCO-style), one-shot AP50, panoptic PQ / AP^seg."""
+from updetr.eval.base import EvalError, Evaluator
+from updetr.eval.boxes import to_coco_results
+from updetr.eval.coco_eval import COCO_METRICS, CocoEvaluator
 
-__all__ = ["COCO_METRICS", "CocoEvaluator", "EvalError", "format_table", "to_coco_results"]
+__all__ = ["COCO_METRICS", "CocoEvaluator", "EvalError", "Evaluator", "to_coco_results"]

@@ -9,7 +9,7 @@ truth is that class's instances in that image (difficult ones are ignore regions
 exactly the (image, class) pairs that were evaluated. `seen_AP50` / `unseen_AP50` = the mean over that
 group's classes that had episodes (Table 3's AP50 columns).
 
-Like `CocoEvaluator`: a plain accumulator (`update`, `state`, `merge`, `summarize`, `write_results`), so the
+An `updetr.eval.base.Evaluator` (`add_batch`, `state`, `merge`, `summarize`, `write_results`), so the
 engine's DDP gather works unchanged; `update` is keyed by episode number instead of image id.
 """
 from __future__ import annotations
@@ -25,8 +25,9 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from updetr.eval.coco_eval import EvalError, box_predictions, distinct_ids, to_coco_results, write_json_atomic
-from updetr.eval.voc_eval import per_class_voc_ap
+from updetr.eval.base import EvalError, Evaluator, distinct_ids, write_json_atomic
+from updetr.eval.boxes import box_predictions, to_coco_results
+from updetr.eval.voc_metric import per_class_voc_ap
 
 # Table 3's columns, left to right (VOC names; the paper's short labels below).
 PAPER_SEEN_ORDER = ("pottedplant", "sofa", "tvmonitor", "car", "bottle", "boat", "chair", "person", "bus", "train",
@@ -62,7 +63,7 @@ def group_mean(values: Iterable[float]) -> float:
     return float(np.mean(vals)) if vals else -1.0
 
 
-class OneShotEvaluator:
+class OneShotEvaluator(Evaluator):
     """Accumulate one-shot detections per episode, then score AP50 per class and the seen / unseen means.
 
     Args:
@@ -72,6 +73,8 @@ class OneShotEvaluator:
         skipped: split-level counts (queries too small, (image, class) pairs without support) for the report.
         metric: voc07 | voc12 | coco (module docstring).
     """
+
+    metric_names = ("seen_AP50", "unseen_AP50")
 
     def __init__(self, coco_gt: COCO, episodes: Sequence, class_names: Mapping[int, str], seen: Sequence[int],
                  unseen: Sequence[int], skipped: Mapping[str, int] | None = None, metric: str = "voc07") -> None:
@@ -147,9 +150,10 @@ class OneShotEvaluator:
         """The detections as a COCO results JSON (image id, class = the episode's, box, match score); atomic."""
         return write_json_atomic(path, self.results)
 
-
-def is_oneshot_metrics(metrics: Mapping[str, float]) -> bool:
-    return "seen_AP50" in metrics and "unseen_AP50" in metrics
+    @classmethod
+    def format_table(cls, metrics: Mapping[str, float], title: str = "") -> str:
+        """Table 3's row: see `format_oneshot_table`."""
+        return format_oneshot_table(metrics, title)
 
 
 def format_oneshot_table(metrics: Mapping[str, float], title: str = "") -> str:

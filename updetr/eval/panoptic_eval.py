@@ -13,7 +13,8 @@ thing classes.
 `write_results(path)` writes the per-query masks (COCO segm JSON) and the predictions in COCO panoptic format
 (`<stem>_panoptic.json` + `<stem>_panoptic/<image id>.png`), which panopticapi's `pq_compute` scores as is.
 
-Distributed: like `CocoEvaluator`, `state()` / `merge(parts)` / `summarize()` (the per-class sums add up).
+Distributed: an `updetr.eval.base.Evaluator`: `state()` / `merge(parts)` / `summarize()` (the per-class sums
+add up).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from pycocotools.cocoeval import COCOeval
 
 from updetr.data.coco import coco_from_dict
 from updetr.data.panoptic import id2rgb
-from updetr.eval.coco_eval import EvalError, distinct_ids, write_json_atomic
+from updetr.eval.base import EvalError, Evaluator, distinct_ids, write_json_atomic
 from updetr.eval.pq import PQStat, pq_average, pq_image
 
 # reported names, in Table 4's column order
@@ -70,8 +71,10 @@ def _plain(rle: dict) -> dict:
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
-class PanopticEvaluator:
+class PanopticEvaluator(Evaluator):
     """Accumulate panoptic + mask predictions of images of a `PanopticIndex`, then score them."""
+
+    metric_names = PANOPTIC_METRICS
 
     def __init__(self, pan) -> None:
         """`pan`: `updetr.data.panoptic.PanopticIndex` of the evaluation split."""
@@ -127,7 +130,7 @@ class PanopticEvaluator:
     # -- distributed
     def state(self) -> tuple[list[int], dict]:
         """What one rank contributes (plain Python / CPU tensors, for `all_gather_object`): (image ids, the
-        rest); image ids first, as `CocoEvaluator.state()` (the engine counts them)."""
+        rest); image ids first (the engine counts them)."""
         return list(self.img_ids), {"results": list(self.results), "gt_anns": list(self.gt_anns),
                                     "pq": self.stat.state(), "panoptic": list(self.panoptic)}
 

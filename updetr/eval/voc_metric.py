@@ -17,7 +17,8 @@ boxes the plain continuous IoU is that same number, so no +1 appears here.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections import defaultdict
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -84,3 +85,46 @@ def class_ap(gt: Mapping[int, tuple[np.ndarray, np.ndarray]], image_ids: Sequenc
     recall = tp / npos
     precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
     return average_precision(recall, precision, use_07)
+
+
+def _xyxy(bbox: Sequence[float]) -> list[float]:
+    x, y, w, h = (float(v) for v in bbox)
+    return [x, y, x + w, y + h]
+
+
+def per_class_voc_ap(coco_gt: Any, results: list[dict], img_ids: Sequence[int], cat_ids: Sequence[int],
+                     metric: str = "voc07") -> dict[int, float]:
+    """`{category id: AP at IoU 0.5}` by the VOC devkit's rule (`metric` voc07: 11-point, voc12: all-point)
+    of COCO-format `results` (xywh boxes) against a pycocotools-style ground truth (`coco_gt.dataset`, as
+    `updetr.data.voc.voc_to_coco` builds it: xywh boxes, each annotation's `difficult` flag).
+
+    Only annotations and detections of `img_ids` count. An annotation is difficult when its `difficult` flag
+    is set (VOC XML), or else when it is a COCO crowd region.
+    """
+    if metric not in VOC_METRICS:
+        raise ValueError(f"metric '{metric}' is not one of {VOC_METRICS}")
+    images = {int(i) for i in img_ids}
+    gt: dict[int, dict[int, list]] = defaultdict(lambda: defaultdict(lambda: ([], [])))
+    for a in coco_gt.dataset.get("annotations", []):
+        if int(a["image_id"]) in images:
+            boxes, difficult = gt[int(a["category_id"])][int(a["image_id"])]
+            boxes.append(_xyxy(a["bbox"]))
+            difficult.append(bool(a.get("difficult", a.get("iscrowd", 0))))
+    dets: dict[int, list[dict]] = defaultdict(list)
+    for r in results:
+        if int(r["image_id"]) in images:
+            dets[int(r["category_id"])].append(r)
+    out = {}
+    for c in sorted({int(c) for c in cat_ids}):
+        g = {i: (np.asarray(b, np.float64).reshape(-1, 4), np.asarray(d, bool)) for i, (b, d) in gt[c].items()}
+        d = dets[c]
+        out[c] = class_ap(g, [r["image_id"] for r in d], [r["score"] for r in d],
+                          np.asarray([_xyxy(r["bbox"]) for r in d], np.float64).reshape(-1, 4),
+                          use_07=metric == "voc07")
+    return out
+
+
+def mean_ap(per_class: Mapping[int, float]) -> float:
+    """Mean over the classes that have ground truth (AP >= 0); -1 when none has."""
+    vals = [v for v in per_class.values() if v >= 0]
+    return float(np.mean(vals)) if vals else -1.0

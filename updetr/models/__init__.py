@@ -1,4 +1,5 @@
-"""Model factory: `build_model(cfg) -> (model, criterion, postprocessors)` and state-dict helpers."""
+"""Model builders: `build_updetr(cfg)`, `build_detr(cfg, num_classes)`, `build_detr_segm(...)` -> (model,
+criterion, postprocessors) and state-dict helpers; `updetr.tasks.build_model(cfg)` picks the task's."""
 from __future__ import annotations
 
 from torch import nn
@@ -14,7 +15,7 @@ from updetr.models.transformer import Transformer, build_transformer
 from updetr.models.updetr import UPDETR, build_group_attention_mask, patch_keep_mask
 
 __all__ = [
-    "build_model", "build_weight_dict", "build_criterion", "build_updetr", "build_detr", "build_detr_segm",
+    "build_weight_dict", "build_criterion", "build_updetr", "build_detr", "build_detr_segm",
     "Backbone", "FrozenBatchNorm2d", "Joiner", "SetCriterion", "DETR", "UPDETR", "HungarianMatcher", "MLP",
     "PostProcess", "Transformer", "build_group_attention_mask", "patch_keep_mask", "set_switches",
     "apply_runtime_paths",
@@ -116,11 +117,3 @@ def build_detr_segm(cfg: ExperimentConfig, num_classes: int, is_thing: dict[int,
     post = {"bbox": PostProcess(), "segm": PostProcessSegm(p.mask_threshold),
             "panoptic": PostProcessPanoptic(is_thing, p.threshold, p.min_area)}
     return model, build_criterion(cfg, num_classes, masks=True), post
-
-
-def build_model(cfg: ExperimentConfig) -> tuple[nn.Module, SetCriterion, dict[str, nn.Module]]:
-    """(model, criterion, postprocessors) of `cfg`'s task, as `updetr.tasks.get_task(cfg).build()` gives
-    them (kept for callers that only have a config; num_classes must be known from the config)."""
-    from updetr.tasks import get_task  # tasks sit above models; deferred so models import alone
-
-    return get_task(cfg).build()

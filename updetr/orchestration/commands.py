@@ -29,7 +29,7 @@ def _experiment_args(p: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------------------------ run
 def cmd_run(args: argparse.Namespace) -> int:
-    from updetr.cli import user_errors
+    from updetr.command_line import user_errors
     from updetr.config import load_experiment
     from updetr.orchestration.launch import RunInterrupted, run, summary
     from updetr.orchestration.run_plan import LaunchError
@@ -80,6 +80,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from updetr.config import config_to_yaml
     from updetr.orchestration import jobs
     from updetr.orchestration.run_plan import is_uri, run_name_for
+    # Points up on purpose: `submit` also takes a sweep file, and sweeps are built on this layer.
     from updetr.sweep.spec import SweepError, is_sweep_file, load_sweep, source_files
 
     sweep = None
@@ -147,7 +148,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cli() -> str:
-    from updetr.cli import cli_command
+    from updetr.command_line import cli_command
 
     return cli_command()
 

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Iterable, Mapping, Optional
 from urllib.parse import urlparse
 
+from updetr.orchestration.ray_access import enable_token_auth
+
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # .../updetr
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME",
                  "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_EXPERIMENT_NAME")
@@ -31,14 +33,6 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 class JobsError(RuntimeError):
     """The cluster cannot be used (unreachable, bad token, rejected request); one-line message."""
-
-
-def enable_token_auth() -> None:
-    """Use token auth towards clusters when a token is configured and the user did not choose a mode."""
-    from updetr.orchestration.local_cluster import token_available
-
-    if "RAY_AUTH_MODE" not in os.environ and token_available():
-        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def normalize_address(address: Optional[str]) -> str:

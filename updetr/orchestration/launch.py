@@ -36,7 +36,7 @@ WORKER_ENV_PREFIXES = ("UPDETR_", "MLFLOW_TRACKING_", "AWS_", "GOOGLE_APPLICATIO
 # ----------------------------------------------------------------------------------- Ray configs
 def resource_plan(cfg: ExperimentConfig, cluster: Optional[dict] = None, *, local: bool = True):
     """The run's `ResourcePlan` against `cluster` (default: this machine); LaunchError when it cannot fit."""
-    from updetr.orchestration.resources import ResourceError, local_resources, plan_resources
+    from updetr.resources import ResourceError, local_resources, plan_resources
 
     try:
         return plan_resources(cfg, cluster if cluster is not None else local_resources(), flexible_train=local)
@@ -186,7 +186,7 @@ def run(cfg: ExperimentConfig, address: Optional[str] = None, out: TextIO = sys.
     plan.extra["num_items"] = num_items
     local, _ = connect_ray(address, cfg, num_cpus=resources.total_cpus if resources is not None else None)
     if resources is None:
-        from updetr.orchestration.resources import cluster_resources
+        from updetr.resources import cluster_resources
 
         resources = resource_plan(cfg, cluster_resources(), local=False)
     previous = existing_checkpoints(plan.run_dir)
@@ -256,7 +256,7 @@ def run_eval(cfg: ExperimentConfig, checkpoint: str, address: Optional[str] = No
     _, resources = preflight(cfg, address)
     local, _ = connect_ray(address, cfg, num_cpus=resources.total_cpus if resources is not None else None)
     if resources is None:
-        from updetr.orchestration.resources import cluster_resources
+        from updetr.resources import cluster_resources
 
         resources = resource_plan(cfg, cluster_resources(), local=False)
     tracker = open_tracking(plan, parent_run_id, {"updetr.eval_checkpoint": checkpoint})
@@ -348,7 +348,7 @@ def summary(outcome: RunOutcome) -> str:
              f"  checkpoint: {outcome.checkpoint or p.run_dir}"]
     if outcome.tracker.run_id:
         lines.append(f"  mlflow:     run {outcome.tracker.run_id} in experiment '{p.experiment}' at {p.tracking_uri}")
-        from updetr.cli import cli_command
+        from updetr.command_line import cli_command
 
         hint = ui_hint(p.tracking_uri)
         if hint.startswith("updetr "):  # a command that works from here (updetr may not be on PATH)

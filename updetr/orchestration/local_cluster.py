@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from updetr.orchestration.ray_access import free_port, token_available
+
 DEFAULT_DIR = "/tmp/updetr-ray-local"
 
 
@@ -52,16 +54,6 @@ class LocalCluster:
     @property
     def dashboard_url(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
-
-
-def free_port(avoid: set[int] | None = None) -> int:
-    """A TCP port free on 127.0.0.1 and on all interfaces right now (and not in `avoid`)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        if not avoid or port not in avoid:
-            return port
 
 
 def _port_range(avoid: set[int], size: int = 64) -> tuple[int, int]:
@@ -174,14 +166,6 @@ def _start(args: list[str], log: Path, timeout_s: float, address: str) -> None:
         raise RuntimeError(f"ray start failed (exit {proc.returncode}); see {log}: " + " | ".join(tail))
 
 
-def token_available() -> bool:
-    """True when a Ray auth token is configured for this process (env, token path, ~/.ray/auth_token)."""
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return True
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    return Path(path).is_file() if path else (Path.home() / ".ray" / "auth_token").is_file()
-
-
 def ensure_token() -> None:
     """Create ~/.ray/auth_token (what a first `ray start` does anyway) when no token is configured."""
     if not token_available():
@@ -287,7 +271,7 @@ def describe(cluster: LocalCluster) -> str:
 
 
 def _cli() -> str:
-    from updetr.cli import cli_command
+    from updetr.command_line import cli_command
 
     return cli_command()
 

@@ -46,7 +46,7 @@ def connect_ray(address: Optional[str], cfg: ExperimentConfig,
     Returns `(local, cluster_cpus)`: cluster_cpus is set for a local Ray only (it is what we size).
     """
     if address is not None and address != "local":
-        from updetr.orchestration.jobs import enable_token_auth
+        from updetr.orchestration.ray_access import enable_token_auth
 
         enable_token_auth()  # before `import ray`: Ray reads RAY_AUTH_MODE when it loads
     # torch first: imported after ray.init() joined an existing cluster (e.g. in a Ray Job driver), torch
@@ -150,7 +150,7 @@ def _pin_local_gcs_address() -> None:
     """
     from ray._private.services import get_node_ip_address
 
-    from updetr.orchestration.local_cluster import free_port
+    from updetr.orchestration.ray_access import free_port
 
     port = free_port()
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)

@@ -38,10 +38,10 @@ class RayDriver:
         return StageResult(ckpt, outcome.eval_metrics or {}, outcome.tracker.run_id)
 
     def evaluate(self, cfg: ExperimentConfig, checkpoint: str, parent_run_id: Optional[str]) -> StageResult:
-        from updetr.eval import format_table
         from updetr.orchestration.launch import run_eval
+        from updetr.tasks import get_task
 
         metrics, run_id = run_eval(cfg, checkpoint, address=self.address, parent_run_id=parent_run_id, out=self.out)
-        print(format_table(metrics, f"[{cfg.name}] {checkpoint}: {int(metrics['images'])} images"),
+        print(get_task(cfg).format_table(metrics, f"[{cfg.name}] {checkpoint}: {int(metrics['images'])} images"),
               file=self.out, flush=True)
         return StageResult(None, metrics, run_id)

@@ -243,7 +243,8 @@ def train_fn_per_worker(config: dict) -> dict:
     ledger = MetricLedger()  # rank 0's metrics wait here until a checkpoint covers them
     callbacks = CallbackList([
         AllWorkers(world_size),
-        Progress(cfg.name, expected_total(cfg, task, world_size, ray=True), rank, world_size),
+        Progress(cfg.name, expected_total(cfg, task, world_size, ray=True), rank, world_size,
+                 table=task.format_table),
         LedgerTracking(tracker, ledger, rank,
                        checkpoint_location=lambda s: f"{run_dir}/{checkpoint_dir_name(s.step)}"),
         RayReport(rank, ledger, per_epoch=bool(config.get("report_epochs"))),

@@ -20,7 +20,7 @@ def format_plan(sweep) -> str:
 
 
 def cmd_sweep(args) -> int:
-    from updetr.cli import fail
+    from updetr.command_line import fail
     from updetr.sweep.spec import SweepError, load_sweep
 
     try:
@@ -30,7 +30,7 @@ def cmd_sweep(args) -> int:
     print(format_plan(sweep), flush=True)
     if args.dry_run:
         return 0
-    from updetr.cli import user_errors
+    from updetr.command_line import user_errors
     from updetr.orchestration.run_plan import LaunchError
     from updetr.sweep.tune import format_results, run_sweep
 

@@ -25,4 +25,10 @@ def get_task(cfg: ExperimentConfig) -> Task:
     return getattr(importlib.import_module(module), cls)(cfg)
 
 
-__all__ = ["InitError", "InitReport", "Task", "get_task"]
+def build_model(cfg: ExperimentConfig):
+    """(model, criterion, postprocessors) of `cfg`'s task, as `get_task(cfg).build()` gives them (for callers
+    that only have a config; num_classes must be known from the config)."""
+    return get_task(cfg).build()
+
+
+__all__ = ["InitError", "InitReport", "Task", "build_model", "get_task"]

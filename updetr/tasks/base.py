@@ -9,6 +9,7 @@ from torch import nn
 
 from updetr.checkpoint import CheckpointError, strip_prefixes
 from updetr.config import ExperimentConfig
+from updetr.eval.base import Evaluator
 
 
 class InitError(CheckpointError):
@@ -80,6 +81,8 @@ class Task:
 
     name: str = ""
     has_eval: bool = False
+    # The evaluator's class: its metric names and the table `updetr eval` / `run` / `debug` print.
+    evaluator_class: type[Evaluator] = Evaluator
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
@@ -118,9 +121,13 @@ class Task:
         """Batch dicts of this rank's part of the evaluation split."""
         raise NotImplementedError(f"task {self.name} has no evaluation split")
 
-    def evaluator(self):
-        """A fresh evaluator (updetr.eval) for one pass over the evaluation split."""
+    def evaluator(self) -> Evaluator:
+        """A fresh evaluator (an `evaluator_class`) for one pass over the evaluation split."""
         raise NotImplementedError(f"task {self.name} has no evaluator")
+
+    def format_table(self, metrics: dict, title: str = "") -> str:
+        """The evaluation table of `metrics` (what `evaluator().summarize()` gave), under `title`."""
+        return self.evaluator_class.format_table(metrics, title)
 
     def init_weights(self, model: nn.Module, ckpt: dict, source: str) -> InitReport:
         """Initialise `model` from a checkpoint dict (our schema) before training starts."""

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from updetr.checkpoint import PRETRAIN_ONLY_PREFIXES
+from updetr.eval.coco_eval import CocoEvaluator
 from updetr.tasks.base import InitReport, Task, load_weights
 
 CLASS_HEAD = ("class_embed.",)
@@ -77,6 +78,7 @@ def resolve_data_paths(cfg):
 class DetectTask(Task):
     name = "detect"
     has_eval = True
+    evaluator_class = CocoEvaluator
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
@@ -150,8 +152,6 @@ class DetectTask(Task):
         return detection_batches(cfg, self.dataset("val"), 0, 0, rank, world_size)
 
     def evaluator(self):
-        from updetr.eval import CocoEvaluator
-
         if self.cfg.eval.metric in ("voc07", "voc12"):
             from updetr.eval.voc_eval import VocEvaluator
 

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from updetr.eval.oneshot_eval import OneShotEvaluator
 from updetr.tasks.base import Task
 from updetr.tasks.detect import DatasetError
 
@@ -51,6 +52,7 @@ def ensure_synthetic_voc(cfg) -> Path:
 class OneShotTask(Task):
     name = "oneshot"
     has_eval = True
+    evaluator_class = OneShotEvaluator
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
@@ -171,7 +173,6 @@ class OneShotTask(Task):
 
     def evaluator(self):
         from updetr.data.voc import VOC_CLASSES
-        from updetr.eval.oneshot_eval import OneShotEvaluator
 
         seen, unseen = self.classes()
         episodes, counts = self.eval_episodes()

@@ -9,6 +9,7 @@ order are the detect task's (one image per evaluation batch, never padded).
 from __future__ import annotations
 
 from updetr.checkpoint import strip_prefixes
+from updetr.eval.panoptic_eval import PanopticEvaluator
 from updetr.tasks.base import InitError, InitReport, load_weights
 from updetr.tasks.detect import DetectTask
 
@@ -18,6 +19,7 @@ MASK_HEAD = ("bbox_attention.", "mask_head.")
 class PanopticTask(DetectTask):
     name = "panoptic"
     has_eval = True
+    evaluator_class = PanopticEvaluator
 
     _annotation_kind = "panoptic annotation"
 
@@ -31,8 +33,6 @@ class PanopticTask(DetectTask):
         return list(ds.pan.categories)
 
     def evaluator(self):
-        from updetr.eval.panoptic_eval import PanopticEvaluator
-
         return PanopticEvaluator(self.dataset("val").pan)
 
     def build(self):

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Optional, TextIO
 if TYPE_CHECKING:
     from updetr.sweep.tune import SweepOutcome
 
-DEMO_SWEEP = Path(__file__).resolve().parents[2] / "experiments" / "sweeps" / "demo_updetr-vs-random-init.yaml"
+DEMO_SWEEP = Path(__file__).resolve().parents[1] / "experiments" / "sweeps" / "demo_updetr-vs-random-init.yaml"
 BASELINE = "run=random-init"        # deltas: what pre-training adds over random init
 
 
@@ -98,7 +98,7 @@ def _shutdown_ray() -> None:
 
 def format_demo(result: DemoOutcome) -> str:
     """The closing lines: the sweep summary, the compare table, the PNGs, the MLflow store and how to open it."""
-    from updetr.cli import cli_command
+    from updetr.command_line import cli_command
     from updetr.sweep.tune import format_results
 
     sw = result.sweep
@@ -126,7 +126,7 @@ def format_demo(result: DemoOutcome) -> str:
 
 
 def cmd_demo(args) -> int:
-    from updetr.cli import fail, user_errors
+    from updetr.command_line import fail, user_errors
     from updetr.orchestration.run_plan import LaunchError
     from updetr.sweep.spec import SweepError
 
