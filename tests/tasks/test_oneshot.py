@@ -32,8 +32,9 @@ def voc_coco(root, sets):
 
 
 def oneshot_cfg(root, *extra):
+    # pre-norm stated: these models take tiny pre-training weights by hand (from scratch the default is post-norm)
     return load_config(None, TINY + ["task=oneshot", "data.source=voc", f"data.path={root}", "pretext.patch_size=32",
-                                     "data.batch_size=4"] + list(extra))
+                                     "data.batch_size=4", "model.pre_norm=true"] + list(extra))
 
 
 def test_default_split_is_the_papers_table3_split():
