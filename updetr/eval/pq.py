@@ -135,4 +135,4 @@ def pq_average(stat: PQStat, categories: Iterable[int]) -> dict[str, float]:
         rq += tp / (tp + 0.5 * fp + 0.5 * fn)
     if n == 0:
         return {"PQ": float("nan"), "SQ": float("nan"), "RQ": float("nan")}
-    return {"PQ": pq / n, "SQ": sq / n, "RQ": rq / n}
+    return {"PQ": float(pq / n), "SQ": float(sq / n), "RQ": float(rq / n)}  # plain floats: metrics are pickled
