@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -167,3 +167,15 @@ def convert_official(src: str | Path, dst: str | Path) -> dict:
     return {"keys": len(model_sd), "pretrain_heads": any(k.startswith("patch2query.") for k in model_sd),
             "pre_norm": any(k.startswith("transformer.encoder.norm.") for k in model_sd),
             "official_args": official_args}
+
+
+def weights_pre_norm(path: str | Path) -> Optional[bool]:
+    """The transformer norm of a checkpoint's weights (a pre-norm encoder has a final `encoder.norm`); None
+    when the file cannot be read (the caller's own load reports why) or holds no transformer."""
+    try:
+        sd = load_checkpoint(path).get("model") or {}
+    except CheckpointError:
+        return None
+    if not any(k.startswith("transformer.encoder.") for k in sd):
+        return None
+    return any(k.startswith("transformer.encoder.norm.") for k in sd)

@@ -130,6 +130,21 @@ def cmd_debug(args) -> int:
     return 0
 
 
+def _norm_of_the_weights(cfg, experiment, overrides, checkpoint):
+    """Evaluating given weights: an unset model.pre_norm follows the checkpoint's transformer (the per-task
+    default assumes training from scratch, post-norm, for a detect stage without init.checkpoint)."""
+    from updetr.checkpoint import weights_pre_norm
+    from updetr.config import resolve_dict
+    from updetr.config.task_defaults import sets_pre_norm
+
+    if sets_pre_norm(resolve_dict(experiment, None), overrides):
+        return cfg
+    pre_norm = weights_pre_norm(checkpoint)
+    if pre_norm is None or pre_norm == cfg.model.pre_norm:
+        return cfg
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"pre_norm": pre_norm})})
+
+
 def cmd_eval(args) -> int:
     """`updetr eval EXP --checkpoint PATH`: the COCO table of any checkpoint on the experiment's eval split."""
     from updetr.tasks import get_task, task_class
@@ -141,6 +156,7 @@ def cmd_eval(args) -> int:
             return fail(f"{args.experiment}: no detection or one-shot stage to take the evaluation split from")
         cfg = evals[-1].cfg
         cfg = cfg.model_copy(update={"init": cfg.init.model_copy(update={"checkpoint": None})})
+        cfg = _norm_of_the_weights(cfg, args.experiment, args.overrides, args.checkpoint)
         if args.ray or args.address:
             from updetr.orchestration.launch import run_eval
             from updetr.orchestration.run_plan import LaunchError

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from updetr.config import load_config
 from updetr.data import local_pretrain_batches, skips
 from updetr.data.image_io import BadImage, decode_rgb, to_rgb
+from updetr.data.pretext import draw_sample
 from updetr.data.skips import SkipCounter
 from updetr.data.synthetic import write_bad_files, write_image_folder
 
@@ -21,13 +23,13 @@ CONVERTED = {"cmyk": "converted_cmyk", "gray": "converted_gray", "rgba": "conver
 
 @pytest.mark.parametrize("case", sorted(EXPECTED))
 def test_dropped_cases(tmp_path, case):
-    files = write_bad_files(tmp_path)
+    pcfg = load_config(None, ["tracking.enabled=false"]).pretext
+    files = write_bad_files(tmp_path, min_image_px=pcfg.min_image_px)
     counter = SkipCounter()
     data = (tmp_path / files[case]).read_bytes()
     with pytest.raises(BadImage) as e:
         img = decode_rgb(data, counter)
-        if min(img.size) < 17:
-            raise BadImage(skips.TOO_SMALL)
+        draw_sample(img.width, img.height, pcfg, (0, 0))  # the product's size check (too_small)
     assert e.value.reason == EXPECTED[case]
 
 

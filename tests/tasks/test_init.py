@@ -100,15 +100,16 @@ def test_converted_official_detr_checkpoint_loads_strict_and_evaluates(tmp_path,
     exp = tmp_path / "detect.yaml"
     exp.write_text("name: detr_eval\ntask: detect\n")
     r = subprocess.run([sys.executable, "-m", "updetr", "eval", str(exp), "--checkpoint", str(dst),
-                        "--results", str(tmp_path / "det.json"), *TINY, "model.pre_norm=false",
+                        "--results", str(tmp_path / "det.json"), *TINY,
                         "data.source=coco", f"data.path={coco_root}"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=280)
     assert r.returncode == 0, r.stderr[-2000:]
     assert re.search(r"7 images", r.stdout) and "AP50" in r.stdout and "AR100" in r.stdout
     assert (tmp_path / "det.json").stat().st_size > 0
-    # the same file against a pre-norm model: refused in one line naming the missing keys
+    # (model.pre_norm unset: it follows the checkpoint's post-norm transformer.) The same file against a model
+    # set to pre-norm: refused in one line naming the missing keys
     r = subprocess.run([sys.executable, "-m", "updetr", "eval", str(exp), "--checkpoint", str(dst), *TINY,
-                        "data.source=coco", f"data.path={coco_root}"],
+                        "model.pre_norm=true", "data.source=coco", f"data.path={coco_root}"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=280)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "missing keys transformer.decoder.norm" not in r.stderr and "transformer.encoder.norm.weight" in r.stderr

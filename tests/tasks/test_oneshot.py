@@ -32,8 +32,9 @@ def voc_coco(root, sets):
 
 
 def oneshot_cfg(root, *extra):
+    # pre-norm stated: these models take tiny pre-training weights by hand (from scratch the default is post-norm)
     return load_config(None, TINY + ["task=oneshot", "data.source=voc", f"data.path={root}", "pretext.patch_size=32",
-                                     "data.batch_size=4"] + list(extra))
+                                     "data.batch_size=4", "model.pre_norm=true"] + list(extra))
 
 
 def test_default_split_is_the_papers_table3_split():
@@ -160,7 +161,8 @@ def test_smoke_run_ends_with_finite_per_class_ap_and_evaluation_is_repeatable(tm
                                     "data.synthetic_val_images=6", "data.synthetic_size=[64,80]",
                                     "pretext.patch_size=32", "data.batch_size=4", "schedule.epochs=2",
                                     "schedule.eval_every=0", "schedule.lr_drop=100", "optim.lr=1e-3",
-                                    f"runtime.output_dir={tmp_path}", "runtime.threads=2", "name=oneshot_smoke"])
+                                    f"runtime.output_dir={tmp_path}", "runtime.threads=2", "name=oneshot_smoke",
+                                    "oneshot.train_images_with_unseen=false"])  # as many steps as before CoAE's default
     outcome = run_debug(cfg, out=open(tmp_path / "log.txt", "w"))
     last = outcome.eval_metrics
     assert outcome.state.epoch == 2 and last is not None

@@ -15,6 +15,7 @@ path and the reason (`ConfigError`).
 """
 from updetr.config.base import ConfigError
 from updetr.config.data import DataConfig, DetectionConfig
+from updetr.config.evaluation import EvalConfig
 from updetr.config.experiment import _LEGACY_STAGE, ExperimentConfig
 from updetr.config.identity import (IDENTITY_KEEP, OPERATIONAL_PREFIXES, RUN_LENGTH_FIELDS, identity_diff,
                                     identity_fields, resume_note)
@@ -34,7 +35,8 @@ from updetr.config.tracking import TrackingConfig
 from updetr.config.weights import InitConfig
 
 __all__ = [
-    "ConfigError", "DataConfig", "DetectionConfig", "Experiment", "ExperimentConfig", "IDENTITY_KEEP", "InitConfig",
+    "ConfigError", "DataConfig", "DetectionConfig", "EvalConfig", "Experiment", "ExperimentConfig", "IDENTITY_KEEP",
+    "InitConfig",
     "LossConfig", "ModelConfig", "ONESHOT_UNSEEN", "OPERATIONAL_PREFIXES", "OneShotConfig", "OptimConfig",
     "PRETRAIN_SCALES", "PanopticConfig", "PretextConfig", "RUN_LENGTH_FIELDS", "RayConfig", "RuntimeConfig",
     "STAGE_ACTIONS", "ScheduleConfig", "Stage", "TrackingConfig", "VOC_CLASSES", "config_from_dict",

@@ -7,6 +7,7 @@ from pydantic import Field, field_validator, model_validator
 
 from updetr.config.base import _Strict
 from updetr.config.data import DataConfig, DetectionConfig
+from updetr.config.evaluation import EvalConfig
 from updetr.config.loss import LossConfig
 from updetr.config.model import ModelConfig
 from updetr.config.oneshot import OneShotConfig
@@ -47,6 +48,7 @@ class ExperimentConfig(_Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
     oneshot: OneShotConfig = Field(default_factory=OneShotConfig, description="One-shot detection (task oneshot).")
     panoptic: PanopticConfig = Field(default_factory=PanopticConfig, description="Panoptic mask head.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation metric.")
 
     @model_validator(mode="before")
     @classmethod
@@ -74,11 +76,13 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_field(self) -> "ExperimentConfig":
-        if self.task == "pretrain" and (self.data.fraction < 1.0 or self.data.subset_size is not None):
-            raise ValueError("data.fraction / data.subset_size: a subset of a labelled TRAIN split is for "
-                             "fine-tuning (detect / oneshot / panoptic); in a chain, set it on that stage "
-                             "(stages.finetune.data.fraction=...)")
-        _task_class(self.task).check_config(self)   # the task's own rules (sources, heads, losses)
+        task = _task_class(self.task)
+        task.check_config(self)   # the task's own rules (sources, heads, losses, subsets)
+        if self.eval.metric not in task.eval_metrics or (self.eval.metric in ("voc07", "voc12") and
+                                                         self.data.source not in ("voc", "synthetic_voc")):
+            raise ValueError(f"eval.metric '{self.eval.metric}': task {self.task} scores "
+                             f"{' | '.join(task.eval_metrics)}; voc07 | voc12 are the VOC devkit's and score VOC "
+                             f"data only (data.source voc | synthetic_voc; here '{self.data.source}')")
         if self.data.source in ("folder", "shards", "coco", "voc", "coco_panoptic") and not self.data.path:
             raise ValueError(f"data.path is required for data.source '{self.data.source}'")
         return self
@@ -86,6 +90,9 @@ class ExperimentConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _task_defaults(cls, data: Any) -> Any:
+        from updetr.tasks.defaults import resolve_task_defaults  # the official per-task defaults (deferred as below)
+
+        data = resolve_task_defaults(data)
         if isinstance(data, dict) and isinstance(data.get("task"), str) and data["task"] in _task_names():
             data = _task_class(data["task"]).config_defaults(data)
         return data

@@ -12,7 +12,8 @@ from updetr.config.loading import config_to_dict, flatten
 # Everything else (runtime.precision and any runtime switch included) is part of a run's identity.
 OPERATIONAL_PREFIXES = ("ray.", "tracking.", "runtime.output_dir", "runtime.threads", "data.num_workers",
                         "data.preprocess_cpus", "data.prefetch_batches", "data.preprocess_batch_size",
-                        "schedule.checkpoint_every", "schedule.keep_checkpoints", "schedule.log_every")
+                        "schedule.checkpoint_every", "schedule.keep_checkpoints", "schedule.log_every",
+                        "eval.metric")
 IDENTITY_KEEP = ("ray.use_gpu",)  # GPU vs CPU arithmetic
 # How long to train: extending a run (updetr debug --resume with a higher max_steps) continues it.
 RUN_LENGTH_FIELDS = ("schedule.epochs", "schedule.max_steps")

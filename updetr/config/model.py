@@ -16,9 +16,10 @@ class ModelConfig(_Strict):
     backbone_weights: Optional[str] = Field(
         None, description="Local weight file for the backbone (torchvision or SwAV state_dict; `module.` "
                           "prefixes stripped). None keeps random init: nothing is ever downloaded.")
-    freeze_backbone: bool = Field(
-        True, description="Freeze the whole CNN (pre-training default). When False, layers 2-4 train at "
-                          "optim.lr_backbone and the stem + layer1 stay frozen, as in DETR.")
+    freeze_backbone: Optional[bool] = Field(
+        None, description="Freeze the whole CNN. When False, layers 2-4 train at optim.lr_backbone and the "
+                          "stem + layer1 stay frozen, as in DETR. None (unset): per task as the official code "
+                          "(updetr.config.task_defaults): True for pretrain (--fre_cnn), False otherwise.")
     dilation: bool = Field(False, description="Replace stride with dilation in the last ResNet stage (DC5).")
     position_embedding: Literal["sine", "learned"] = Field("sine", description="Positional encoding type.")
     hidden_dim: int = Field(256, gt=0, description="Transformer width d_model.")
@@ -27,7 +28,10 @@ class ModelConfig(_Strict):
     dec_layers: int = Field(6, gt=0, description="Transformer decoder layers.")
     dim_feedforward: int = Field(2048, gt=0, description="FFN hidden size in each transformer layer.")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout inside the transformer.")
-    pre_norm: bool = Field(True, description="Pre-norm transformer (UP-DETR) instead of post-norm (DETR).")
+    pre_norm: Optional[bool] = Field(
+        None, description="Pre-norm transformer (UP-DETR) instead of post-norm (DETR). None (unset): per task "
+                          "(updetr.config.task_defaults): True for pretrain and for detect / oneshot starting from "
+                          "init.checkpoint, False otherwise; a chained stage takes the previous stage's.")
     num_queries: int = Field(100, gt=0, description="Number of object queries N.")
     aux_loss: bool = Field(True, description="Auxiliary decoding losses on every decoder layer.")
     num_classes: Optional[int] = Field(

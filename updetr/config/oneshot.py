@@ -1,6 +1,8 @@
 """`oneshot:` one-shot detection on VOC (task oneshot)."""
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator
 
 from updetr.config.base import _Strict
@@ -23,8 +25,15 @@ class OneShotConfig(_Strict):
         description="VOC classes held out of training and scored apart (paper Table 3 / CoAE: cow, sheep, cat, "
                     "aeroplane); every other VOC class is seen.")
     train_images_with_unseen: bool = Field(
-        False, description="Keep training images that also show unseen-class objects (unlabelled, i.e. "
-                           "background). Default: drop them, so no unseen object is ever seen in training.")
+        True, description="Keep training images that also show unseen-class objects, those objects unlabelled "
+                          "(background), as CoAE does. False drops them, so no unseen object is ever seen in "
+                          "training (about 20 % of VOC07+12 trainval).")
+    class_sampling: Literal["inverse_frequency", "uniform"] = Field(
+        "inverse_frequency", description="The class of a training episode among its image's seen classes: "
+                                         "weighted by 1 / (training images showing the class), as CoAE; or "
+                                         "uniform.")
+    query_flip: float = Field(0.5, ge=0.0, le=1.0, description="Probability of flipping a training query patch "
+                                                               "horizontally (CoAE: 0.5; 0 = never).")
     patch_dropout: float = Field(
         0.0, ge=0.0, lt=1.0, description="Probability of zeroing the query-patch feature in a query slot during "
                                          "training (pre-training's pretext.patch_dropout; off: with one patch a "

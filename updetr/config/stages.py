@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from updetr.config.base import ConfigError
 from updetr.config.experiment import ExperimentConfig
 from updetr.config.loading import _format_validation, _merge, _set_dotted, load_config, parse_overrides, resolve_dict
+from updetr.config.task_defaults import inherit_pre_norm
 
 
 STAGE_ACTIONS = ("train", "eval")
@@ -90,6 +91,7 @@ def load_experiment(path: str | Path | None, overrides: list[str] | None = None)
                     continue
                 key = ".".join(key.split(".")[2:])
             _set_dotted(merged, key, value)
+        merged = inherit_pre_norm(merged, stages[-1].cfg.model.pre_norm if stages else None)
         try:
             cfg = ExperimentConfig.model_validate(merged)
         except ValidationError as e:

@@ -33,6 +33,7 @@ from updetr.data.skips import SkipCounter
 from updetr.data.tensors import normalize_patches
 
 _AUG_TAG = 0x0E5B
+_FLIP_TAG = 0x0E5D
 
 
 def query_patch(img, box: Sequence[float], patch_size: int) -> torch.Tensor:
@@ -51,8 +52,10 @@ class OneShotDataset:
     """Pixels of episodes over one split: images listed in `coco`, files under `img_root`."""
 
     def __init__(self, img_root: str | os.PathLike, coco: COCO, train: bool, seed: int, patch_size: int,
-                 params=None) -> None:
+                 params=None, query_flip: float = 0.0) -> None:
+        """`query_flip`: probability of a horizontal flip of a training query patch (CoAE: 0.5)."""
         self.img_root, self.coco, self.train, self.seed = Path(img_root), coco, train, seed
+        self.query_flip = query_flip
         self.patch_size = patch_size
         self.transforms = make_detection_transforms(train, True, params)
 
@@ -67,6 +70,9 @@ class OneShotDataset:
             img = self._read(ep.target_image, counter)
             support = img if ep.query.image_id == ep.target_image else self._read(ep.query.image_id, counter)
             patch = query_patch(support, ep.query.box, self.patch_size)
+            if self.train and self.query_flip > 0 and \
+                    numpy_rng((self.seed, epoch, _FLIP_TAG, ep.target_image, ep.category_id)).random() < self.query_flip:
+                patch = patch.flip(-1)  # [3, P, P]: mirror the width
         except BadImage as e:
             counter.add(e.reason)
             return {"image": None, "target": None, "patch": None, "events": counter.total}

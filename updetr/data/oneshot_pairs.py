@@ -147,8 +147,13 @@ class TrainEpisodes:
     """Training episodes of any epoch: one per usable image (a seen class with support elsewhere)."""
 
     def __init__(self, coco: COCO, seen: Sequence[int], unseen: Sequence[int], min_px: int, seed: int,
-                 allow_unseen: bool = False) -> None:
-        self.seed = seed
+                 allow_unseen: bool = True, class_sampling: str = "inverse_frequency") -> None:
+        """`allow_unseen`: keep images that also show an unseen class (CoAE). `class_sampling`: the episode's
+        class among the image's seen classes, `inverse_frequency` (weight 1 / number of training images whose
+        episodes may ask for the class, CoAE) or `uniform`."""
+        if class_sampling not in ("inverse_frequency", "uniform"):
+            raise ValueError(f"class_sampling '{class_sampling}' is not inverse_frequency | uniform")
+        self.seed, self.class_sampling = seed, class_sampling
         self.counts: Counter = Counter()
         images = training_images(coco, seen, unseen, allow_unseen, self.counts)
         self.pool = SupportPool(coco, seen, min_px, images)
@@ -161,13 +166,19 @@ class TrainEpisodes:
                 self.choices.append((image_id, classes))
             else:
                 self.counts[NO_SUPPORT] += 1
+        self.frequency: Counter = Counter(c for _, classes in self.choices for c in classes)
 
     def __len__(self) -> int:
         return len(self.choices)
 
     def episode(self, i: int, epoch: int) -> Episode:
         image_id, classes = self.choices[i]
-        c = classes[int(numpy_rng((self.seed, epoch, _CLASS_TAG, image_id)).integers(len(classes)))]
+        rng = numpy_rng((self.seed, epoch, _CLASS_TAG, image_id))
+        if self.class_sampling == "uniform" or len(classes) == 1:
+            c = classes[int(rng.integers(len(classes)))]
+        else:  # rare classes are asked for more often, so every class gets about as many episodes
+            w = np.array([1.0 / self.frequency[k] for k in classes])
+            c = classes[int(rng.choice(len(classes), p=w / w.sum()))]
         q = self.pool.draw(c, image_id, numpy_rng((self.seed, epoch, _QUERY_TAG, image_id, c)))
         return Episode(image_id, c, q)
 

@@ -1,9 +1,10 @@
-"""One-shot detection scores: AP50 per VOC class with pycocotools, the seen / unseen means, Table 3's layout.
+"""One-shot detection scores: AP50 per VOC class, the seen / unseen means, Table 3's layout.
 
-Metric: pycocotools `COCOeval` (iouType 'bbox') at the single IoU threshold 0.5, per category, area 'all',
-100 detections per (image, class): the precision curve of category k, `eval['precision'][0, :, k, 0, -1]`,
-averaged over its 101 recall points (COCO's interpolation; VOC2007's devkit uses 11 points, a listed
-departure). Each episode's detections are scored as detections of its class in its target image; the ground
+Metric (`metric`): voc07 (default, CoAE's and Table 3's) = the VOC2007 devkit, 11-point AP, detections of
+difficult objects ignored (`updetr.eval.voc_eval`); voc12 = the same with all-point AP; coco = pycocotools
+`COCOeval` (iouType 'bbox') at the single IoU threshold 0.5, per category, area 'all', 100 detections per
+(image, class): the precision curve of category k, `eval['precision'][0, :, k, 0, -1]`, averaged over its 101
+recall points (difficult objects are crowd regions). Each episode's detections are scored as detections of its class in its target image; the ground
 truth is that class's instances in that image (difficult ones are ignore regions, as for VOC detection), for
 exactly the (image, class) pairs that were evaluated. `seen_AP50` / `unseen_AP50` = the mean over that
 group's classes that had episodes (Table 3's AP50 columns).
@@ -26,6 +27,7 @@ from pycocotools.cocoeval import COCOeval
 
 from updetr.eval.base import EvalError, Evaluator, distinct_ids, write_json_atomic
 from updetr.eval.boxes import box_predictions, to_coco_results
+from updetr.eval.voc_metric import per_class_voc_ap
 
 # Table 3's columns, left to right (VOC names; the paper's short labels below).
 PAPER_SEEN_ORDER = ("pottedplant", "sofa", "tvmonitor", "car", "bottle", "boat", "chair", "person", "bus", "train",
@@ -69,12 +71,16 @@ class OneShotEvaluator(Evaluator):
         episodes: the split's episodes (`target_image`, `category_id`), numbered as the batches' image_id.
         class_names: `{category id: VOC name}`; seen / unseen: category ids of each group.
         skipped: split-level counts (queries too small, (image, class) pairs without support) for the report.
+        metric: voc07 | voc12 | coco (module docstring).
     """
 
     metric_names = ("seen_AP50", "unseen_AP50")
 
     def __init__(self, coco_gt: COCO, episodes: Sequence, class_names: Mapping[int, str], seen: Sequence[int],
-                 unseen: Sequence[int], skipped: Mapping[str, int] | None = None) -> None:
+                 unseen: Sequence[int], skipped: Mapping[str, int] | None = None, metric: str = "voc07") -> None:
+        if metric not in ("voc07", "voc12", "coco"):
+            raise ValueError(f"metric '{metric}' is not voc07 | voc12 | coco")
+        self.metric = metric
         self.coco_gt, self.episodes = coco_gt, list(episodes)
         self.class_names, self.seen, self.unseen = dict(class_names), list(seen), list(unseen)
         self.skipped = dict(skipped or {})
@@ -123,7 +129,11 @@ class OneShotEvaluator(Evaluator):
                            "(check data.val_path, and that the test images hold instances with a query in another "
                            "image)", unit="episode")
         pairs = {(self.episodes[i].target_image, self.episodes[i].category_id) for i in ids}
-        ap = per_class_ap50(self._scored_gt(pairs), self.results, [p[0] for p in pairs], [p[1] for p in pairs])
+        images, classes = [p[0] for p in pairs], [p[1] for p in pairs]
+        if self.metric == "coco":
+            ap = per_class_ap50(self._scored_gt(pairs), self.results, images, classes)
+        else:
+            ap = per_class_voc_ap(self._scored_gt(pairs), self.results, images, classes, self.metric)
         per_ep = {c: 0 for c in self.seen + self.unseen}
         for i in ids:
             per_ep[self.episodes[i].category_id] = per_ep.get(self.episodes[i].category_id, 0) + 1

@@ -1,13 +1,17 @@
-"""Panoptic evaluation: PQ / SQ / RQ (overall, things, stuff) with torchmetrics' `PanopticQuality`, and mask
-AP (AP^seg) with pycocotools `COCOeval(iouType='segm')` — the columns of the paper's Table 4.
+"""Panoptic evaluation: PQ / SQ / RQ (overall, things, stuff) with panopticapi's `pq_compute` semantics
+(`updetr.eval.pq`), and mask AP (AP^seg) with pycocotools `COCOeval(iouType='segm')` — the columns of the
+paper's Table 4.
 
-PQ: each evaluated image's predicted segment map and its ground truth (read from the panoptic PNG at the
-original size) go to `torchmetrics.detection.PanopticQuality(return_per_class=True, return_sq_and_rq=True)`;
-PQ^th / PQ^st are the means over the thing / stuff classes that occur (TP + FP + FN > 0), as panopticapi
-averages. Void and crowd ground-truth pixels get no category, so torchmetrics ignores them (a predicted
-segment mostly on them is no false positive). Unclaimed predicted pixels form an extra "unassigned" class
-(in no average), so every unmatched ground-truth segment is a false negative, as in panopticapi. AP^seg: every query's mask (DETR's PostProcessSegm) against
-the thing segments of the evaluated images' ground truth (RLE), categories = the thing classes.
+PQ: each evaluated image's predicted segment map against its ground-truth PNG and segments_info at the original
+size, crowd segments included as pq_compute treats them (out of matching, kept in the union; a false positive is
+forgiven only on VOID plus the crowd region of its own category). Predicted pixels of a category the dataset
+does not list are VOID (pq_compute would refuse the file). PQ^th / PQ^st are the means over the thing / stuff
+classes that occur (TP + FP + FN > 0), as pq_compute averages. AP^seg: every query's mask (DETR's
+PostProcessSegm) against the thing segments of the evaluated images' ground truth (RLE), categories = the
+thing classes.
+
+`write_results(path)` writes the per-query masks (COCO segm JSON) and the predictions in COCO panoptic format
+(`<stem>_panoptic.json` + `<stem>_panoptic/<image id>.png`), which panopticapi's `pq_compute` scores as is.
 
 Distributed: an `updetr.eval.base.Evaluator`: `state()` / `merge(parts)` / `summarize()` (the per-class sums
 add up).
@@ -17,52 +21,49 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import warnings
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import torch
+from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from updetr.data.coco import coco_from_dict
+from updetr.data.panoptic import id2rgb
 from updetr.eval.base import EvalError, Evaluator, distinct_ids, write_json_atomic
+from updetr.eval.pq import PQStat, pq_average, pq_image
 
 # reported names, in Table 4's column order
 PANOPTIC_METRICS = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st", "segm_AP")
 SEGM_METRICS = {"segm_AP": 0, "segm_AP50": 1, "segm_AP75": 2}
 
 
-def panoptic_quality_metric(things: Iterable[int], stuffs: Iterable[int]):
-    """The torchmetrics metric this evaluator uses (per-class PQ, SQ, RQ as `[C, 3]`)."""
-    from torchmetrics.detection import PanopticQuality
-
-    # sync_on_compute off: ranks are gathered by `PanopticEvaluator.merge` (rank 0 alone computes; torchmetrics'
-    # own all-gather there would wait forever for the other ranks, and would count their parts twice)
-    return PanopticQuality(things=set(things), stuffs=set(stuffs), return_sq_and_rq=True, return_per_class=True,
-                           sync_on_compute=False)
-
-
-def pq_summary(metric, things: Iterable[int], stuffs: Iterable[int]) -> dict[str, float]:
-    """PQ/SQ/RQ overall, things (`_th`) and stuff (`_st`) from a `PanopticQuality` metric's per-class
-    result: means over the classes of the group that occur (TP + FP + FN > 0), as panopticapi's
-    `pq_average`; a group without any occurring class gives NaN. Classes of the metric outside `things`
-    and `stuffs` (the evaluator's "unassigned" class) are in no group."""
-    with warnings.catch_warnings():  # merged states (merge) were set without `update`: torchmetrics warns
-        warnings.filterwarnings("ignore", message=".*compute.*called before the ``update``")
-        per_class = metric.compute()  # [C, 3] (pq, sq, rq); classes ordered by metric.cat_id_to_continuous_id
-    occurs = (metric.true_positives + metric.false_positives + metric.false_negatives) > 0
-    order = metric.cat_id_to_continuous_id
-    things, stuffs = set(things), set(stuffs)
-    groups = {"": things | stuffs, "_th": things, "_st": stuffs}
+def pq_summary(stat: PQStat, things: Iterable[int], stuffs: Iterable[int]) -> dict[str, float]:
+    """PQ/SQ/RQ overall, things (`_th`) and stuff (`_st`), as pq_compute's `pq_average` per group."""
+    things, stuffs = sorted(things), sorted(stuffs)
     out = {}
-    for suffix, cats in groups.items():
-        idx = torch.tensor([order[c] for c in sorted(cats) if c in order and occurs[order[c]]], dtype=torch.long)
-        for j, name in enumerate(("PQ", "SQ", "RQ")):
-            out[name + suffix] = float(per_class[idx, j].mean()) if len(idx) else float("nan")
+    for suffix, cats in (("", things + stuffs), ("_th", things), ("_st", stuffs)):
+        out.update({k + suffix: v for k, v in pq_average(stat, cats).items()})
     return out
+
+
+def predicted_segments(panoptic: dict, known: set[int]) -> tuple[np.ndarray, list[dict]]:
+    """A post-processed map (`segments [H, W]` index into segments_info, -1 void) -> (COCO panoptic id map
+    `[H, W]` int64 with id = index + 1 and 0 = VOID, segments_info of the segments present). Segments of a
+    category outside `known` become VOID; segments without pixels are left out (pq_compute refuses a listed id
+    absent from the PNG)."""
+    seg = panoptic["segments"].cpu().numpy().astype(np.int64)
+    info = panoptic["segments_info"]
+    keep = np.array([int(s["category_id"]) in known for s in info] + [False], dtype=bool)
+    ids = np.where(keep[seg], seg + 1, 0)  # seg == -1 picks the trailing False: VOID
+    present = set(np.unique(ids).tolist()) - {0}
+    out = [{"id": k + 1, "category_id": int(s["category_id"]), "isthing": bool(s.get("isthing", True)),
+            "area": int((ids == k + 1).sum()), **({"score": float(s["score"])} if "score" in s else {})}
+           for k, s in enumerate(info) if k + 1 in present]
+    return ids, out
 
 
 def _plain(rle: dict) -> dict:
@@ -78,12 +79,9 @@ class PanopticEvaluator(Evaluator):
     def __init__(self, pan) -> None:
         """`pan`: `updetr.data.panoptic.PanopticIndex` of the evaluation split."""
         self.pan = pan
-        # Pixels no kept query claims (and predicted ids the dataset does not list) get this extra stuff class
-        # rather than torchmetrics' void: torchmetrics does not count a ground-truth segment that is mostly
-        # void in the prediction as a false negative, panopticapi does (an empty prediction must score 0).
-        self.unassigned = max(pan.categories) + 1
-        self.metric = panoptic_quality_metric(pan.things, pan.stuffs + [self.unassigned])
+        self.stat = PQStat(pan.categories)
         self.img_ids: list[int] = []
+        self.panoptic: list[dict] = []     # COCO panoptic predictions: {image_id, file_name, segments_info, png}
         self.results: list[dict] = []      # COCO segm results (RLE), AP^seg
         self.gt_anns: list[dict] = []      # thing segments of the evaluated images (RLE)
 
@@ -103,19 +101,16 @@ class PanopticEvaluator(Evaluator):
         labels [N]}; `masks` uint8 `[N, H, W]` (per query, original size)."""
         if image_id not in self.pan.images:
             raise EvalError(f"predictions for image id {image_id}, which is not in the ground truth")
-        gt, ids_map, segs = self.pan.ground_truth(image_id)
-        seg = panoptic["segments"].cpu().numpy()
-        if seg.shape != gt.shape[:2]:
-            raise EvalError(f"image {image_id}: predicted map {seg.shape} vs ground truth {gt.shape[:2]}")
-        pred = np.full(gt.shape, -1, dtype=np.int64)
-        pred[..., 1] = 0
-        known = set(self.pan.categories)
-        cats = np.array([s["category_id"] if s["category_id"] in known else self.unassigned
-                         for s in panoptic["segments_info"]] + [self.unassigned], dtype=np.int64)
-        pred[..., 0] = cats[seg]  # seg == -1 picks the trailing entry: unassigned
-        pred[..., 1] = np.where(seg >= 0, seg + 1, 0)
-        self.metric.update(torch.from_numpy(pred)[None], torch.from_numpy(gt)[None])
+        ids_map, segs = self.pan.read_segments(image_id)
+        pred_ids, pred_info = predicted_segments(panoptic, set(self.pan.categories))
+        if pred_ids.shape != ids_map.shape:
+            raise EvalError(f"image {image_id}: predicted map {pred_ids.shape} vs ground truth {ids_map.shape}")
+        self.stat += pq_image(ids_map, segs, pred_ids, pred_info, self.pan.categories)
         self.img_ids.append(image_id)
+        png = io.BytesIO()
+        Image.fromarray(id2rgb(pred_ids)).save(png, format="PNG")
+        self.panoptic.append({"image_id": image_id, "file_name": f"{image_id:012d}.png",
+                              "segments_info": pred_info, "png": png.getvalue()})
         for s in segs:
             if not self.pan.is_thing.get(int(s["category_id"]), False):
                 continue
@@ -136,25 +131,19 @@ class PanopticEvaluator(Evaluator):
     def state(self) -> tuple[list[int], dict]:
         """What one rank contributes (plain Python / CPU tensors, for `all_gather_object`): (image ids, the
         rest); image ids first (the engine counts them)."""
-        m = self.metric
-        return list(self.img_ids), {
-            "results": list(self.results), "gt_anns": list(self.gt_anns),
-            "sums": [t.clone().cpu() for t in (m.iou_sum, m.true_positives, m.false_positives, m.false_negatives)]}
+        return list(self.img_ids), {"results": list(self.results), "gt_anns": list(self.gt_anns),
+                                    "pq": self.stat.state(), "panoptic": list(self.panoptic)}
 
     def merge(self, parts: Iterable[tuple[list[int], dict]]) -> None:
         """Replace the accumulated state by the union of `parts` (every rank's `state()`, this one included)."""
-        parts = list(parts)
-        m = self.metric
-        m.reset()
-        self.img_ids, self.results, self.gt_anns = [], [], []
-        for ids, p in parts:
+        self.stat = PQStat(self.pan.categories)
+        self.img_ids, self.results, self.gt_anns, self.panoptic = [], [], [], []
+        for ids, p in list(parts):
             self.img_ids.extend(ids)
             self.results.extend(p["results"])
             self.gt_anns.extend(p["gt_anns"])
-            m.iou_sum += p["sums"][0].to(m.iou_sum)
-            m.true_positives += p["sums"][1].to(m.true_positives)
-            m.false_positives += p["sums"][2].to(m.false_positives)
-            m.false_negatives += p["sums"][3].to(m.false_negatives)
+            self.panoptic.extend(p["panoptic"])
+            self.stat += PQStat.from_state(p["pq"])
 
     # -- score
     def segm_ap(self) -> dict[str, float]:
@@ -180,10 +169,20 @@ class PanopticEvaluator(Evaluator):
     def summarize(self) -> dict[str, float]:
         distinct_ids(self.img_ids, "the evaluation split is empty: no image was evaluated (check data.val_path / "
                                    "the panoptic JSON)")
-        out = pq_summary(self.metric, self.pan.things, self.pan.stuffs)
+        out = pq_summary(self.stat, self.pan.things, self.pan.stuffs)
         out.update(self.segm_ap() if self.pan.things else {k: -1.0 for k in SEGM_METRICS})
         return out
 
     def write_results(self, path: str | os.PathLike) -> Path:
-        """The accumulated per-query masks as a COCO segm results JSON (atomic)."""
+        """The per-query masks as a COCO segm results JSON at `path` (atomic), and the segment maps in COCO
+        panoptic format beside it: `<stem>_panoptic/` (one PNG per image) and `<stem>_panoptic.json`."""
+        path = Path(path)
+        folder = path.with_name(f"{path.stem}_panoptic")
+        folder.mkdir(parents=True, exist_ok=True)
+        for p in self.panoptic:
+            (folder / p["file_name"]).write_bytes(p["png"])
+        write_json_atomic(path.with_name(f"{path.stem}_panoptic.json"), {
+            "images": [self.pan.images[i] for i in sorted(set(self.img_ids))],
+            "annotations": [{k: v for k, v in p.items() if k != "png"} for p in self.panoptic],
+            "categories": [dict(c) for _, c in sorted(self.pan.categories.items())]})
         return write_json_atomic(path, self.results)

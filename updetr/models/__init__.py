@@ -112,7 +112,8 @@ def build_detr_segm(cfg: ExperimentConfig, num_classes: int, is_thing: dict[int,
     m, p = cfg.model, cfg.panoptic
     backbone, transformer, _ = _backbone_and_transformer(cfg, return_interm_layers=True)
     detr = DETR(backbone, transformer, num_classes=num_classes, num_queries=m.num_queries, aux_loss=m.aux_loss)
-    model = apply_runtime_paths(DETRsegm(detr, freeze_detr=p.freeze_detector), cfg)
+    model = apply_runtime_paths(DETRsegm(detr, freeze_detr=p.freeze_detector,
+                                                 attention_norm=p.mask_attention_norm), cfg)
     post = {"bbox": PostProcess(), "segm": PostProcessSegm(p.mask_threshold),
             "panoptic": PostProcessPanoptic(is_thing, p.threshold, p.min_area)}
     return model, build_criterion(cfg, num_classes, masks=True), post

@@ -54,7 +54,7 @@ class PostProcessPanoptic(nn.Module):
 
     def _assign(self, masks: Tensor, classes: Tensor, size: tuple[int, int]) -> Tensor:
         """`masks [K, h, w]` logits -> `[H, W]` int64 index of the winning mask (stuff of one class merged into
-        its first mask), resized with nearest to `size`; K = 0 gives all -1."""
+        its first mask), resized to `size` as DETR does (PIL NEAREST on the id PNG); K = 0 gives all -1."""
         if masks.shape[0] == 0:
             return torch.full(size, -1, dtype=torch.int64)
         ids = masks.argmax(0)
@@ -64,7 +64,9 @@ class PostProcessPanoptic(nn.Module):
                 j = first.setdefault(int(c), k)
                 if j != k:
                     ids[ids == k] = j
-        return F.interpolate(ids[None, None].float(), size=size, mode="nearest")[0, 0].long()
+        # torch's "nearest" picks floor(i * scale), PIL's NEAREST the pixel centre floor((i + 0.5) * scale):
+        # "nearest-exact" is PIL's rule (plain "nearest" moves 0.4-0.9 % of the pixels of a segment map)
+        return F.interpolate(ids[None, None].float(), size=size, mode="nearest-exact")[0, 0].long()
 
     @torch.no_grad()
     def forward(self, outputs: dict, processed_sizes: Tensor, target_sizes: Tensor) -> list[dict]:

@@ -23,11 +23,20 @@ def _gn_groups(channels: int, wanted: int = 8) -> int:
     return 1
 
 
-class MHAttentionMap(nn.Module):
-    """Multi-head attention weights only (no values): softmax over (heads x H x W) of q.k per query."""
+ATTENTION_NORMS = ("per_head", "joint")
 
-    def __init__(self, query_dim: int, hidden_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True):
+
+class MHAttentionMap(nn.Module):
+    """Multi-head attention weights only (no values): softmax of q.k per query, over H x W for each head
+    (`norm="per_head"`, UP-DETR's code) or jointly over heads x H x W (`norm="joint"`, DETR's code: one
+    softmax across heads lets a head with large logits starve the others, facebookresearch/detr#247)."""
+
+    def __init__(self, query_dim: int, hidden_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 norm: str = "per_head"):
         super().__init__()
+        if norm not in ATTENTION_NORMS:
+            raise ValueError(f"norm '{norm}' is not one of {ATTENTION_NORMS}")
+        self.norm = norm
         self.num_heads = num_heads
         self.hidden_dim = hidden_dim
         self.dropout = nn.Dropout(dropout)
@@ -41,7 +50,8 @@ class MHAttentionMap(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, mask: Tensor | None = None) -> Tensor:
         """`q [B, N, C]` (last decoder layer), `k [B, C, H, W]` (encoder memory), `mask [B, H, W]` True on
-        padding -> weights `[B, N, heads, H, W]` (each query's weights sum to 1 over heads x H x W)."""
+        padding -> weights `[B, N, heads, H, W]`: each (query, head) map sums to 1 over H x W (per_head), or each
+        query's maps sum to 1 over heads x H x W (joint)."""
         b, n = q.shape[:2]
         h, w = k.shape[-2:]
         d = self.hidden_dim // self.num_heads
@@ -52,7 +62,8 @@ class MHAttentionMap(nn.Module):
         weights = torch.einsum("bqnc,bnchw->bqnhw", qh * self.scale, kh)
         if mask is not None:
             weights = weights.masked_fill(mask[:, None, None], float("-inf"))
-        weights = F.softmax(weights.flatten(2), dim=-1).view_as(weights)
+        start = 3 if self.norm == "per_head" else 2  # flatten H x W, or heads x H x W, into the softmax dim
+        weights = F.softmax(weights.flatten(start), dim=-1).view_as(weights)
         return self.dropout(weights)
 
 
@@ -114,9 +125,10 @@ class DETRsegm(nn.Module):
 
     `freeze_detr` (DETR's --frozen_weights) sets requires_grad False on every detector parameter before the
     head exists, so only `bbox_attention` and `mask_head` train and the detector stays bit-identical.
+    `attention_norm`: see `MHAttentionMap` (per_head = UP-DETR's fix, joint = DETR's form).
     """
 
-    def __init__(self, detr: DETR, freeze_detr: bool = True):
+    def __init__(self, detr: DETR, freeze_detr: bool = True, attention_norm: str = "per_head"):
         super().__init__()
         self.detr = detr
         if freeze_detr:
@@ -124,7 +136,7 @@ class DETRsegm(nn.Module):
                 p.requires_grad_(False)
         hidden_dim, nheads = detr.transformer.d_model, detr.transformer.nhead
         cb = detr.backbone.num_channels  # layer4; layer3/2/1 have 1/2, 1/4, 1/8 of it (ResNet)
-        self.bbox_attention = MHAttentionMap(hidden_dim, hidden_dim, nheads, dropout=0.0)
+        self.bbox_attention = MHAttentionMap(hidden_dim, hidden_dim, nheads, dropout=0.0, norm=attention_norm)
         self.mask_head = MaskHeadSmallConv(hidden_dim + nheads, (cb // 2, cb // 4, cb // 8), hidden_dim)
 
     @property

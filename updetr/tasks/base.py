@@ -92,6 +92,8 @@ class Task:
     # Evaluates on a split (while training too); the evaluator's class gives its metric names and table.
     has_eval: bool = False
     evaluator_class: type[Evaluator] = Evaluator
+    # eval.metric values its evaluation can report (voc07 / voc12: the VOC devkit's, on VOC data only).
+    eval_metrics: tuple[str, ...] = ("coco",)
     # `updetr compare`'s curve PNG for this task: (which metric: "loss" | "eval", x label, file name).
     curve: Optional[tuple[str, str, str]] = None
     # `updetr visualize` draws this task's checkpoints (query patches and the boxes found for them).

@@ -79,6 +79,7 @@ class DetectTask(Task):
     name = "detect"
     sources = ("coco", "voc", "synthetic_coco", "coco_panoptic", "synthetic_panoptic")
     has_eval = True
+    eval_metrics = ("coco", "voc07", "voc12")
     evaluator_class = CocoEvaluator
     curve = ("eval", "fine-tuning epoch", "eval_ap_vs_epoch.png")
 
@@ -183,6 +184,10 @@ class DetectTask(Task):
         return detection_batches(cfg, self.dataset("val"), 0, 0, rank, world_size)
 
     def evaluator(self):
+        if self.cfg.eval.metric in ("voc07", "voc12"):
+            from updetr.eval.voc_eval import VocEvaluator
+
+            return VocEvaluator(self.dataset("val").coco, self.cfg.eval.metric)
         return CocoEvaluator(self.dataset("val").coco)
 
     # -- model

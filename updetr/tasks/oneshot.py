@@ -54,6 +54,7 @@ class OneShotTask(Task):
     sources = ("voc", "synthetic_voc")
     default_num_classes = 2   # label 1 = instance of the query's class
     has_eval = True
+    eval_metrics = ("coco", "voc07", "voc12")
     evaluator_class = OneShotEvaluator
 
     @classmethod
@@ -161,7 +162,7 @@ class OneShotTask(Task):
             seen, unseen = self.classes()
             _, coco = self.coco("train")
             eps = TrainEpisodes(coco, seen, unseen, self.cfg.pretext.min_patch_px, self.cfg.seed,
-                                self.cfg.oneshot.train_images_with_unseen)
+                                self.cfg.oneshot.train_images_with_unseen, self.cfg.oneshot.class_sampling)
             if len(eps) == 0:
                 have = sorted({VOC_CLASSES[c - 1] for c in seen if eps.pool.by_class.get(c)})
                 raise DatasetError(f"data (train split) under {self._root('train')}: no one-shot training episode: "
@@ -190,7 +191,7 @@ class OneShotTask(Task):
 
         root, coco = self.coco(split)
         return OneShotDataset(root, coco, split == "train", self.cfg.seed, self.cfg.pretext.patch_size,
-                              params=self.cfg.detection)
+                              params=self.cfg.detection, query_flip=self.cfg.oneshot.query_flip)
 
     def train_batches(self, epoch: int, skip: int = 0, rank: int = 0, world_size: int = 1,
                       shard: Any = None) -> Iterator[dict]:
@@ -220,7 +221,8 @@ class OneShotTask(Task):
         seen, unseen = self.classes()
         episodes, counts = self.eval_episodes()
         _, coco = self.coco("val")
-        return OneShotEvaluator(coco, episodes, {i + 1: n for i, n in enumerate(VOC_CLASSES)}, seen, unseen, counts)
+        return OneShotEvaluator(coco, episodes, {i + 1: n for i, n in enumerate(VOC_CLASSES)}, seen, unseen, counts,
+                                metric=self.cfg.eval.metric)
 
     # -- model
     def build(self):

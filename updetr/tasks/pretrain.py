@@ -28,6 +28,10 @@ class PretrainTask(Task):
         if cfg.data.source not in cls.sources:
             raise ValueError(f"data.source '{cfg.data.source}' is a detection dataset; pre-training "
                              "reads synthetic | folder | shards")
+        if cfg.data.fraction < 1.0 or cfg.data.subset_size is not None:
+            raise ValueError("data.fraction / data.subset_size: a subset of a labelled TRAIN split is for "
+                             "fine-tuning (detect / oneshot / panoptic); in a chain, set it on that stage "
+                             "(stages.finetune.data.fraction=...)")
 
     def prepare(self):
         """Check the data source before any work (one line naming the path and the reason)."""
