@@ -212,11 +212,29 @@ def hold_run(folder: str | os.PathLike, label: str, advice: str = "use name=... 
             lease.release()
         return
     path = Path(folder.removeprefix("file://")).resolve() / LOCK_FILE
+    created = _first_missing(path.parent)
     _acquire_local(path, label, advice, out)
     try:
         yield
-    finally:
+    except BaseException:
         _release_local(path)
+        # A command refused before any work (tracking unreachable, bad input) leaves nothing behind: the
+        # folders this lock created hold nothing but the lock file.
+        if created is not None and all(p == path or p.is_dir() for p in created.rglob("*")):
+            import shutil
+
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    else:
+        _release_local(path)
+
+
+def _first_missing(folder: Path) -> Optional[Path]:
+    """The outermost folder on the way to `folder` that does not exist yet (None: it exists)."""
+    missing = None
+    while not folder.exists():
+        missing, folder = folder, folder.parent
+    return missing
 
 
 @contextlib.contextmanager

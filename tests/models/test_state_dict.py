@@ -127,7 +127,7 @@ def test_pretrain_to_finetune():
     assert dropped == {"class_embed.weight", "class_embed.bias", "patch2query.weight", "patch2query.bias",
                        "feature_align.layers.0.weight", "feature_align.layers.0.bias",
                        "feature_align.layers.1.weight", "feature_align.layers.1.bias"}
-    detr, _, _ = build_model(tiny_finetune_cfg())
+    detr, _, _ = build_model(tiny_finetune_cfg("model.pre_norm=true"))  # UP-DETR fine-tuning is pre-norm
     result = detr.load_state_dict(ft_sd, strict=False)
     assert sorted(result.missing_keys) == ["class_embed.bias", "class_embed.weight"]
     assert result.unexpected_keys == []
