@@ -263,7 +263,9 @@ def _run(cfg: ExperimentConfig, plan: RunPlan, t0: float, address: Optional[str]
         trainer = build_trainer(plan, tracker, datasets=datasets, resources=resources,
                                 callbacks=[*commit_callbacks(tracker), *callbacks], report_epochs=report_epochs)
         _interrupt_on_sigint(trainer)
-        wait = _watch_resources(cfg, trainer, resources, out)
+        from updetr.orchestration.resource_wait import watch_resources
+
+        wait = watch_resources(cfg, trainer, dict(scaling_config(cfg, resources).resources_per_worker), out)
         mark("fit_start")
         try:
             result = trainer.fit()
@@ -341,33 +343,6 @@ def run_eval(cfg: ExperimentConfig, checkpoint: str, address: Optional[str] = No
     if not metrics:
         raise LaunchError("evaluation finished without metrics (see the worker logs above)")
     return dict(metrics), tracker.run_id
-
-
-def _watch_resources(cfg: ExperimentConfig, trainer, resources, out: TextIO):
-    """Start the `ResourceWait` of this run (updetr/orchestration/resource_wait.py); it aborts the Train
-    controller (handed to `trainer._register_sigint_handler` when `fit()` starts) past `ray.resource_wait_s`."""
-    from updetr.orchestration.resource_wait import ResourceWait
-
-    sc = scaling_config(cfg, resources)
-    box: dict = {}
-    hook = getattr(trainer, "_register_sigint_handler", None)
-    if hook is not None:
-        def register(controller) -> None:
-            box["controller"] = controller
-            hook(controller)
-        trainer._register_sigint_handler = register
-
-    def abort() -> None:
-        if "controller" in box:
-            try:
-                box["controller"].abort.remote()
-            except Exception:  # noqa: BLE001 - already gone
-                pass
-
-    wait = ResourceWait(cfg.tracking.experiment or cfg.name, cfg.ray.num_workers, dict(sc.resources_per_worker),
-                        cfg.ray.placement_strategy, out, cfg.ray.resource_wait_s or None, abort)
-    wait.start()
-    return wait
 
 
 def _interrupt_on_sigint(trainer) -> None:

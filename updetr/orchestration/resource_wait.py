@@ -102,3 +102,35 @@ class ResourceWait(threading.Thread):
             return self.cluster_now()
         except Exception:  # noqa: BLE001
             return "(cannot be read now)"
+
+
+def watch_resources(cfg, trainer, per_worker: dict, out: TextIO) -> ResourceWait:
+    """Start the `ResourceWait` of this run (below); it aborts the Train
+    controller (handed to `trainer._register_sigint_handler` when `fit()` starts) past `ray.resource_wait_s`."""
+    box: dict = {}
+    hook = getattr(trainer, "_register_sigint_handler", None)
+    if hook is not None:
+        def register(controller) -> None:
+            box["controller"] = controller
+            hook(controller)
+        trainer._register_sigint_handler = register
+
+    def abort() -> None:
+        if "controller" in box:
+            import ray
+
+            controller = box["controller"]
+            try:
+                ref = controller.abort.remote()
+                # The controller can sit in a blocking wait for its placement group and never run the abort
+                # call: past a grace period it is killed (its workers go with it; checkpoints are on disk).
+                ready, _ = ray.wait([ref], timeout=15)
+                if not ready:
+                    ray.kill(controller, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+    wait = ResourceWait(cfg.tracking.experiment or cfg.name, cfg.ray.num_workers, per_worker,
+                        cfg.ray.placement_strategy, out, cfg.ray.resource_wait_s or None, abort)
+    wait.start()
+    return wait
