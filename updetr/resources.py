@@ -2,7 +2,7 @@
 
 Ray Data and Ray Train share the cluster's logical CPUs. If the training workers and the preprocessing
 actors reserve every CPU, the read tasks never start and the pipeline waits forever without an error
-(issue 12: 2 workers x 0.5 + 1 actor x 1.0 on 2 cores). `plan_resources` fits all three before anything
+(e.g. 2 workers x 0.5 + 1 actor x 1.0 on 2 cores). `plan_resources` fits all three before anything
 starts, or raises `ResourceError` with one line naming what does not fit and which setting to change.
 
 Rules, in order:

@@ -71,7 +71,7 @@ def test_no_address_for_jobs(tmp_path, args, monkeypatch):
     one_error_line(r, "--address")
 
 
-# ------------------------------------------------------------------ data sources and resources (issue 12)
+# ------------------------------------------------------------------ data sources and resources
 def no_mlflow_run(folder) -> None:
     """No MLflow run was opened in the sqlite store under `folder` (a refusal must not leave FAILED runs)."""
     db = folder / "mlflow.db"
