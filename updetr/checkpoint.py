@@ -33,6 +33,10 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and the reason."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint that asks to run code while it loads: refused, and never taken for a damaged one."""
+
+
 def make_checkpoint(model_state: dict, *, optimizer: dict | None = None, lr_scheduler: dict | None = None,
                     step: int = 0, epoch: int = 0, step_in_epoch: int = 0, config: dict | None = None,
                     rng: dict | None = None, source: str = "updetr", sha: str | None = None) -> dict:
@@ -71,7 +75,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = safe_torch_load(path, map_location=map_location)
     except UnsafeWeightsError as e:
-        raise CheckpointError(str(e)) from None
+        raise UnsafeCheckpointError(str(e)) from None
     except Exception as e:  # the unpickler's errors are many types; all mean "not loadable safely"
         if is_updetr_file(path):  # ours, so damaged (cut short, overwritten): converting cannot help
             raise CheckpointError(f"{path}: updetr checkpoint is damaged and cannot be loaded "
@@ -148,7 +152,7 @@ def convert_official(src: str | Path, dst: str | Path) -> dict:
     try:
         raw = safe_torch_load(src, map_location="cpu")
     except UnsafeWeightsError as e:
-        raise CheckpointError(str(e)) from None
+        raise UnsafeCheckpointError(str(e)) from None
     except Exception as e:
         raise CheckpointError(f"{src}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from None
     if isinstance(raw, dict) and "model" in raw:

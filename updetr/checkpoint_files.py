@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from updetr.checkpoint import CheckpointError, load_checkpoint
+from updetr.checkpoint import CheckpointError, UnsafeCheckpointError, load_checkpoint
 
 LAST = "last.pt"
 SUFFIX_SUM = ".sha256"
@@ -204,6 +204,10 @@ def verify(path: Path) -> tuple[Optional[str], Optional[dict]]:
             return "its checksum differs from the one recorded when it was written", None
     try:
         return None, load_checkpoint(path)
+    except UnsafeCheckpointError:
+        # Not damage: someone put a file here that runs code. Stop rather than move it aside and resume
+        # from an older checkpoint as if nothing happened.
+        raise
     except CheckpointError as e:
         text = " ".join(str(e).split())
         return text.removeprefix(f"{path}: ")[:200], None

@@ -13,11 +13,11 @@ interrupted one resumes from its checkpoints; `--name` starts a separate study.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, TextIO
+from updetr.util.streams import STDOUT
 
 if TYPE_CHECKING:
     from updetr.sweep.tune import SweepOutcome
@@ -49,7 +49,7 @@ def demo_sweep_file() -> Path:
 
 
 def run_demo(overrides: Optional[list[str]] = None, name: Optional[str] = None, address: Optional[str] = None,
-             out: TextIO = sys.stdout) -> DemoOutcome:
+             out: TextIO = STDOUT) -> DemoOutcome:
     """Run the demo sweep, then compare its trials.
 
     Raises:

@@ -7,7 +7,6 @@ like `updetr run` (tracking.enabled=false turns it off), each step once (the met
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, TextIO
@@ -26,6 +25,7 @@ from updetr.runner import (AllWorkers, CallbackList, LedgerTracking, LocalCheckp
                            evaluate_weights, expected_total, format_epoch_line, format_progress, setup, train)
 from updetr.tasks import get_task
 from updetr.tracking import NullTracker, Tracker
+from updetr.util.streams import STDOUT
 
 __all__ = ["RunDirError", "DebugInterrupted", "run_dir", "run_debug", "eval_local", "check_compatible", "format_progress",
            "format_epoch_line", "open_local_tracking"]
@@ -112,7 +112,7 @@ class DebugOutcome:
         return iter((self.state, self.progress))
 
 
-def run_debug(cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = False, out: TextIO = sys.stdout,
+def run_debug(cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = False, out: TextIO = STDOUT,
               parent_run_id: Optional[str] = None, tracker: Optional[Tracker] = None) -> DebugOutcome:
     """Train `cfg` in this process (its task decides model and data). `init.checkpoint` must be a path here
     (the pipeline resolves `previous`).
@@ -214,7 +214,7 @@ def _run_debug(cfg: ExperimentConfig, *, overwrite: bool, out: TextIO, parent_ru
     return DebugOutcome(state, progress, ckpt_path, last, tracker)
 
 
-def eval_local(cfg: ExperimentConfig, checkpoint: str | Path, *, out: TextIO = sys.stdout,
+def eval_local(cfg: ExperimentConfig, checkpoint: str | Path, *, out: TextIO = STDOUT,
                results_path: Optional[Path] = None) -> dict[str, float]:
     """Score the model weights of `checkpoint` on the task's evaluation split in this process."""
     if cfg.runtime.threads:

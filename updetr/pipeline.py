@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Optional, Protocol, TextIO
 from updetr.config import Experiment, ExperimentConfig, config_to_dict
 from updetr.tracking import NullTracker, Tracker
 from updetr.phases import mark
+from updetr.util.streams import STDOUT
 
 TAG_CHAIN = "updetr.chain"
 TAG_CHAIN_STATE = "updetr.chain_state"
@@ -110,7 +110,7 @@ def open_parent(exp: Experiment, path: Path, driver: str,
     return parent, uri
 
 
-def run_chain(exp: Experiment, driver: StageDriver, out: TextIO = sys.stdout,
+def run_chain(exp: Experiment, driver: StageDriver, out: TextIO = STDOUT,
               parent_run_id: Optional[str] = None) -> ChainOutcome:
     """Run every stage in order through `driver`, skipping stages a previous attempt finished. The chain is
     held for the whole call (updetr/run_lock.py): a second driver of it is refused before any work."""
@@ -203,7 +203,7 @@ class DebugDriver:
 
     name = "debug"
 
-    def __init__(self, out: TextIO = sys.stdout) -> None:
+    def __init__(self, out: TextIO = STDOUT) -> None:
         self.out = out
 
     def train(self, cfg: ExperimentConfig, parent_run_id: Optional[str]) -> StageResult:

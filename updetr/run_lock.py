@@ -26,12 +26,13 @@ import fcntl
 import json
 import os
 import socket
-import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, TextIO
+
+from updetr.util.streams import STDERR
 
 LOCK_FILE = ".updetr-run.lock"
 LEASE_FILE = ".updetr-run.lease.json"
@@ -192,7 +193,7 @@ class Lease:
 # -------------------------------------------------------------------------------------------- API
 @contextlib.contextmanager
 def hold_run(folder: str | os.PathLike, label: str, advice: str = "use name=... for a separate run",
-             out: TextIO = sys.stderr) -> Iterator[None]:
+             out: TextIO = STDERR) -> Iterator[None]:
     """Hold the run whose files live in `folder` (a local path or an object-store URI) for the block.
 
     Raises RunInUse (one line: `<label> is in use by pid P on host H since HH:MM; wait for it, or <advice>`)

@@ -7,7 +7,6 @@ Callbacks get every engine event on every rank; the ones with side effects act o
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, TextIO
@@ -21,6 +20,7 @@ from updetr.engine import TrainState, Trainer, evaluate, format_eta, summary_epo
 from updetr.engine_setup import dist_rank_world, seed_process
 from updetr.metric_ledger import MetricLedger, commit
 from updetr.tasks import InitReport, Task
+from updetr.util.streams import STDOUT
 
 # Sections that change the network's shape or the pretext; resuming across a change is refused.
 ARCH_SECTIONS = ("model", "pretext")
@@ -152,7 +152,7 @@ class Progress(Callback):
     """Progress line every `log_every` steps (with ETA), the epoch summary, the COCO table (rank 0)."""
 
     def __init__(self, name: str, total: Optional[int], rank: int = 0, world_size: int = 1,
-                 out: TextIO = sys.stdout, *, table: Callable[[dict, str], str]) -> None:
+                 out: TextIO = STDOUT, *, table: Callable[[dict, str], str]) -> None:
         self.name, self.total, self.rank, self.world_size, self.out = name, total, rank, world_size, out
         self.table = table  # the task's `format_table` (evaluation metrics -> printed table)
         self.history: list[tuple[int, float]] = []  # (step, loss), for summaries

@@ -29,6 +29,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Optional, Sequence, TextIO
+from updetr.util.streams import STDOUT
 
 # Lines that are routine on every run (matched anywhere in the line): not even worth the log file's reader's
 # attention, but kept there for completeness.
@@ -184,7 +185,7 @@ def _filtered(original, own_prefixes: Sequence[str], data: dict, log: Optional[R
 _state: dict = {}
 
 
-def install(own_prefixes: Sequence[str], log_path: Optional[Path] = None, out: TextIO = sys.stdout) -> Optional[Path]:
+def install(own_prefixes: Sequence[str], log_path: Optional[Path] = None, out: TextIO = STDOUT) -> Optional[Path]:
     """Filter Ray's forwarded output (module docstring) into `log_path`, and say so in one line.
 
     Returns the log file in use (the first one installed in this process wins), or None when nothing was

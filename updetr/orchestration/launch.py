@@ -29,6 +29,7 @@ from updetr.orchestration.ray_session import quiet_ray_data, connect_ray, is_loc
 from updetr.orchestration.run_plan import LaunchError, RunPlan, existing_checkpoints, is_uri, plan_run, run_name_for
 from updetr.tracking import TAG_LAST_CHECKPOINT, NullTracker, Tracker, TrackingError, start_tracking
 from updetr.phases import mark
+from updetr.util.streams import STDOUT
 
 # Driver env vars forwarded to the training workers (tracking credentials, updetr drills/settings).
 WORKER_ENV_PREFIXES = ("UPDETR_", "MLFLOW_TRACKING_", "AWS_", "GOOGLE_APPLICATION_CREDENTIALS")
@@ -199,7 +200,7 @@ def _print_plan(cfg: ExperimentConfig, plan: RunPlan, resources, local: bool, ou
         print(f"[{cfg.name}] note: {note}", file=out, flush=True)
 
 
-def run(cfg: ExperimentConfig, address: Optional[str] = None, out: TextIO = sys.stdout,
+def run(cfg: ExperimentConfig, address: Optional[str] = None, out: TextIO = STDOUT,
         run_name: Optional[str] = None, parent_run_id: Optional[str] = None, callbacks: Sequence[Any] = (),
         report_epochs: bool = False) -> RunOutcome:
     """`updetr run`: prepare the task's data, refuse what cannot work (before Ray and MLflow), connect Ray,
@@ -307,7 +308,7 @@ def _run(cfg: ExperimentConfig, plan: RunPlan, t0: float, address: Optional[str]
 
 
 def run_eval(cfg: ExperimentConfig, checkpoint: str, address: Optional[str] = None,
-             parent_run_id: Optional[str] = None, out: TextIO = sys.stdout) -> tuple[dict, Optional[str]]:
+             parent_run_id: Optional[str] = None, out: TextIO = STDOUT) -> tuple[dict, Optional[str]]:
     """Score `checkpoint` on the task's evaluation split with `ray.num_workers` Ray Train workers (each
     rank its part, rank 0 gathers and scores once). Returns (metrics, MLflow run id or None)."""
     from updetr.checkpoint import load_checkpoint

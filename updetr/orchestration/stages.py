@@ -2,12 +2,12 @@
 updetr/pipeline.py for the chain itself: skipping finished stages, MLflow parent and children)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional, TextIO
 
 from updetr.config import ExperimentConfig
 from updetr.pipeline import StageResult
+from updetr.util.streams import STDOUT
 
 
 class RayDriver:
@@ -15,7 +15,7 @@ class RayDriver:
 
     name = "ray"
 
-    def __init__(self, address: Optional[str] = None, out: TextIO = sys.stdout) -> None:
+    def __init__(self, address: Optional[str] = None, out: TextIO = STDOUT) -> None:
         self.address, self.out = address, out
 
     def stage_hooks(self, cfg: ExperimentConfig) -> tuple[list, bool]:

@@ -9,13 +9,13 @@
 """
 from __future__ import annotations
 
-import sys
 from typing import Optional, TextIO
 
 from updetr.config import Experiment, ExperimentConfig, Stage
 from updetr.orchestration.stages import RayDriver
 from updetr.pipeline import StageResult
 from updetr.sweep.spec import EarlyStopping
+from updetr.util.streams import STDOUT
 
 
 def tracking_down(cfg: ExperimentConfig) -> Optional[str]:
@@ -42,7 +42,7 @@ def untracked_experiment(exp: Experiment) -> Experiment:
 class TrialDriver(RayDriver):
     """`RayDriver` for the stages of one trial (`exp`: the trial's experiment, `Sweep.trial`)."""
 
-    def __init__(self, exp: Experiment, early_stopping: Optional[EarlyStopping], out: TextIO = sys.stdout) -> None:
+    def __init__(self, exp: Experiment, early_stopping: Optional[EarlyStopping], out: TextIO = STDOUT) -> None:
         super().__init__(None, out)          # the trial runs inside the sweep's Ray: join it
         from updetr.sweep.early_stop import watched_stage
 

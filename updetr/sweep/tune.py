@@ -21,7 +21,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Optional, TextIO
 from updetr.sweep.early_stop import asha, mark_stopped, max_epochs, stopped_at
 from updetr.sweep.spec import Sweep, SweepError, load_sweep
 from updetr.tracking_query import TAG_CELL, TAG_SEED, TAG_SWEEP, TAG_TRIAL
+from updetr.util.streams import STDOUT
 
 DRIVER_CPU = 0.01       # a trial's own actor; 0 is rejected by Tune (ray-mlflow-notes §3.2)
 
@@ -190,7 +190,7 @@ def check_same_settings(sweep: Sweep, folder: Path) -> list[str]:
 
 
 def run_sweep(path: str | Path, overrides: Optional[list[str]] = None, name: Optional[str] = None,
-              address: Optional[str] = None, out: TextIO = sys.stdout) -> SweepOutcome:
+              address: Optional[str] = None, out: TextIO = STDOUT) -> SweepOutcome:
     """Validate every cell, open the sweep's MLflow parent, run the trials on Ray Tune, summarise."""
     t0 = time.monotonic()
     path = Path(path).resolve()
