@@ -2,7 +2,7 @@
 
 Does UP-DETR pre-training help fine-tuning? The sweep `experiments/sweeps/demo_updetr-vs-random-init.yaml`
 has two cells of the demo chain (experiments/demo_chain.yaml) on built-in synthetic data, each over 3 seeds:
-`updetr-init` (pre-train -> fine-tune -> eval) and `random-init` (the same fine-tuning and eval from random
+`updetr-init` (pre-train -> fine-tune, evaluated) and `random-init` (the same fine-tuning and eval from random
 weights). It runs through `updetr sweep`'s
 machinery (`run_sweep`: Ray Tune on a local Ray, one MLflow parent run with a child per trial, in the
 default local store `./mlflow.db`; run folders under `./runs`), then `updetr compare` reads the trials back
@@ -72,8 +72,8 @@ def run_demo(overrides: Optional[list[str]] = None, name: Optional[str] = None, 
     seeds = sweep.spec.seeds or [first.seed]
     print(f"updetr demo: does UP-DETR pre-training help? {len(sweep.cells)} trials on built-in synthetic data "
           f"({path.name}), each cell over seeds {', '.join(map(str, seeds))}:\n"
-          f"  updetr-init  pre-train (random query patch detection) -> fine-tune DETR from it -> eval\n"
-          f"  random-init  the same fine-tuning -> eval from random weights\n"
+          f"  updetr-init  pre-train (random query patch detection) -> fine-tune DETR from it, evaluated\n"
+          f"  random-init  the same fine-tuning and evaluation from random weights\n"
           f"  answered by {sweep.spec.options.metric} (mean over the seeds, 95 % Welch interval of the difference)",
           file=out, flush=True)
     outcome = run_sweep(path, overrides, name=name, address=address, out=out)

@@ -20,10 +20,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 @pytest.mark.timeout(600)
-# Known failure: it failed on the fresh-clone run of this version (the job/run-link assertions added with the
-# job tags had not run end to end before); kept visible as xfail until that run's cause is fixed.
-@pytest.mark.xfail(reason="failed on the fresh-clone run after the job-tag assertions were added; cause open",
-                   strict=False)
 def test_submit_to_local_two_node_cluster(mlflow_server, tmp_path):
     state = short_tmpdir("urc")
     r = updetr("local-cluster", "up", "--dir", state, cwd=tmp_path, timeout=180)

@@ -30,8 +30,8 @@ def test_demo_sweep_compares_pretrained_and_random_init_with_the_same_fine_tunin
     assert set(by_cell) == {"updetr-init", "random-init"}
     for seed in (0, 1, 2):
         pre, scratch = by_cell["updetr-init"][seed], by_cell["random-init"][seed]
-        assert [s.name for s in pre] == ["pretrain", "finetune", "eval"]
-        assert [s.name for s in scratch] == ["finetune", "eval"]
+        assert [s.name for s in pre] == ["pretrain", "finetune"]
+        assert [s.name for s in scratch] == ["finetune"]
         pre_ft, scratch_ft = pre[1].cfg, scratch[0].cfg
         assert pre_ft.init.checkpoint == "previous" and scratch_ft.init.checkpoint is None
         assert scratch_ft == pre_ft.model_copy(update={"init": scratch_ft.init})     # only the start differs
@@ -75,7 +75,7 @@ def test_demo_end_to_end_prints_the_table_and_writes_plots_and_runs(tmp_path):
     assert res.returncode == 0, out[-3000:] + res.stderr[-3000:]
     # progress while it ran: trial, stage, steps/s and ETA on one line
     assert re.search(r"^\[demo-updetr-init_seed-0-finetune\] step \d+/4 .* step/s .* ETA", out, re.M)
-    assert "[demo-random-init_seed-0] stage 1/2 finetune" in out and "[demo-updetr-init_seed-2] stage 3/3 eval" in out
+    assert "[demo-random-init_seed-0] stage 1/1 finetune" in out and "[demo-updetr-init_seed-2] stage 2/2 finetune" in out
     assert "sweep demo: 6 trials" in out and "FAILED" not in out
     # the compare table: one row per cell over its 3 seeds, random init as the baseline (differences with
     # their Welch intervals on the other row), the method in the footer

@@ -3,10 +3,16 @@
 Why: Ray 2.60's `ray start` replaces a loopback `--node-ip-address` (and a loopback `--address`) with the
 machine's own address (`ray._private.services.resolve_ip_for_localhost`, meant to make a node reachable
 from other machines). The node's agents then listen on that address. A local cluster has no other machine,
-so this entry point keeps 127.0.0.1 as given, and is otherwise Ray's own CLI. The only other knob,
-RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, also forbids worker nodes. Such a node's GCS and raylet then listen
-on 127.0.0.1 only, so a process joining it must keep the loopback address too (`keep_loopback_for`,
-called by updetr's drivers; a plain `ray.init("127.0.0.1:PORT")` elsewhere needs the same).
+so this entry point keeps 127.0.0.1 as given, and is otherwise Ray's own CLI. Such a node's GCS and raylet
+then listen on 127.0.0.1 only, so every process joining it must keep the loopback address too.
+
+The node's own processes (dashboard, its job agent, workers, job drivers) are other interpreters that the
+in-process patch does not reach: the job agent's `ray.init("127.0.0.1:PORT")` turned into the machine's
+address, never connected, and every job submission ended in HTTP 504. They inherit
+RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, with which Ray's `get_node_ip_address` answers 127.0.0.1 (its
+single-machine mode); the variable's other effect, a refusal in the `ray start` CLI to start a worker
+node, is lifted in this process only. Processes started elsewhere call `keep_loopback_for` (updetr's
+drivers do; a plain `ray.init("127.0.0.1:PORT")` needs the same).
 """
 from __future__ import annotations
 
@@ -35,9 +41,12 @@ def keep_loopback_for(address: str) -> None:
 
 
 def main() -> None:
+    from ray._private import ray_constants
     from ray.scripts.scripts import main as ray_main
 
     keep_loopback()
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"     # inherited by the node's processes
+    ray_constants.ENABLE_RAY_CLUSTER = True                         # this CLI still starts worker nodes
     sys.argv = ["ray", *sys.argv[1:]]
     ray_main()
 
