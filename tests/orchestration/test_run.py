@@ -191,17 +191,22 @@ def test_driver_crash_then_same_command_resumes_into_same_mlflow_run(mlflow_serv
     assert_metrics_once(mlflow_server, run.info.run_id)
 
 
-@pytest.mark.timeout(400)
-def test_tracking_server_lost_mid_run_training_continues(tmp_path):
+@pytest.mark.timeout(500)
+def test_tracking_server_lost_mid_run_nothing_is_lost(tmp_path):
+    """Store and forward on Ray Train (2 workers): the server dies mid-run and stays away to the end; the
+    run finishes, says what is pending and how to deliver it; `updetr tracking sync` then delivers every
+    step's row, epoch summary and tag exactly once."""
     server = MlflowServer(tmp_path).start()
     ray_tmp = short_tmpdir("uro")
     args = ["run", SMOKE, "data.synthetic_images=32", "schedule.max_steps=16", "schedule.checkpoint_every=4",
-            "schedule.log_every=1",
-            "ray.num_workers=1", f"tracking.uri={server.uri}", f"ray.storage_path={tmp_path}/ckpt"]
-    proc = updetr_bg(*args, cwd=tmp_path, env=cli_env(ray_tmp), log=tmp_path / "run.log")
+            "schedule.log_every=1", f"tracking.uri={server.uri}", f"ray.storage_path={tmp_path}/ckpt",
+            f"runtime.output_dir={tmp_path}/runs"]
+    env = cli_env(ray_tmp, UPDETR_TRACKING_RETRY_S="2")
+    proc = updetr_bg(*args, cwd=tmp_path, env=env, log=tmp_path / "run.log")
     try:
         wait_registered(tmp_path, proc)
-        server.stop()  # the tracking server goes away mid-run
+        stop_session(server.proc, signal.SIGKILL)  # the tracking server dies mid-run (by pid)
+        server.proc = None
         proc.wait(timeout=300)
     finally:
         stop_session(proc)
@@ -212,3 +217,21 @@ def test_tracking_server_lost_mid_run_training_continues(tmp_path):
     assert "finished at step 16" in out
     # once per process that tracks: the driver, rank 0 and the Train controller (it commits the metrics)
     assert 1 <= out.count("training continues, metrics, params and tags are kept") <= 3
+    pending = [ln for ln in out.splitlines() if "not delivered yet" in ln]
+    assert pending, out[-4000:]
+    folders = sorted({ln.rsplit("tracking sync ", 1)[1].split()[0] for ln in pending})
+
+    server.start()                                 # the same port and SQLite store
+    for folder in folders:
+        r = updetr("tracking", "sync", folder, cwd=tmp_path, env=cli_env())
+        assert r.returncode == 0 and "delivered" in r.stdout, r.stdout + r.stderr
+    try:
+        (run,) = mlflow_runs(server, str(tmp_path))
+        client = server.client()
+        loss = sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
+        assert loss == list(range(1, 17)), loss                                   # every step, once
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "epoch/loss")) == [0, 1]
+        assert run.data.tags["updetr.last_checkpoint"].endswith("checkpoint_00000016")
+        assert run.info.status == "FINISHED"
+    finally:
+        server.stop()
