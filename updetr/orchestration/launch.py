@@ -75,10 +75,16 @@ def run_config(plan: RunPlan, callbacks: Sequence[Any] = (), env: Optional[dict]
                      worker_runtime_env={"env_vars": worker_env(env)})
 
 
-def dataset_config():
+def dataset_config(cfg: ExperimentConfig):
+    """Ray Train's ingest options: the train set split over the workers; with `data.shuffle: false` the rows
+    arrive in file order (Ray Data's `preserve_order`), as the local loader gives them, so that an unshuffled
+    run on one worker trains on the batches `updetr debug` trains on. Shuffled runs keep Ray's streaming
+    order (its parallel preprocessing may finish blocks out of order, which costs no waiting)."""
     from ray.train import DataConfig
 
-    return DataConfig(datasets_to_split=["train"])
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = options.preserve_order or not cfg.data.shuffle
+    return DataConfig(datasets_to_split=["train"], execution_options=options)
 
 
 def train_loop_config(plan: RunPlan, tracking_run_id: Optional[str], *, ray_data: bool = True,
@@ -115,7 +121,7 @@ def build_trainer(plan: RunPlan, tracker: Tracker, *, datasets: Optional[dict] =
                         scaling_config=scaling_config(plan.cfg, resources),
                         run_config=run_config(plan, callbacks, env),
                         datasets=datasets or None,
-                        dataset_config=dataset_config() if datasets else None)
+                        dataset_config=dataset_config(plan.cfg) if datasets else None)
 
 
 def _trainer_class(cleaner: bool):
