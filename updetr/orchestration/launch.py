@@ -80,10 +80,17 @@ def dataset_config(cfg: ExperimentConfig):
     arrive in file order (Ray Data's `preserve_order`), as the local loader gives them, so that an unshuffled
     run on one worker trains on the batches `updetr debug` trains on. Shuffled runs keep Ray's streaming
     order (its parallel preprocessing may finish blocks out of order, which costs no waiting)."""
+    import copy
+
+    from ray.data import DataContext
     from ray.train import DataConfig
 
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = options.preserve_order or not cfg.data.shuffle
+    if cfg.data.shuffle:
+        return DataConfig(datasets_to_split=["train"])             # Train's default ingest options
+    # A copy of this process' options (what Train's default takes from it); built by copying, because
+    # constructing ExecutionOptions warns about a deprecated field even when it is left unset.
+    options = copy.deepcopy(DataContext.get_current().execution_options)
+    options.preserve_order = True
     return DataConfig(datasets_to_split=["train"], execution_options=options)
 
 
