@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, TextIO
+
 from updetr.util.streams import STDOUT
 
 if TYPE_CHECKING:

@@ -91,9 +91,10 @@ class MlflowServer:
             raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
         return self
 
-    def stop(self) -> None:
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the server's process group (SIGKILL: a crash, as an outage drill needs)."""
         if self.proc is not None:
-            stop_session(self.proc, signal.SIGTERM)
+            stop_session(self.proc, sig)
             self.proc = None
 
     def client(self):

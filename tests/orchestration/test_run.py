@@ -205,8 +205,7 @@ def test_tracking_server_lost_mid_run_nothing_is_lost(tmp_path):
     proc = updetr_bg(*args, cwd=tmp_path, env=env, log=tmp_path / "run.log")
     try:
         wait_registered(tmp_path, proc)
-        stop_session(server.proc, signal.SIGKILL)  # the tracking server dies mid-run (by pid)
-        server.proc = None
+        server.stop(signal.SIGKILL)  # the tracking server dies mid-run (by pid)
         proc.wait(timeout=300)
     finally:
         stop_session(proc)

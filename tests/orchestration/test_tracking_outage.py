@@ -19,8 +19,7 @@ ARGS = [SMOKE, f"schedule.epochs={EPOCHS}", "schedule.log_every=1", "schedule.ch
 
 
 def kill(server: MlflowServer) -> None:
-    stop_session(server.proc, signal.SIGKILL)
-    server.proc = None
+    server.stop(signal.SIGKILL)
 
 
 def last_step(log) -> int:

@@ -29,6 +29,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Optional, Sequence, TextIO
+
 from updetr.util.streams import STDOUT
 
 # Lines that are routine on every run (matched anywhere in the line): not even worth the log file's reader's
