@@ -9,9 +9,9 @@ Each path is one CLI call in its own process, session and Ray temp dir; the path
 debug, run, ...) so a change in the machine's load hits both. Phases come from `UPDETR_PHASE_LOG`
 (updetr/util/phases.py): the driver and every Ray Train worker append a timestamp at each boundary, and
 the benchmark adds the launch and exit of the CLI process. CPU seconds count every process a path started
-(CLI, GCS, raylet, dashboard, Ray workers, Train and Data actors): the benchmark is the child subreaper of
-the whole tree and reads RUSAGE_CHILDREN after every descendant has exited. The machine is shared, so the
-load average is printed beside every figure; CPU seconds are the steadier figure under load.
+(CLI, GCS, raylet, dashboard, Ray workers, Train and Data actors), sampled per process while they live
+(`TreeCpu` in bench_sweep_overhead.py), and the run's CPU is also broken down by process. The load average
+is printed beside every figure; on a shared machine CPU seconds are the steadier figure.
 
 Targets: `updetr run` of a 2-step smoke stage <= `updetr debug` + 12 s; in a chain (Ray already up) each
 further stage costs <= 8 s more than the same stage under `updetr debug`.
@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_sweep_overhead import become_subreaper, children_cpu, load, reap_descendants  # noqa: E402
+from bench_sweep_overhead import TreeCpu, become_subreaper, load, reap_descendants  # noqa: E402
 
 from updetr.phases import ENV, read  # noqa: E402
 
@@ -70,20 +70,20 @@ def run_cli(argv: list[str], cwd: Path, log: Path, phase_log: Path, tree: Path =
     env.update({"RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1", ENV: str(phase_log),
                 "PYTHONPATH": str(tree) + os.pathsep + env.get("PYTHONPATH", "")})
     load0 = load()
-    cpu0, t0, launch = children_cpu(), time.monotonic(), time.time()
-    with open(log, "a") as fh:
+    t0, launch = time.monotonic(), time.time()
+    with TreeCpu() as tree, open(log, "a") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "updetr", *argv], cwd=cwd, env=env, stdout=fh,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         code = proc.wait()
-    end = time.time()
-    wall = time.monotonic() - t0
-    stopped = reap_descendants()
+        end = time.time()
+        wall = time.monotonic() - t0
+        stopped = reap_descendants()
     if stopped:
         print(f"  note: {stopped} leftover process(es) stopped after the path ended", flush=True)
     import shutil
 
     shutil.rmtree(ray_tmp, ignore_errors=True)
-    return {"wall": wall, "cpu": children_cpu() - cpu0, "code": code, "launch": launch, "exit": end,
+    return {"wall": wall, "cpu": tree.total, "by_process": tree.by_name(), "code": code, "launch": launch, "exit": end,
             "pid": proc.pid, "marks": read(str(phase_log)), "load": f"{load0} -> {load()}"}
 
 
@@ -189,6 +189,14 @@ def main() -> int:
               f"target <= +12 s wall: {'met' if rw - dw <= 12 else 'NOT met'}")
         for i, (d, r) in enumerate(zip(single["debug"], single["run"])):
             print(f"    rep {i + 1}: run - debug {r['wall'] - d['wall']:+.1f} s wall, {r['cpu'] - d['cpu']:+.1f} CPU-s")
+        print("\n  where `updetr run`'s CPU goes, by process (median over repeats, CPU-s), against `updetr debug`'s "
+              f"{dc:.1f} CPU-s in one process:")
+        names = {n for x in single["run"] for n in x["by_process"]}
+        rows = sorted(((med([x["by_process"].get(n, 0.0) for x in single["run"]]), n) for n in names), reverse=True)
+        for cpu, name in rows:
+            if cpu >= 0.3:
+                print(f"    {name:<40} {cpu:6.1f}")
+        print(f"    {'(processes under 0.3 CPU-s each)':<40} {sum(c for c, _ in rows if c < 0.3):6.1f}")
         if before:
             bw, bc = med([x["wall"] for x in single["before"]]), med([x["cpu"] for x in single["before"]])
             print(f"  before ({before}): wall {bw:.1f} s, CPU {bc:.1f} s; before - debug {bw - dw:+.1f} s wall, "

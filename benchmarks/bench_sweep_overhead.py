@@ -2,11 +2,13 @@
 trials) vs one by one with `updetr run`, in the same benchmark run; wall time and CPU-seconds of every process
 involved (the CLI, Ray's GCS / raylet / dashboard / workers / Train and Data actors, MLflow's store).
 
-CPU accounting: this process makes itself the *child subreaper* (Linux `prctl(PR_SET_CHILD_SUBREAPER)`), so
-every process the CLI starts, however deep and even after its parent died (Ray's daemons), is reaped by this
-process or by an ancestor that this process reaps; `getrusage(RUSAGE_CHILDREN)` then holds the user + system
-CPU of all of them. Each path runs as a subprocess; after it exits this process waits until every descendant
-is gone (leftovers after 60 s are stopped), so the CPU delta of a path is complete.
+CPU accounting: Ray's raylet reaps its worker processes itself and the kernel drops the CPU time of a
+process reaped by a parent that is never waited for, so `getrusage(RUSAGE_CHILDREN)` misses most of Ray's
+actors (on a quiet 2-core machine it saw 19 CPU-s of a stage that kept both cores busy for over a minute).
+Instead a thread samples every process below this one (`TreeCpu`: psutil, every 0.2 s; this process is the
+*child subreaper*, `prctl(PR_SET_CHILD_SUBREAPER)`, so orphaned daemons stay below it) and sums each
+process' last-seen user + system CPU; only the last < 0.2 s of a process' life can escape it. After a path
+exits this process waits until every descendant is gone (leftovers after 60 s are stopped).
 
     python benchmarks/bench_sweep_overhead.py                    # 2 chains, sweep 1 at a time (pure overhead)
     python benchmarks/bench_sweep_overhead.py --chains 3 --concurrency 1 2
@@ -19,11 +21,11 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -38,9 +40,66 @@ def become_subreaper() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed (Linux only)")
 
 
-def children_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
+class TreeCpu:
+    """CPU-seconds of every process below this one while it runs, per process (see the module docstring).
+
+    `with TreeCpu() as tree: ...`, then `tree.total` (CPU-s) and `tree.by_name()` ({process name: CPU-s},
+    Ray actors by their `ray::Class` title)."""
+
+    def __init__(self, interval_s: float = 0.2):
+        self.interval_s = interval_s
+        self.seen: dict[tuple[int, float], tuple[str, float]] = {}     # (pid, start time) -> (name, CPU-s)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        for p in psutil.Process().children(recursive=True):
+            try:
+                with p.oneshot():
+                    t = p.cpu_times()
+                    key, name = (p.pid, p.create_time()), _process_name(p)
+            except psutil.Error:
+                continue                                   # gone between listing and reading
+            self.seen[key] = (name, t.user + t.system)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "TreeCpu":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def total(self) -> float:
+        return sum(cpu for _, cpu in self.seen.values())
+
+    def by_name(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, cpu in self.seen.values():
+            out[name] = out.get(name, 0.0) + cpu
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def _process_name(p) -> str:
+    """`ray::TrainController`, `raylet`, `updetr run`, ...: what a reader recognises."""
+    cmd = p.cmdline()
+    if cmd and cmd[0].startswith("ray::"):
+        return cmd[0].split()[0].split(".")[0]
+    if cmd and len(cmd) > 2 and cmd[1:3] == ["-m", "updetr"]:
+        return "updetr " + (cmd[3] if len(cmd) > 3 else "")
+    for arg in cmd[:3]:
+        base = os.path.basename(arg)
+        if base.endswith(".py") or base in ("gcs_server", "raylet"):
+            return base
+    return p.name()
 
 
 def reap_descendants(timeout_s: float = 60.0) -> int:
@@ -74,17 +133,17 @@ def run_path(argv: list[str], cwd: Path, log: Path) -> tuple[float, float, int]:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env.update({"RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0",
                 "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", "")})
-    cpu0, t0 = children_cpu(), time.monotonic()
-    with open(log, "a") as fh:
+    t0 = time.monotonic()
+    with TreeCpu() as tree, open(log, "a") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "updetr", *argv], cwd=cwd, env=env, stdout=fh,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         code = proc.wait()
-    wall = time.monotonic() - t0
-    stopped = reap_descendants()
+        wall = time.monotonic() - t0
+        stopped = reap_descendants()
     if stopped:
         print(f"  note: {stopped} leftover process(es) stopped after the path ended", flush=True)
     shutil.rmtree(ray_tmp, ignore_errors=True)
-    return wall, children_cpu() - cpu0, code
+    return wall, tree.total, code
 
 
 def chain_overrides(steps: int, work: Path) -> list[str]:
