@@ -137,7 +137,7 @@ def _plain(value: Any) -> Any:
 
 
 def convert_official(src: str | Path, dst: str | Path) -> dict:
-    """Convert an official UP-DETR / DETR checkpoint into our schema.
+    """Convert an official UP-DETR / DETR / Deformable DETR checkpoint into our schema.
 
     The official files pickle an `argparse.Namespace` under 'args'; it is the one global the safe loader
     allows (updetr/util/safe_load.py), so official files load with `weights_only=True` like everything
@@ -170,7 +170,18 @@ def convert_official(src: str | Path, dst: str | Path) -> dict:
     save_checkpoint(ckpt, dst)
     return {"keys": len(model_sd), "pretrain_heads": any(k.startswith("patch2query.") for k in model_sd),
             "pre_norm": any(k.startswith("transformer.encoder.norm.") for k in model_sd),
-            "official_args": official_args}
+            "official_args": official_args, **official_detector(model_sd)}
+
+
+def official_detector(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Which detector a state dict holds, read from its keys: `detector` detr | deformable_detr, and for
+    Deformable DETR its variant (`with_box_refine`: per-layer box heads registered in the decoder;
+    `two_stage`: the encoder's proposal head)."""
+    if not any(".sampling_offsets." in k for k in state_dict):
+        return {"detector": "detr"}
+    return {"detector": "deformable_detr",
+            "with_box_refine": any(k.startswith("transformer.decoder.bbox_embed.") for k in state_dict),
+            "two_stage": "transformer.enc_output.weight" in state_dict}
 
 
 def weights_pre_norm(path: str | Path) -> Optional[bool]:

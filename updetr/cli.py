@@ -188,6 +188,10 @@ def cmd_checkpoint_convert(args) -> int:
     except CheckpointError as e:
         return fail(str(e))
     kind = "UP-DETR pre-training" if report["pretrain_heads"] else "DETR / fine-tuned"
+    if report["detector"] == "deformable_detr":
+        variant = [name for key, name in (("with_box_refine", "box refinement"), ("two_stage", "two-stage"))
+                   if report[key]]
+        kind = "Deformable DETR" + (f" ({', '.join(variant)})" if variant else "")
     norm = "pre-norm" if report["pre_norm"] else "post-norm"
     print(f"converted {args.src} -> {args.dst}: {report['keys']} tensors, {kind} model, {norm} transformer")
     return 0
@@ -244,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_ck = sub.add_parser("checkpoint", help="checkpoint tools")
     ck_sub = p_ck.add_subparsers(dest="checkpoint_command", metavar="ACTION", required=True)
-    p = ck_sub.add_parser("convert", help="convert an official UP-DETR/DETR .pth to updetr's format (loaded as data only)")
+    p = ck_sub.add_parser("convert", help="convert an official UP-DETR/DETR/Deformable DETR .pth to updetr's format (loaded as data only)")
     p.add_argument("src")
     p.add_argument("dst")
     p.set_defaults(func=cmd_checkpoint_convert)

@@ -82,19 +82,33 @@ def freeze_heads_without_loss(model: nn.Module, cfg: ExperimentConfig) -> list[s
     return frozen
 
 
-def build_optimizer(model: nn.Module, optim: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
-    """AdamW with two groups: transformer + heads at `lr`, trainable backbone params at `lr_backbone`.
+# Deformable DETR's sampling-offset and reference-point projections train at lr * optim.lr_linear_proj_mult
+# (the official `lr_linear_proj_names`); DETR has no such parameters, so its optimizer keeps two groups.
+LINEAR_PROJ_NAMES = ("reference_points", "sampling_offsets")
 
-    Frozen parameters (requires_grad False) are left out, so a frozen backbone has no optimizer state.
-    `fused`: one fused kernel for every parameter (same update rule; rounding-level differences only).
+
+def build_optimizer(model: nn.Module, optim: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW with the official groups: transformer + heads at `lr`, trainable backbone params at
+    `lr_backbone`, and (Deformable DETR) the `LINEAR_PROJ_NAMES` projections at `lr * lr_linear_proj_mult`.
+
+    Frozen parameters (requires_grad False) are left out, so a frozen backbone has no optimizer state; an
+    empty group is left out too. `fused`: one fused kernel for every parameter (same update rule;
+    rounding-level differences only).
     """
-    main, backbone = [], []
+    main, backbone, linear_proj = [], [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (backbone if "backbone" in name else main).append(p)
+            if "backbone" in name:
+                backbone.append(p)
+            elif any(k in name for k in LINEAR_PROJ_NAMES):
+                linear_proj.append(p)
+            else:
+                main.append(p)
     groups = [{"params": main, "lr": optim.lr}]
     if backbone:
         groups.append({"params": backbone, "lr": optim.lr_backbone})
+    if linear_proj:
+        groups.append({"params": linear_proj, "lr": optim.lr * optim.lr_linear_proj_mult})
     extra = {"fused": True} if fused else {}
     return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay, **extra)
 

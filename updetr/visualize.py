@@ -126,6 +126,9 @@ def load_pretrain_model(checkpoint: str | Path, config_path: Optional[str | Path
     path = resolve_checkpoint(checkpoint)
     ckpt = load_checkpoint(path)  # weights_only=True; CheckpointError names the file
     cfg = pretrain_config(ckpt, path, config_path)
+    if cfg.model.detector != "detr":
+        raise VisualizeError(f"{path}: updetr visualize draws DETR pre-training checkpoints; this one is "
+                             f"model.detector {cfg.model.detector}")
     model = build_updetr(cfg, cfg.num_classes)[0]
     try:
         model.load_state_dict(strip_prefixes(ckpt["model"]), strict=True)

@@ -7,6 +7,7 @@ from pydantic import Field, field_validator, model_validator
 
 from updetr.config.base import _Strict
 from updetr.config.data import DataConfig, DetectionConfig
+from updetr.config.detector_defaults import resolve_detector_defaults
 from updetr.config.evaluation import EvalConfig
 from updetr.config.loss import LossConfig
 from updetr.config.model import ModelConfig
@@ -77,6 +78,14 @@ class ExperimentConfig(_Strict):
     @model_validator(mode="after")
     def _cross_field(self) -> "ExperimentConfig":
         task = _task_class(self.task)
+        if self.model.detector not in task.detectors:
+            raise ValueError(f"model.detector '{self.model.detector}': task {self.task} builds "
+                             f"{' | '.join(task.detectors)} only (docs/detectors.md)")
+        if self.model.detector != "deformable_detr":
+            for field, value, default in (("loss.focal_alpha", self.loss.focal_alpha, 0.25),
+                                          ("optim.lr_linear_proj_mult", self.optim.lr_linear_proj_mult, 0.1)):
+                if value != default:
+                    raise ValueError(f"{field} applies to model.detector deformable_detr only")
         task.check_config(self)   # the task's own rules (sources, heads, losses, subsets)
         if self.eval.metric not in task.eval_metrics or (self.eval.metric in ("voc07", "voc12") and
                                                          self.data.source not in ("voc", "synthetic_voc")):
@@ -92,7 +101,8 @@ class ExperimentConfig(_Strict):
     def _task_defaults(cls, data: Any) -> Any:
         from updetr.tasks.defaults import resolve_task_defaults  # the official per-task defaults (deferred as below)
 
-        data = resolve_task_defaults(data)
+        # the detector's defaults first: they fix fields (pre_norm, lr_backbone) the task's table would fill
+        data = resolve_task_defaults(resolve_detector_defaults(data))
         if isinstance(data, dict) and isinstance(data.get("task"), str) and data["task"] in _task_names():
             data = _task_class(data["task"]).config_defaults(data)
         return data

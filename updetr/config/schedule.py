@@ -11,7 +11,7 @@ from updetr.config.base import _Strict
 class ScheduleConfig(_Strict):
     """Length of training, LR drop and checkpoint cadence (owner: engine)."""
 
-    epochs: int = Field(60, gt=0, description="Training epochs.")
+    epochs: int = Field(60, gt=0, description="Training epochs (deformable_detr: 50 unless set).")
     lr_drop: int = Field(40, gt=0, description="Epoch at which the LR is multiplied by 0.1 (StepLR).")
     max_steps: Optional[int] = Field(None, gt=0, description="Stop after this many optimizer steps (smoke runs).")
     steps_per_epoch: Optional[int] = Field(

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,13 @@ from updetr.util.safe_load import safe_torch_load
 log = logging.getLogger(__name__)
 
 RESNET_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
+RESNET_LAYERS = ("layer1", "layer2", "layer3", "layer4")
+
+
+def _out_channels(layer: nn.Sequential) -> int:
+    """Output channels of a torchvision ResNet layer: its last block's last convolution."""
+    block = layer[-1]
+    return (block.conv3 if isinstance(block, Bottleneck) else block.conv2).out_channels
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -261,7 +268,8 @@ class Backbone(nn.Module):
 
     def __init__(self, name: str, train_backbone: bool, dilation: bool = False,
                  weights: Optional[Union[str, Path]] = None, fold_bn: bool = False,
-                 channels_last: bool = False, return_interm_layers: bool = False):
+                 channels_last: bool = False, return_interm_layers: bool = False,
+                 layers: Optional[Sequence[str]] = None):
         super().__init__()
         if name not in RESNET_CHANNELS:
             raise ValueError(f"unknown backbone '{name}' (expected one of {sorted(RESNET_CHANNELS)})")
@@ -277,11 +285,19 @@ class Backbone(nn.Module):
             if not train_backbone or ("layer2" not in pname and "layer3" not in pname and "layer4" not in pname):
                 p.requires_grad_(False)
         # DETR's masks path also returns layer1-3 (keys "0".."3", strides 4..32) for the mask head's FPN;
-        # the state-dict keys are the same either way.
-        layers = ("layer1", "layer2", "layer3", "layer4") if return_interm_layers else ("layer4",)
-        self.body = IntermediateLayerGetter(resnet, return_layers={n: str(i) for i, n in enumerate(layers)})
+        # Deformable DETR's levels are `layers` = layer2-4 (keys "0".."2", strides 8..32). The state-dict keys
+        # are the same either way.
+        if layers is None:
+            layers = ("layer1", "layer2", "layer3", "layer4") if return_interm_layers else ("layer4",)
+        unknown = [n for n in layers if n not in RESNET_LAYERS]
+        if unknown or list(layers) != sorted(set(layers)):
+            raise ValueError(f"backbone layers must be distinct, ordered names out of {RESNET_LAYERS}, got {layers}")
+        self.layers = tuple(layers)
+        self.body = IntermediateLayerGetter(resnet, return_layers={n: str(i) for i, n in enumerate(self.layers)})
         self.return_interm_layers = return_interm_layers
         self.num_channels = RESNET_CHANNELS[name]
+        # channels of each returned map (the last block's output width of its layer)
+        self.layer_channels = [_out_channels(getattr(resnet, n)) for n in self.layers]
         self.fold_bn = fold_bn
         self.channels_last = channels_last
         if fold_bn and not _foldable(self.body):
@@ -318,7 +334,7 @@ class Backbone(nn.Module):
         if self.fold_bn:
             # A frozen CNN keeps its folded weights between calls (images and patches, every step).
             outs = folded_resnet_forward(self.body, x, all_layers=True, cache=self.frozen)
-            outs = outs if self.return_interm_layers else outs[-1:]
+            outs = [outs[RESNET_LAYERS.index(n)] for n in self.layers]
             return {str(i): o.contiguous() for i, o in enumerate(outs)}
         # Weights follow the input's layout per call; the module's own tensors stay as loaded.
         return {k: o.contiguous() for k, o in self.body(x).items()}

@@ -93,7 +93,7 @@ class SetCriterion(nn.Module):
                    suffix: str = "") -> dict[str, Tensor]:
         """L1 (sum / num_boxes) and 1 - GIoU (sum / num_boxes) of matched cxcywh boxes."""
         idx = self._get_src_permutation_idx(indices)
-        src_boxes = outputs["pred_boxes"][idx].float()
+        src_boxes = _working(outputs["pred_boxes"][idx])
         target_boxes = torch.cat([t["boxes"][i] for t, (_, i) in zip(targets, indices)], dim=0).to(src_boxes)
         losses = {}
         if self._on("loss_bbox", suffix):
@@ -194,6 +194,11 @@ class SetCriterion(nn.Module):
                 l_dict = self._loss_fn(name)(aux_outputs, targets, aux_indices, num_boxes, suffix=suffix, **kwargs)
                 losses.update({k + suffix: v for k, v in l_dict.items()})
         return losses
+
+
+def _working(t: Tensor) -> Tensor:
+    """fp32 for the box losses (exact under bf16 autocast); float64 kept as is (parity checks)."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 @torch.no_grad()

@@ -22,6 +22,15 @@ class HungarianMatcher(nn.Module):
         self.cost_bbox = cost_bbox
         self.cost_giou = cost_giou
 
+    @staticmethod
+    def working(t: Tensor) -> Tensor:
+        """The dtype costs are computed in. float(): a no-op in fp32, keeps the costs exact under bf16 autocast."""
+        return t.float()
+
+    def class_cost(self, logits: Tensor, tgt_ids: Tensor) -> Tensor:
+        """`[B*N, K+1]` logits, `[T]` target labels -> `[B*N, T]`: 1 - prob(target class), the constant dropped."""
+        return -logits.softmax(-1)[:, tgt_ids]
+
     @torch.no_grad()
     def forward(self, outputs: dict, targets: list[dict]) -> list[tuple[Tensor, Tensor]]:
         """
@@ -32,15 +41,13 @@ class HungarianMatcher(nn.Module):
             B tuples (pred_idx, tgt_idx) of int64 CPU tensors of length min(N, T_b); pred_idx is sorted.
         """
         bs, num_queries = outputs["pred_logits"].shape[:2]
-        # float(): a no-op in fp32, keeps the costs exact under bf16 autocast.
-        out_prob = outputs["pred_logits"].flatten(0, 1).float().softmax(-1)  # [B*N, K+1]
-        out_bbox = outputs["pred_boxes"].flatten(0, 1).float()  # [B*N, 4]
+        out_logits = self.working(outputs["pred_logits"].flatten(0, 1))  # [B*N, K+1]
+        out_bbox = self.working(outputs["pred_boxes"].flatten(0, 1))  # [B*N, 4]
 
         tgt_ids = torch.cat([v["labels"] for v in targets])
         tgt_bbox = torch.cat([v["boxes"] for v in targets]).to(out_bbox)
 
-        # 1 - prob(target class) with the constant dropped.
-        cost_class = -out_prob[:, tgt_ids]
+        cost_class = self.class_cost(out_logits, tgt_ids)
         cost_bbox = torch.cdist(out_bbox, tgt_bbox, p=1)
         cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(out_bbox), box_cxcywh_to_xyxy(tgt_bbox))
 

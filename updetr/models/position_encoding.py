@@ -14,10 +14,12 @@ class PositionEmbeddingSine(nn.Module):
 
     Output `[B, 2 * num_pos_feats, H, W]` = cat(pos_y, pos_x) along channels, each with sin on even and
     cos on odd channels interleaved; identical op order to DETR's `PositionEmbeddingSine`.
+    `offset` is added to the cumulative position before normalising: Deformable DETR uses -0.5 (the pixel
+    centre), DETR 0.
     """
 
     def __init__(self, num_pos_feats: int = 64, temperature: float = 10000, normalize: bool = False,
-                 scale: float | None = None):
+                 scale: float | None = None, offset: float = 0.0):
         super().__init__()
         if num_pos_feats % 2:
             raise ValueError(f"num_pos_feats must be even (sin/cos pairs), got {num_pos_feats}")
@@ -27,6 +29,7 @@ class PositionEmbeddingSine(nn.Module):
         self.temperature = temperature
         self.normalize = normalize
         self.scale = 2 * math.pi if scale is None else scale
+        self.offset = offset
 
     def forward(self, tensor_list: NestedTensor) -> Tensor:
         """`tensor_list.tensors [B, C, H, W]`, `mask [B, H, W]` (True = padding) -> `[B, 2F, H, W]`."""
@@ -38,8 +41,12 @@ class PositionEmbeddingSine(nn.Module):
         x_embed = not_mask.cumsum(2, dtype=torch.float32)
         if self.normalize:
             eps = 1e-6
-            y_embed = y_embed / (y_embed[:, -1:, :] + eps) * self.scale
-            x_embed = x_embed / (x_embed[:, :, -1:] + eps) * self.scale
+            if self.offset:
+                y_embed = (y_embed + self.offset) / (y_embed[:, -1:, :] + eps) * self.scale
+                x_embed = (x_embed + self.offset) / (x_embed[:, :, -1:] + eps) * self.scale
+            else:
+                y_embed = y_embed / (y_embed[:, -1:, :] + eps) * self.scale
+                x_embed = x_embed / (x_embed[:, :, -1:] + eps) * self.scale
 
         dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=x.device)
         dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats)
@@ -83,13 +90,14 @@ class PositionEmbeddingLearned(nn.Module):
         return pos
 
 
-def build_position_encoding(kind: str, hidden_dim: int) -> nn.Module:
-    """'sine' (normalised, 2*pi, T=10000) or 'learned', with hidden_dim // 2 features per axis."""
+def build_position_encoding(kind: str, hidden_dim: int, sine_offset: float = 0.0) -> nn.Module:
+    """'sine' (normalised, 2*pi, T=10000; `sine_offset` added before normalising) or 'learned', with
+    hidden_dim // 2 features per axis."""
     if hidden_dim % 2:
         raise ValueError(f"hidden_dim must be even for a 2-D position encoding, got {hidden_dim}")
     n_steps = hidden_dim // 2
     if kind == "sine":
-        return PositionEmbeddingSine(n_steps, normalize=True)
+        return PositionEmbeddingSine(n_steps, normalize=True, offset=sine_offset)
     if kind == "learned":
         return PositionEmbeddingLearned(n_steps)
     raise ValueError(f"unknown position_embedding '{kind}' (expected 'sine' or 'learned')")

@@ -84,6 +84,8 @@ class Task:
     name: str = ""
     # data.source values the task reads; `check_config` refuses the others.
     sources: tuple[str, ...] = ()
+    # model.detector values the task builds; config validation refuses the others.
+    detectors: tuple[str, ...] = ("detr",)
     # Classes of the head (no-object excluded) when model.num_classes is unset; None: it must be set.
     default_num_classes: Optional[int] = None
     # Streams its training data through Ray Data (`ray_datasets`): the launcher and the sweep's CPU

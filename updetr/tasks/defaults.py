@@ -8,6 +8,9 @@ runs each task (reference: dddzg/up-detr `main.py` for pre-training, `detr_main.
 | detect / oneshot from scratch         | False           | False (DETR)           | 1e-5 (DETR's default)    |
 | panoptic                              | False           | False (DETR's panoptic recipe starts from a DETR detector) | 1e-5 (DETR's default) |
 
+`optim.lr` with `model.detector: deformable_detr`: 2e-4 (Deformable DETR's main.py), 1e-4 for pretrain (UP-DETR's
+and Siamese DETR's pre-training rate; deformable-notes §6.9). DETR keeps OptimConfig's 1e-4 default.
+
 `eval.metric`: voc07 for oneshot (CoAE's protocol, Table 3), coco otherwise (Table 1: COCO-style AP on VOC).
 
 A chained stage's inheritance of `pre_norm` is `updetr.config.task_defaults.inherit_pre_norm`.
@@ -22,6 +25,8 @@ _LEGACY = {"pretrain": "pretrain", "finetune": "detect"}
 DEFAULT_LR = 1e-4          # OptimConfig.lr's default
 DETR_LR_BACKBONE = 1e-5    # detr_main.py --lr_backbone default
 UPDETR_LR_BACKBONE = 5e-5  # UP-DETR's fine-tuning recipe (README, after its issue #8)
+DEFORMABLE_LR = 2e-4       # Deformable DETR main.py --lr
+DEFORMABLE_PRETRAIN_LR = 1e-4
 
 
 def _section(data: dict, key: str) -> dict:
@@ -32,9 +37,9 @@ def _section(data: dict, key: str) -> dict:
 
 
 def resolve_task_defaults(data: Any) -> Any:
-    """Fill unset `model.freeze_backbone`, `model.pre_norm`, `optim.lr_backbone`, `eval.metric` of a raw mapping
-    by its task and `init.checkpoint` (table above). Non-mappings and wrongly typed sections pass through
-    untouched so that the field checks report them."""
+    """Fill unset `model.freeze_backbone`, `model.pre_norm`, `optim.lr_backbone`, `eval.metric` (and `optim.lr`
+    of deformable_detr) of a raw mapping by its task and `init.checkpoint` (table above). Non-mappings and
+    wrongly typed sections pass through untouched so that the field checks report them."""
     if not isinstance(data, dict):
         return data
     task = data.get("task") or _LEGACY.get(data.get("stage"), "pretrain")
@@ -49,6 +54,8 @@ def resolve_task_defaults(data: Any) -> Any:
     if model.get("pre_norm") is None:
         # a panoptic run loads a detector, DETR's (post-norm) in DETR's recipe; the UP-DETR one sets pre_norm
         model["pre_norm"] = task == "pretrain" or (from_weights and task in ("detect", "oneshot"))
+    if model.get("detector") == "deformable_detr" and optim.get("lr") is None:
+        optim["lr"] = DEFORMABLE_PRETRAIN_LR if task == "pretrain" else DEFORMABLE_LR
     if optim.get("lr_backbone") is None:
         if task == "pretrain":
             optim["lr_backbone"] = DETR_LR_BACKBONE if model["freeze_backbone"] is True else \

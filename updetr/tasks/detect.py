@@ -78,6 +78,7 @@ def resolve_data_paths(cfg):
 class DetectTask(Task):
     name = "detect"
     sources = ("coco", "voc", "synthetic_coco", "coco_panoptic", "synthetic_panoptic")
+    detectors = ("detr", "deformable_detr")
     has_eval = True
     eval_metrics = ("coco", "voc07", "voc12")
     evaluator_class = CocoEvaluator
@@ -192,9 +193,9 @@ class DetectTask(Task):
 
     # -- model
     def build(self):
-        from updetr.models import build_detr
+        from updetr.models import build_detector
 
-        return build_detr(self.cfg, self.num_classes())
+        return build_detector(self.cfg, self.num_classes())
 
     def init_weights(self, model, ckpt: dict, source: str) -> InitReport:
         """From pre-training weights: drop class_embed / patch2query / feature_align and keep everything else

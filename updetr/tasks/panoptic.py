@@ -19,6 +19,7 @@ MASK_HEAD = ("bbox_attention.", "mask_head.")
 class PanopticTask(DetectTask):
     name = "panoptic"
     sources = ("coco_panoptic", "synthetic_panoptic")
+    detectors = ("detr",)  # the mask head sits on DETR's single-scale attention maps
     has_eval = True
     evaluator_class = PanopticEvaluator
     curve = None

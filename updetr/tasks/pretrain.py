@@ -10,6 +10,7 @@ from updetr.tasks.base import Task
 class PretrainTask(Task):
     name = "pretrain"
     sources = ("synthetic", "folder", "shards")
+    detectors = ("detr", "deformable_detr")
     default_num_classes = 2   # label 1 = patch
     ray_data = True
     has_eval = False
@@ -25,6 +26,9 @@ class PretrainTask(Task):
             # Index num_classes is no-object: with 1 class, the patch label 1 would be no-object.
             raise ValueError(f"model.num_classes ({cfg.model.num_classes}) must be >= 2 for pre-training "
                              "(label 1 = patch; index num_classes is no-object)")
+        if cfg.model.two_stage:
+            raise ValueError("model.two_stage: pre-training feeds query patches into learned queries, which "
+                             "two-stage Deformable DETR does not have (pre-train plain or with_box_refine)")
         if cfg.data.source not in cls.sources:
             raise ValueError(f"data.source '{cfg.data.source}' is a detection dataset; pre-training "
                              "reads synthetic | folder | shards")
@@ -41,9 +45,9 @@ class PretrainTask(Task):
         return super().prepare()
 
     def build(self):
-        from updetr.models import build_updetr
+        from updetr.models import build_pretrainer
 
-        return build_updetr(self.cfg, self.cfg.num_classes)
+        return build_pretrainer(self.cfg, self.cfg.num_classes)
 
     def train_batches(self, epoch: int, skip: int = 0, rank: int = 0, world_size: int = 1,
                       shard: Any = None) -> Iterator[dict]:
