@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_sweep_overhead import TreeCpu, become_subreaper, load, reap_descendants  # noqa: E402
+from bench_sweep_overhead import TreeCpu, become_subreaper, load, merge_titles, reap_descendants  # noqa: E402
 
 from updetr.phases import ENV, read  # noqa: E402
 
@@ -191,8 +191,9 @@ def main() -> int:
             print(f"    rep {i + 1}: run - debug {r['wall'] - d['wall']:+.1f} s wall, {r['cpu'] - d['cpu']:+.1f} CPU-s")
         print("\n  where `updetr run`'s CPU goes, by process (median over repeats, CPU-s), against `updetr debug`'s "
               f"{dc:.1f} CPU-s in one process:")
-        names = {n for x in single["run"] for n in x["by_process"]}
-        rows = sorted(((med([x["by_process"].get(n, 0.0) for x in single["run"]]), n) for n in names), reverse=True)
+        tables = merge_titles([x["by_process"] for x in single["run"]])
+        names = {n for t in tables for n in t}
+        rows = sorted(((med([t.get(n, 0.0) for t in tables]), n) for n in names), reverse=True)
         for cpu, name in rows:
             if cpu >= 0.3:
                 print(f"    {name:<40} {cpu:6.1f}")

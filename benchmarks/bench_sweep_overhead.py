@@ -85,14 +85,28 @@ class TreeCpu:
         out: dict[str, float] = {}
         for name, cpu in self.seen.values():
             out[name] = out.get(name, 0.0) + cpu
-        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+        return merge_titles([out])[0]
+
+
+def merge_titles(tables: list[dict[str, float]]) -> list[dict[str, float]]:
+    """{process name: CPU-s} tables with a name seen while its title was cut to 15 characters
+    (`ray::RayTrainWo`) counted under the full title seen anywhere in `tables` (`ray::RayTrainWorker`)."""
+    names = {n for t in tables for n in t}
+    full = {n: next((m for m in sorted(names) if m != n and m.startswith(n)), n) for n in names}
+    merged = []
+    for t in tables:
+        out: dict[str, float] = {}
+        for name, cpu in t.items():
+            out[full[name]] = out.get(full[name], 0.0) + cpu
+        merged.append(dict(sorted(out.items(), key=lambda kv: -kv[1])))
+    return merged
 
 
 def _process_name(p) -> str:
     """`ray::TrainController`, `raylet`, `updetr run`, ...: what a reader recognises."""
     cmd = p.cmdline()
     if cmd and cmd[0].startswith("ray::"):
-        return cmd[0].split()[0].split(".")[0]
+        return cmd[0].split()[0].split(".")[0].split("(")[0]
     if cmd and len(cmd) > 2 and cmd[1:3] == ["-m", "updetr"]:
         return "updetr " + (cmd[3] if len(cmd) > 3 else "")
     for arg in cmd[:3]:

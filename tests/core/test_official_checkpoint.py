@@ -19,6 +19,7 @@ import torch
 
 from tests.models.conftest import TINY, tiny_cfg
 from tests.models.test_fast_path import REFERENCE
+from tests.official_files import randomise_frozen_bn, save_like_official
 from tests.reference_modules import official
 from updetr.checkpoint import load_checkpoint
 from updetr.cli import main
@@ -34,36 +35,17 @@ DETECT_KEYS = ("pred_logits", "pred_boxes")
 
 
 def _randomise_frozen_bn(model: torch.nn.Module, seed: int = 3) -> None:
-    """Non-trivial FrozenBN statistics: a fresh ResNet has scale 1 / shift 0, which would hide a wrong
-    BatchNorm fold on updetr's default path."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if type(m).__name__ == "FrozenBatchNorm2d":
-            n = m.weight.numel()
-            m.weight.copy_(torch.rand(n, generator=g) * 1.5 + 0.25)
-            m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+    randomise_frozen_bn(model, torch.Generator().manual_seed(seed))
 
 
 def _save_like_official(model: torch.nn.Module, args: argparse.Namespace, path, epoch: int) -> None:
-    """`utils.save_on_master({...}, checkpoint_path)` of the official training loops, with their optimizer
-    (AdamW, backbone param group) and StepLR; one step on zero gradients fills the optimizer state."""
-    params = [
+    """The official training loops' optimizer (AdamW, backbone param group) and StepLR, saved as they save."""
+    groups = [
         {"params": [p for n, p in model.named_parameters() if "backbone" not in n and p.requires_grad]},
         {"params": [p for n, p in model.named_parameters() if "backbone" in n and p.requires_grad],
          "lr": args.lr_backbone},
     ]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
-    for group in params:
-        for p in group["params"]:
-            p.grad = torch.zeros_like(p)
-    optimizer.step()
-    lr_scheduler.step()
-    model.zero_grad(set_to_none=True)
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args}, path)
+    save_like_official(model, groups, args, path, epoch)
 
 
 @pytest.fixture(scope="module")

@@ -42,10 +42,9 @@ def is_local_address(address: Optional[str]) -> bool:
 # Set for the local Ray's own processes only (raylet, GCS, workers inherit them at `ray.init`), then taken
 # back out of this process: the Train controller would otherwise get them as a runtime env of its own.
 # Preemption is a cloud node's event, not one of this machine; usage stats are a network call per start.
-# Train's controller looks at its workers every 2 s by default, so a stage that has finished waits up to 2 s
-# (1 s on average) before `fit()` returns; on one machine a look is a local call of a few milliseconds.
-LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_USAGE_STATS_ENABLED": "0",
-                 "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+# (Train's 2 s health check is kept: polled every 0.25 s, `fit()` returned 1.8 s sooner after the workers
+# ended, but the polls cost ~6 CPU-seconds a stage and on 2 cores the start took 5.5 s longer; docs/performance.md.)
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 DASHBOARD_ENV = "UPDETR_RAY_DASHBOARD"
 
 # False once this process started a local Ray without the dashboard: no State API then (see

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torchvision
 
+from tests.official_files import randomise_frozen_bn
 from tests.reference_modules import REFERENCE, official
 
 ROOT = REFERENCE / "deformable-detr"
@@ -83,10 +84,4 @@ def randomise(model: torch.nn.Module, seed: int = 7, scale: float = 0.05) -> Non
     with torch.no_grad():
         for p in model.parameters():  # a module shared by several layers is visited once
             p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
-        for m in model.modules():
-            if type(m).__name__ == "FrozenBatchNorm2d":
-                n = m.weight.numel()
-                m.weight.copy_(torch.rand(n, generator=g) * 1.5 + 0.25)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+    randomise_frozen_bn(model, g)

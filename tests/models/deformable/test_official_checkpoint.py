@@ -9,6 +9,7 @@ import torch
 from tests.models.deformable.official import official_deformable, randomise
 from tests.models.deformable.test_parity import ARCH, OURS, inputs
 from tests.models.test_fast_path import REFERENCE
+from tests.official_files import save_like_official as official_save
 from updetr.checkpoint import load_checkpoint
 from updetr.cli import main
 from updetr.config import load_config
@@ -18,8 +19,7 @@ TOL = 1e-5  # default path (folded FrozenBN, oneDNN linears): rounding only
 
 
 def save_like_official(model, args, path, epoch: int) -> None:
-    """`utils.save_on_master({...}, checkpoint_path)` of dd:main.py L284-290, with its optimizer groups
-    (L188-203) and StepLR; one step on zero gradients fills the optimizer state."""
+    """dd:main.py L284-290's save, with its optimizer groups (L188-203)."""
     def match(name, keys):
         return any(k in name for k in keys)
 
@@ -29,15 +29,7 @@ def save_like_official(model, args, path, epoch: int) -> None:
               {"params": [p for n, p in named if match(n, args.lr_backbone_names)], "lr": args.lr_backbone},
               {"params": [p for n, p in named if match(n, args.lr_linear_proj_names)],
                "lr": args.lr * args.lr_linear_proj_mult}]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
-    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
-    for _, p in named:
-        p.grad = torch.zeros_like(p)
-    optimizer.step()
-    lr_scheduler.step()
-    model.zero_grad(set_to_none=True)
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args}, path)
+    official_save(model, groups, args, path, epoch)
 
 
 def test_official_checkpoint_converts_loads_strictly_and_gives_the_same_outputs(tmp_path, capsys):
