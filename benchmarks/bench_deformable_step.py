@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from tests.models.deformable.official import official_deformable  # noqa: E402
+from tests.models.deformable.official import official_deformable, official_param_groups  # noqa: E402
 from updetr.config import load_config  # noqa: E402
 from updetr.engine_setup import build_optimizer, use_fused_adamw  # noqa: E402
 from updetr.tasks import build_model  # noqa: E402
@@ -57,17 +57,9 @@ def batch(scale: float):
 
 
 def official_optimizer(model, args) -> torch.optim.AdamW:
-    """dd:main.py L188-208: three groups by parameter name."""
-    def match(name, keys):
-        return any(k in name for k in keys)
-
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in named if not match(n, args.lr_backbone_names)
-                          and not match(n, args.lr_linear_proj_names)], "lr": args.lr},
-              {"params": [p for n, p in named if match(n, args.lr_backbone_names)], "lr": args.lr_backbone},
-              {"params": [p for n, p in named if match(n, args.lr_linear_proj_names)],
-               "lr": args.lr * args.lr_linear_proj_mult}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, weight_decay=args.weight_decay)
+    """dd:main.py L188-208: AdamW over the three groups by parameter name (an empty group left out)."""
+    groups = [g for g in official_param_groups(model, args) if g["params"]]
+    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
 
 
 def train_step(model, criterion, optimizer, images, targets) -> float:

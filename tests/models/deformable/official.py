@@ -85,3 +85,17 @@ def randomise(model: torch.nn.Module, seed: int = 7, scale: float = 0.05) -> Non
         for p in model.parameters():  # a module shared by several layers is visited once
             p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
     randomise_frozen_bn(model, g)
+
+
+def official_param_groups(model: torch.nn.Module, args: argparse.Namespace) -> list[dict]:
+    """dd:main.py L188-203's optimizer groups, chosen by parameter name: the rest at `lr`, the CNN
+    (`lr_backbone_names`) at `lr_backbone`, `lr_linear_proj_names` at `lr * lr_linear_proj_mult`."""
+    def match(name, keys):
+        return any(k in name for k in keys)
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in named if not match(n, args.lr_backbone_names)
+                        and not match(n, args.lr_linear_proj_names)], "lr": args.lr},
+            {"params": [p for n, p in named if match(n, args.lr_backbone_names)], "lr": args.lr_backbone},
+            {"params": [p for n, p in named if match(n, args.lr_linear_proj_names)],
+             "lr": args.lr * args.lr_linear_proj_mult}]

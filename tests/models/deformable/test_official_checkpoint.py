@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.models.deformable.official import official_deformable, randomise
+from tests.models.deformable.official import official_deformable, official_param_groups, randomise
 from tests.models.deformable.test_parity import ARCH, OURS, inputs
 from tests.models.test_fast_path import REFERENCE
 from tests.official_files import save_like_official as official_save
@@ -19,17 +19,8 @@ TOL = 1e-5  # default path (folded FrozenBN, oneDNN linears): rounding only
 
 
 def save_like_official(model, args, path, epoch: int) -> None:
-    """dd:main.py L284-290's save, with its optimizer groups (L188-203)."""
-    def match(name, keys):
-        return any(k in name for k in keys)
-
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in named if not match(n, args.lr_backbone_names)
-                          and not match(n, args.lr_linear_proj_names)], "lr": args.lr},
-              {"params": [p for n, p in named if match(n, args.lr_backbone_names)], "lr": args.lr_backbone},
-              {"params": [p for n, p in named if match(n, args.lr_linear_proj_names)],
-               "lr": args.lr * args.lr_linear_proj_mult}]
-    official_save(model, groups, args, path, epoch)
+    """dd:main.py L284-290's save, with its optimizer groups."""
+    official_save(model, official_param_groups(model, args), args, path, epoch)
 
 
 def test_official_checkpoint_converts_loads_strictly_and_gives_the_same_outputs(tmp_path, capsys):
