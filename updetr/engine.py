@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Protocol
 
 import torch
@@ -19,7 +20,7 @@ from updetr.checkpoint import make_checkpoint, strip_prefixes
 from updetr.config import ExperimentConfig, config_to_dict
 from updetr.engine_setup import (autocast_context, build_optimizer, compile_model, dist_rank_world,
                                  freeze_heads_without_loss, move_targets, rng_state, seed_process,
-                                 set_rng_state, use_compile, use_fused_adamw)
+                                 route_torch_logs, set_rng_state, set_tf32, use_compile, use_fused_adamw)
 from updetr.provenance import git_sha
 from updetr.util.nested_tensor import NestedTensor
 
@@ -155,23 +156,28 @@ def train_step(model: nn.Module, criterion: nn.Module, batch: dict, optimizer: t
     if precision != "fp32":
         outputs = _to_float(outputs)
     # NaN predictions would otherwise surface as DETR's opaque GIoU assertion inside the matcher.
-    if not (torch.isfinite(outputs["pred_boxes"]).all() and torch.isfinite(outputs["pred_logits"]).all()):
+    # (One host read for both: on a GPU each read waits for the device.)
+    if not bool(torch.isfinite(outputs["pred_boxes"]).all() & torch.isfinite(outputs["pred_logits"]).all()):
         raise FloatingPointError("model outputs are not finite (NaN/inf predictions), stopping before the "
                                  "optimizer step; check the inputs, the learning rate and runtime.precision")
     loss_dict = criterion(outputs, targets)
     weights = criterion.weight_dict
     loss = sum(loss_dict[k] * weights[k] for k in loss_dict if k in weights)
-    if not torch.isfinite(loss):
-        terms = {k: float(v) for k, v in loss_dict.items() if k in weights}
-        raise FloatingPointError(f"loss is not finite ({float(loss)}), stopping before the optimizer step; terms: {terms}")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm) if clip_max_norm > 0 else None
+    # Every logged value in one copy to the host (not a float() per term), read before the optimizer step so
+    # that a non-finite loss steps nothing.
+    names = ["loss"] + [k for k in MAIN_LOSSES if k in loss_dict] + (["grad_norm"] if grad_norm is not None else [])
+    values = [loss.detach()] + [loss_dict[k].detach() for k in names[1:len(names) - (grad_norm is not None)]]
+    values += [grad_norm] if grad_norm is not None else []
+    metrics = dict(zip(names, torch.stack([v.double() for v in values]).cpu().tolist()))
+    if not math.isfinite(metrics["loss"]):
+        terms = {k: float(v) for k, v in loss_dict.items() if k in weights}
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(f"loss is not finite ({metrics['loss']}), stopping before the optimizer step; "
+                                 f"terms: {terms}")
     optimizer.step()
-    metrics = {"loss": float(loss.detach())}
-    metrics.update({k: float(loss_dict[k].detach()) for k in MAIN_LOSSES if k in loss_dict})
-    if grad_norm is not None:
-        metrics["grad_norm"] = float(grad_norm)
     return metrics
 
 
@@ -240,7 +246,11 @@ class Trainer:
             ids = [device.index] if device.type == "cuda" else None
             self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids,
                                                                    find_unused_parameters=False)
+        set_tf32(cfg.runtime.tf32, device)
         if use_compile(cfg, device):
+            # compile notes and torch's warnings go to the run folder's log, not the terminal
+            log_name = "torch.log" if self.rank == 0 else f"torch-rank{self.rank}.log"
+            route_torch_logs(Path(cfg.runtime.output_dir).resolve() / cfg.name / log_name)
             self.train_model = compile_model(self.train_model)
 
     def _any_rank_empty(self, n_img: int) -> bool:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 from contextlib import nullcontext
+from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -126,21 +128,70 @@ def use_compile(cfg: ExperimentConfig, device: torch.device) -> bool:
     return device.type == "cuda" if flag is None else flag
 
 
-def compile_model(model: nn.Module) -> nn.Module:
-    """`torch.compile` (inductor) for training; the uncompiled module keeps the state dict and its keys.
+def set_tf32(flag: Optional[bool], device: torch.device) -> None:
+    """`runtime.tf32` on a CUDA device: None leaves PyTorch's defaults (cuDNN convolutions in TF32, matmuls
+    in fp32, as the official code runs); True / False sets both. Nothing on CPU."""
+    if device.type != "cuda" or flag is None:
+        return
+    torch.backends.cuda.matmul.allow_tf32 = flag
+    torch.backends.cudnn.allow_tf32 = flag
 
+
+def _to_terminal(handler) -> bool:
+    """A handler that writes to stderr / stdout: torch's own `_StderrHandler` (not a StreamHandler) or a
+    StreamHandler that is not a file."""
+    import logging
+
+    if type(handler).__name__ == "_StderrHandler":
+        return True
+    return isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+
+
+def route_torch_logs(path: Path) -> None:
+    """Send torch's own log lines (dynamo / inductor notes and warnings) to `path` instead of the terminal,
+    which keeps the run's own progress lines. Inductor's note that TF32 is off is dropped: `runtime.tf32` is
+    the documented switch for it."""
+    import logging
+    import warnings
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)  # not the structured-trace DEBUG records that also reach "torch"
+    handler.updetr_torch_log = True  # an earlier stage's file is swapped like a terminal
+    # torch gives its own terminal handler to "torch" and to each of its registered logs (torch._dynamo,
+    # torch._inductor, ...), which do not propagate: each is swapped for the file
+    names = ["torch"] + [n for n in logging.root.manager.loggerDict if n.startswith("torch.")]
+    for logger in (logging.getLogger(n) for n in names):
+        swapped = [h for h in logger.handlers if getattr(h, "updetr_torch_log", False) or _to_terminal(h)]
+        for h in swapped:
+            logger.removeHandler(h)
+            if isinstance(h, logging.FileHandler):
+                h.close()
+        if swapped or logger.name == "torch":
+            logger.addHandler(handler)
+    warnings.filterwarnings("ignore", message=".*TensorFloat32 tensor cores.*")
+
+
+def compile_model(model: nn.Module, backend: str = "inductor") -> nn.Module:
+    """`torch.compile` for training; the uncompiled module keeps the state dict and its keys.
+
+    The model's eager-only speed-ups are switched off first (they would break the graph, and each break
+    guards on shapes and Python flags, so a run of multi-scale images hit the recompile limit): the oneDNN
+    linear, the bool-mask dropout and its prefetch, and the BN fold (inductor fuses FrozenBN into the
+    convolution's epilogue). No graph break is left in the forward of DETR / UP-DETR, and image sizes are
+    dynamic after the second one: a whole run compiles twice (`tests/core/test_compile.py`).
     Dropout keeps eager's random-number generator (`fallback_random`): inductor's own generator would draw
-    other masks than the reference path for the same seed.
+    other masks than the reference path for the same seed. `backend`: "eager" traces without code
+    generation (what the recompile test counts).
     """
     import torch._inductor.config as inductor_config
 
     from updetr.models import set_switches
 
     inductor_config.fallback_random = True
-    # inductor picks its own kernels; the eager oneDNN linear, the bool-mask dropout and the mask prefetch
-    # (which needs both) would only add graph breaks to it
-    set_switches(model, onednn=False, bool_mask=False)
-    return torch.compile(model)
+    set_switches(model, onednn=False, bool_mask=False, prefetch_masks=False, fold_bn=False)
+    return torch.compile(model, backend=backend)
 
 
 def move_targets(targets: list[dict], device: torch.device) -> list[dict]:

@@ -94,10 +94,15 @@ def test_aux_losses_rematched_with_suffix_and_weights():
     assert crit.weight_dict["loss_bbox_1"] == 5.0 and crit.weight_dict["loss_giou"] == 2.0
     out = model(torch.randn(2, 3, 64, 64), torch.randn(2, 4, 3, 32, 32))
     calls = []
-    orig = crit.matcher.forward
-    crit.matcher.forward = lambda o, t: calls.append(1) or orig(o, t)
-    losses = crit(out, make_targets(2, 4))
-    assert len(calls) == 3  # last layer + 2 aux layers, each matched independently
+    orig = crit.matcher.match_layers
+    crit.matcher.match_layers = lambda layers, t: calls.append(len(layers)) or orig(layers, t)
+    targets = make_targets(2, 4)
+    losses = crit(out, targets)
+    assert calls == [3]  # last layer + 2 aux layers, in one matching call
+    # ... each re-matched on its own predictions: the aux losses are those of the layer's own assignment
+    aux0 = {"pred_logits": out["aux_outputs"][0]["pred_logits"], "pred_boxes": out["aux_outputs"][0]["pred_boxes"]}
+    own = crit.loss_boxes(aux0, targets, crit.matcher(aux0, targets), 8.0)  # 2 images x 4 targets
+    assert torch.equal(own["loss_bbox"], losses["loss_bbox_0"])
     assert set(losses) == (set(crit.weight_dict) | {"class_error", "cardinality_error", "cardinality_error_0",
                                                     "cardinality_error_1"})
     assert all(torch.isfinite(v) for v in losses.values())
@@ -109,7 +114,7 @@ def test_zero_weight_losses_are_not_computed():
     called = []
     orig = criterion_mod.generalized_box_iou
     try:
-        criterion_mod.generalized_box_iou = lambda a, b: called.append(1) or orig(a, b)
+        criterion_mod.generalized_box_iou = lambda a, b, **kw: called.append(1) or orig(a, b, **kw)
         losses = crit(model(torch.randn(2, 3, 64, 64), torch.randn(2, 4, 3, 32, 32)), make_targets(2, 4))
     finally:
         criterion_mod.generalized_box_iou = orig

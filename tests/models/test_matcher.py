@@ -64,3 +64,22 @@ def test_more_targets_than_queries():
     matcher = HungarianMatcher(1, 5, 2)
     (src, tgt), = matcher(_outputs(1, 3, 2), make_targets(1, 5))
     assert len(src) == len(tgt) == 3
+
+
+def test_all_layers_in_one_call_equal_one_call_per_layer():
+    """The criterion matches every decoder layer with one cost computation and one copy to the host; the
+    assignments must be those of matching each layer alone, for DETR's and Deformable DETR's costs, with
+    images of different target counts (one without any)."""
+    from updetr.models.deformable.matcher import FocalHungarianMatcher
+
+    targets = make_targets(3, 4, seed=7)
+    targets[1] = {"labels": targets[1]["labels"][:2], "boxes": targets[1]["boxes"][:2]}
+    targets[2] = {"labels": targets[2]["labels"][:0], "boxes": targets[2]["boxes"][:0]}
+    for matcher, k in ((HungarianMatcher(1, 5, 2), 3), (FocalHungarianMatcher(2, 5, 2), 4)):
+        layers = [_outputs(3, 12, k, seed) for seed in range(4)]
+        together = matcher.match_layers(layers, targets)
+        assert len(together) == 4
+        for layer, got in zip(layers, together):
+            alone = matcher(layer, targets)
+            assert [len(i) for i, _ in got] == [4, 2, 0]
+            assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, alone))

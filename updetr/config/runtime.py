@@ -38,6 +38,11 @@ class RuntimeConfig(_Strict):
         True, description="CPU, pre-training: draw the transformer's dropout masks in a thread while the frozen "
                           "CNN runs (the same masks from the same generator, in the same order; bit for bit). "
                           "Needs onednn_linear and bool_dropout_masks.")
+    tf32: Optional[bool] = Field(
+        None, description="CUDA only: TensorFloat-32 tensor cores. None = PyTorch's defaults, as the official "
+                          "code runs (convolutions in TF32, matmuls in full fp32); true = matmuls in TF32 too "
+                          "(faster on Ampere and later, ~1e-3 relative rounding; a departure); false = "
+                          "everything in full fp32.")
     compile: Optional[bool] = Field(
         None, description="torch.compile the model (inductor). None = on for CUDA, off on CPU, where the "
                           "compile time outweighs the gain for runs of this size (README, Benchmarks).")

@@ -100,8 +100,9 @@ class SetCriterion(nn.Module):
             loss_bbox = F.l1_loss(src_boxes, target_boxes, reduction="none")
             losses["loss_bbox"] = loss_bbox.sum() / num_boxes
         if self._on("loss_giou", suffix):
+            # the matcher checked every layer's boxes and the targets already (each check is a host read)
             loss_giou = 1 - torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src_boxes),
-                                                           box_cxcywh_to_xyxy(target_boxes)))
+                                                           box_cxcywh_to_xyxy(target_boxes), check=False))
             losses["loss_giou"] = loss_giou.sum() / num_boxes
         return losses
 
@@ -159,12 +160,12 @@ class SetCriterion(nn.Module):
     # -- forward ---------------------------------------------------------------------------------------------
     def num_boxes(self, targets: list[dict], device) -> float:
         """Total targets in the batch, averaged over processes when torch.distributed is initialised, >= 1."""
-        n = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], dtype=torch.float, device=device)
-        world = 1
-        if _dist_ready():
-            dist.all_reduce(n)
-            world = dist.get_world_size()
-        return torch.clamp(n / world, min=1).item()
+        total = float(sum(len(t["labels"]) for t in targets))
+        if not _dist_ready():
+            return max(total, 1.0)  # counted on the host: no device round trip
+        n = torch.as_tensor([total], dtype=torch.float, device=device)
+        dist.all_reduce(n)
+        return torch.clamp(n / dist.get_world_size(), min=1).item()
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
         """
@@ -177,16 +178,21 @@ class SetCriterion(nn.Module):
             weighted non-zero), `class_error`, `cardinality_error`, and `<key>_{i}` for aux layer i.
         """
         outputs_without_aux = {k: v for k, v in outputs.items() if k != "aux_outputs"}
-        indices = self.matcher(outputs_without_aux, targets)
+        aux = outputs.get("aux_outputs", [])
+        layers = [outputs_without_aux] + list(aux)
+        # HungarianMatcher matches every decoder layer in one go (one copy of the costs to the host); any other
+        # `(outputs, targets) -> indices` module is called per layer
+        match_layers = getattr(self.matcher, "match_layers", None)
+        all_indices = match_layers(layers, targets) if match_layers else [self.matcher(o, targets) for o in layers]
+        indices, *aux_indices_all = all_indices
         num_boxes = self.num_boxes(targets, outputs["pred_logits"].device)
 
         losses: dict[str, Tensor] = {}
         for name in self.losses:
             losses.update(self._loss_fn(name)(outputs, targets, indices, num_boxes))
 
-        for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
+        for i, (aux_outputs, aux_indices) in enumerate(zip(aux, aux_indices_all)):
             suffix = f"_{i}"
-            aux_indices = self.matcher(aux_outputs, targets)
             for name in self.losses:
                 if name == "masks":  # DETR: intermediate layers have no masks (too costly)
                     continue

@@ -40,9 +40,24 @@ class HungarianMatcher(nn.Module):
         Returns:
             B tuples (pred_idx, tgt_idx) of int64 CPU tensors of length min(N, T_b); pred_idx is sorted.
         """
-        bs, num_queries = outputs["pred_logits"].shape[:2]
-        out_logits = self.working(outputs["pred_logits"].flatten(0, 1))  # [B*N, K+1]
-        out_bbox = self.working(outputs["pred_boxes"].flatten(0, 1))  # [B*N, 4]
+        return self.match_layers([outputs], targets)[0]
+
+    @torch.no_grad()
+    def match_layers(self, layers: list[dict], targets: list[dict]) -> list[list[tuple[Tensor, Tensor]]]:
+        """`forward` of every decoder layer at once: one cost computation for the L layers' `[L*B*N, T]`
+        predictions and one copy of the costs to the host, instead of one of each per layer (on a GPU each
+        copy waits for the device). Each cost is computed row by row as for one layer alone, so the costs
+        and the assignments are bit for bit those of L separate calls.
+
+        Args:
+            layers: L output dicts of the same B and N (the last layer and the aux layers).
+            targets: as `forward`.
+        Returns:
+            L lists, each as `forward` returns for that layer.
+        """
+        bs, num_queries = layers[0]["pred_logits"].shape[:2]
+        out_logits = self.working(torch.cat([o["pred_logits"].flatten(0, 1) for o in layers]))  # [L*B*N, K+1]
+        out_bbox = self.working(torch.cat([o["pred_boxes"].flatten(0, 1) for o in layers]))  # [L*B*N, 4]
 
         tgt_ids = torch.cat([v["labels"] for v in targets])
         tgt_bbox = torch.cat([v["boxes"] for v in targets]).to(out_bbox)
@@ -52,8 +67,12 @@ class HungarianMatcher(nn.Module):
         cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(out_bbox), box_cxcywh_to_xyxy(tgt_bbox))
 
         C = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
-        C = C.view(bs, num_queries, -1).cpu()
+        C = C.view(len(layers), bs, num_queries, -1).cpu()
 
         sizes = [len(v["boxes"]) for v in targets]
-        indices = [linear_sum_assignment(c[i]) for i, c in enumerate(C.split(sizes, -1))]
-        return [(torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)) for i, j in indices]
+        out = []
+        for c_layer in C:
+            indices = [linear_sum_assignment(c[i]) for i, c in enumerate(c_layer.split(sizes, -1))]
+            out.append([(torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64))
+                        for i, j in indices])
+        return out

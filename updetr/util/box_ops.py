@@ -49,13 +49,15 @@ def _check_boxes(boxes: Tensor, name: str) -> None:
             f"NaN also fails), first at row {idx}: {boxes[idx].tolist()}")
 
 
-def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+def generalized_box_iou(boxes1: Tensor, boxes2: Tensor, check: bool = True) -> Tensor:
     """Pairwise generalized IoU (https://giou.stanford.edu/) of xyxy boxes -> `[N, M]`.
 
-    Raises ValueError on degenerate boxes (x1 < x0, y1 < y0 or NaN), which would give inf/NaN.
+    Raises ValueError on degenerate boxes (x1 < x0, y1 < y0 or NaN), which would give inf/NaN. `check=False`
+    skips that test (each is a read on the host) for boxes already checked, e.g. matched ones.
     """
-    _check_boxes(boxes1, "boxes1")
-    _check_boxes(boxes2, "boxes2")
+    if check:
+        _check_boxes(boxes1, "boxes1")
+        _check_boxes(boxes2, "boxes2")
     iou, union = box_iou(boxes1, boxes2)
 
     lt = torch.min(boxes1[:, None, :2], boxes2[:, :2])
