@@ -150,3 +150,32 @@ def test_pretrained_weights_initialise_detection():
     assert torch.equal(detector.state_dict()["query_embed.weight"], model.state_dict()["query_embed.weight"])
     assert {k.split(".")[0] for k in report.reinitialised} == {"class_embed"}
     assert {k.split(".")[0] for k in report.dropped} == {"class_embed", "patch2query", "feature_align"}
+
+
+@pytest.mark.parametrize("p", [0.0, 0.9])
+def test_patch_dropout_cuts_a_dropped_patch_off_its_queries(p):
+    """Query-patch dropout (paper mode: a whole patch at once) on Deformable DETR: with the same draws, changing
+    patch 0 moves the predictions of patch 0's query group exactly when that patch was kept; the other groups
+    never move (group mask). At p = 0 every group responds to its patch, at p = 0.9 most do not."""
+    _, (model, _, _) = pretrain(f"pretext.patch_dropout={p}", "pretext.patch_dropout_mode=patch")
+    model.train()
+    per = model.num_queries // model.num_patches
+    images, patches = inputs()
+    changed = patches.clone()
+    changed[:, 0] += 1.0
+    responded = []
+    for seed in range(6):
+        outs = []
+        for pt in (patches, changed):
+            torch.manual_seed(seed)  # the same patch-dropout draws for both
+            with torch.no_grad():
+                outs.append(model(images, pt))
+        for image in range(2):
+            moved = slots_changed(outs[0], outs[1], image)
+            assert not moved[per:].any()
+            assert bool(moved[:per].all()) or not moved[:per].any()
+            responded.append(bool(moved[:per].all()))
+    if p == 0.0:
+        assert all(responded)
+    else:
+        assert sum(responded) < len(responded) / 2
