@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from updetr.models.deformable.core import ms_deform_attn_core
+from updetr.models.deformable.core import level_shapes, ms_deform_attn_core
 from updetr.models.onednn import Linear
 
 
@@ -62,7 +62,8 @@ class MSDeformAttn(nn.Module):
         n, lq, _ = query.shape
         offsets = self.sampling_offsets(query).view(n, lq, self.n_heads, self.n_levels, self.n_points, 2)
         if reference_points.shape[-1] == 2:
-            wh = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)    # [L, 2] as (W, H)
+            # [L, 2] as (W, H); exact integers, so the division is the same whatever the tensor's dtype
+            wh = offsets.new_tensor([[w, h] for h, w in level_shapes(spatial_shapes)])
             return reference_points[:, :, None, :, None, :] + offsets / wh[None, None, None, :, None, :]
         if reference_points.shape[-1] == 4:
             box = reference_points[:, :, None, :, None, :]

@@ -11,6 +11,14 @@ from torch import Tensor
 Shapes = Union[Tensor, Sequence[Sequence[int]]]
 
 
+def level_shapes(spatial_shapes: Shapes) -> list[tuple]:
+    """(H_l, W_l) per level as Python numbers. Int pairs are kept as they are, which under torch.compile keeps
+    them symbolic (a read of a tensor's values would break the graph, and int() would fix each size)."""
+    if isinstance(spatial_shapes, Tensor):
+        return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    return [(h, w) for h, w in spatial_shapes]
+
+
 def ms_deform_attn_core(value: Tensor, spatial_shapes: Shapes, sampling_locations: Tensor,
                         attention_weights: Tensor) -> Tensor:
     """Sample and sum: out[n, q, m] = sum over (level l, point p) of w[n, q, m, l, p] * bilinear(V_l^m, loc).
@@ -30,7 +38,7 @@ def ms_deform_attn_core(value: Tensor, spatial_shapes: Shapes, sampling_location
     """
     n, _, heads, d = value.shape
     _, lq, _, levels, points, _ = sampling_locations.shape
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes]
+    shapes = level_shapes(spatial_shapes)
     # grid_sample works per (batch item, head): fold the heads into the batch, channels = D
     per_head = value.permute(0, 2, 3, 1).reshape(n * heads, d, -1)                 # [N*M, D, S]
     grids = 2 * sampling_locations - 1                                              # [-1, 1] over the padded map

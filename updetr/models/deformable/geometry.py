@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor
 
+from updetr.models.deformable.core import level_shapes
+
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     """logit(x) with x clamped to [0, 1] and both x and 1 - x to at least `eps` (finite for any input)."""
@@ -39,7 +41,7 @@ def encoder_reference_points(spatial_shapes: Tensor, ratios: Tensor) -> Tensor:
         `[N, S, L, 2]` (x, y), S = sum H_l * W_l.
     """
     per_level = []
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+    for lvl, (h, w) in enumerate(level_shapes(spatial_shapes)):
         ys = torch.arange(h, dtype=torch.float32, device=ratios.device) + 0.5
         xs = torch.arange(w, dtype=torch.float32, device=ratios.device) + 0.5
         y = ys[None, :, None] / (ratios[:, None, None, lvl, 1] * h)                   # [N, H, 1]
@@ -61,7 +63,7 @@ def encoder_proposals(padding_mask: Tensor, spatial_shapes: Tensor) -> tuple[Ten
     """
     n = padding_mask.shape[0]
     boxes, start = [], 0
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+    for lvl, (h, w) in enumerate(level_shapes(spatial_shapes)):
         pad = padding_mask[:, start:start + h * w].view(n, h, w)
         valid_h, valid_w = (~pad[:, :, 0]).sum(1), (~pad[:, 0, :]).sum(1)
         ys = torch.arange(h, dtype=torch.float32, device=pad.device)

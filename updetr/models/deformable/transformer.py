@@ -102,7 +102,7 @@ class DeformableTransformer(nn.Module):
         # the level embedding tells the encoder which level a token comes from
         pos_flat = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)
                               for lvl, p in enumerate(pos_embeds)], 1)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flat.device)   # [L, 2] (H, W)
+        spatial_shapes = [(h, w) for h, w in shapes]  # (H, W) per level, Python numbers (`level_shapes`)
         ratios = torch.stack([valid_ratios(m) for m in masks], 1)                            # [N, L, 2] (w, h)
         memory = self.encoder(src_flat, spatial_shapes, ratios, pos_flat, mask_flat)
 
