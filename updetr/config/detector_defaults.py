@@ -6,7 +6,7 @@ experiment mapping whose `model.detector` is deformable_detr before the per-task
 | model.num_queries         | 100                      | 300                      |
 | model.dim_feedforward     | 2048                     | 1024                     |
 | model.pre_norm            | per task                 | False (post-norm only)   |
-| loss.ce / set_cost_class  | 1 / 1                    | 2 / 2                    |
+| loss.ce / set_cost_class  | 1 / 1                    | 2 / 2 (1 / 1 with pretext.classification: softmax) |
 | optim.lr_backbone         | per task                 | 2e-5                     |
 | schedule.epochs / lr_drop | 60 / 40                  | 50 / 40                  |
 
@@ -34,7 +34,12 @@ def resolve_detector_defaults(data: Any) -> Any:
             data["model"].get("detector") != "deformable_detr":
         return data
     out = dict(data)
-    for section, defaults in DEFORMABLE_DEFAULTS.items():
+    table = dict(DEFORMABLE_DEFAULTS)
+    pretext = data.get("pretext")
+    if isinstance(pretext, dict) and pretext.get("classification") == "softmax":
+        # UP-DETR's softmax on Deformable DETR keeps DETR's class weights (Siamese DETR's port: 1 / 5 / 2)
+        table["loss"] = {"ce": 1.0, "set_cost_class": 1.0}
+    for section, defaults in table.items():
         value = out.get(section)
         if value is not None and not isinstance(value, dict):
             return data

@@ -86,6 +86,9 @@ class ExperimentConfig(_Strict):
                                           ("optim.lr_linear_proj_mult", self.optim.lr_linear_proj_mult, 0.1)):
                 if value != default:
                     raise ValueError(f"{field} applies to model.detector deformable_detr only")
+            if self.pretext.classification == "focal":
+                raise ValueError("pretext.classification 'focal' applies to model.detector deformable_detr only "
+                                 "(DETR classifies with a softmax)")
         task.check_config(self)   # the task's own rules (sources, heads, losses, subsets)
         if self.eval.metric not in task.eval_metrics or (self.eval.metric in ("voc07", "voc12") and
                                                          self.data.source not in ("voc", "synthetic_voc")):

@@ -1,7 +1,7 @@
 """`pretext:` random query patch detection (the pre-training pretext task)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
@@ -25,6 +25,12 @@ class PretextConfig(_Strict):
     patch_dropout_mode: Literal["slot", "patch"] = Field(
         "slot", description="'slot': independent drop per (query slot, image), the official code; "
                             "'patch': drop whole patches, as the paper describes.")
+    classification: Optional[Literal["softmax", "focal"]] = Field(
+        None, description="How patch queries are classified. None = the detector's own: DETR's (K+1)-way softmax "
+                          "with the no-object weight loss.eos_coef; Deformable DETR's sigmoid focal loss and focal "
+                          "matching cost. 'softmax' on Deformable DETR: UP-DETR's softmax with loss.eos_coef and "
+                          "the -p matching cost (as the Siamese DETR port; loss.ce and loss.set_cost_class then "
+                          "default to 1). 'focal' is Deformable DETR's only.")
     patch_size: int = Field(128, gt=0, description="Query patches are resized to patch_size x patch_size.")
     min_patch_px: int = Field(8, gt=0, description="Smallest patch side in pixels (official min_pixel).")
     scales: list[int] = Field(default_factory=lambda: list(PRETRAIN_SCALES),

@@ -162,22 +162,27 @@ def build_deformable_detr(cfg: ExperimentConfig, num_classes: int) -> tuple[nn.M
 
 def build_deformable_updetr(cfg: ExperimentConfig, num_classes: int = 2) -> tuple[nn.Module, SetCriterion, dict]:
     """UP-DETR's random query patch detection on Deformable DETR (plain or `model.with_box_refine`; label 1 =
-    patch, sigmoid focal classification): `models/deformable/pretext.py`."""
+    patch): `models/deformable/pretext.py`. Sigmoid focal classification, or with `pretext.classification:
+    softmax` UP-DETR's (K+1)-way softmax (one more class logit, for no-object) and DETR's criterion."""
     from updetr.models.deformable import DeformableCriterion, DeformablePostProcess, FocalHungarianMatcher
     from updetr.models.deformable.pretext import DeformableUPDETR
 
     m, p = cfg.model, cfg.pretext
+    softmax = p.classification == "softmax"
     backbone, transformer, freeze = _deformable_backbone_and_transformer(cfg)
-    model = DeformableUPDETR(backbone, transformer, num_classes=num_classes, num_queries=m.num_queries,
+    # The class head keeps Deformable DETR's initialisation: its bias is one constant, which a softmax ignores.
+    model = DeformableUPDETR(backbone, transformer, num_classes=num_classes + softmax, num_queries=m.num_queries,
                              num_feature_levels=m.num_feature_levels, aux_loss=m.aux_loss,
                              with_box_refine=m.with_box_refine, num_patches=p.num_patches,
                              feature_recon=p.feature_recon, query_shuffle=p.query_shuffle,
                              attention_mask=p.attention_mask, patch_dropout=p.patch_dropout,
                              patch_dropout_mode=p.patch_dropout_mode, freeze_backbone=freeze)
     apply_runtime_paths(model, cfg)
+    losses = ["labels", "boxes", "cardinality"] + (["feature"] if p.feature_recon else [])
+    if softmax:
+        return model, build_criterion(cfg, num_classes, feature=p.feature_recon), {"bbox": PostProcess()}
     matcher = FocalHungarianMatcher(cost_class=cfg.loss.set_cost_class, cost_bbox=cfg.loss.set_cost_bbox,
                                     cost_giou=cfg.loss.set_cost_giou)
-    losses = ["labels", "boxes", "cardinality"] + (["feature"] if p.feature_recon else [])
     criterion = DeformableCriterion(num_classes, matcher, build_weight_dict(cfg, p.feature_recon), losses,
                                     focal_alpha=cfg.loss.focal_alpha)
     return model, criterion, {"bbox": DeformablePostProcess()}

@@ -179,3 +179,36 @@ def test_patch_dropout_cuts_a_dropped_patch_off_its_queries(p):
         assert all(responded)
     else:
         assert sum(responded) < len(responded) / 2
+
+
+def test_softmax_classification_switch():
+    """`pretext.classification: softmax` gives Deformable DETR UP-DETR's (K+1)-way softmax: one more class
+    logit, DETR's criterion (cross-entropy with the no-object weight loss.eos_coef, softmax matching cost)
+    with its class weights 1 / 1; the default stays Deformable DETR's sigmoid focal loss."""
+    from updetr.models.criterion import SetCriterion
+    from updetr.models.deformable.criterion import DeformableCriterion
+
+    cfg, (model, criterion, _) = pretrain("pretext.classification=softmax")
+    assert type(criterion) is SetCriterion and criterion.eos_coef == cfg.loss.eos_coef == 0.1
+    assert (cfg.loss.ce, cfg.loss.set_cost_class) == (1.0, 1.0)
+    images, patches = inputs()
+    out = model(images, patches)
+    assert out["pred_logits"].shape[-1] == 3                           # patch, background class, no-object
+    targets = make_targets(2, 2)
+    losses = criterion(out, targets)
+    indices = criterion.matcher(out, targets)
+    target_classes = torch.full(out["pred_logits"].shape[:2], 2)
+    for b, (src, _) in enumerate(indices):
+        target_classes[b, src] = 1
+    want = torch.nn.functional.cross_entropy(out["pred_logits"].transpose(1, 2), target_classes,
+                                             torch.tensor([1.0, 1.0, 0.1]))
+    assert torch.allclose(losses["loss_ce"], want)
+    batch = {"images": images, "mask": torch.zeros(2, 96, 128, dtype=torch.bool), "patches": patches,
+             "targets": targets}
+    metrics = train_step(model, criterion, batch, build_optimizer(model, cfg.optim), device=torch.device("cpu"))
+    assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["loss_ce"])
+    focal_cfg, (focal_model, focal_criterion, _) = pretrain()
+    assert type(focal_criterion) is DeformableCriterion and (focal_cfg.loss.ce, focal_cfg.loss.set_cost_class) == (2.0, 2.0)
+    assert focal_model(images, patches)["pred_logits"].shape[-1] == 2
+    with pytest.raises(Exception, match="pretext.classification 'focal' applies to model.detector deformable_detr"):
+        load_config(None, ["pretext.classification=focal"])
