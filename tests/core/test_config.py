@@ -180,3 +180,17 @@ def test_run_identity_covers_the_arithmetic_not_worker_counts(tmp_path):
 
     note = resume_note(config_to_dict(base), base, 4)
     assert "global batch size changes from 4 to 8" in note and resume_note(config_to_dict(base), base, 2) is None
+    # an elastic run (ray.min_workers) that saved with 1 of its 2 workers: the note follows the real count
+    assert "from 2 to 4" in resume_note(config_to_dict(base), base, 2, saved_world_size=1)
+    assert resume_note(config_to_dict(base), base, 1, saved_world_size=1) is None
+
+
+def test_min_workers_makes_training_elastic_within_num_workers():
+    smoke = REPO / "experiments" / "smoke.yaml"
+    from updetr.orchestration.launch import scaling_config
+
+    assert scaling_config(load_config(smoke, [])).num_workers == 2
+    assert scaling_config(load_config(smoke, ["ray.min_workers=1"])).num_workers == (1, 2)
+    assert scaling_config(load_config(smoke, ["ray.min_workers=2"])).num_workers == 2
+    with pytest.raises(ConfigError, match=r"ray.min_workers \(3\) is more than ray.num_workers \(2\)"):
+        load_config(smoke, ["ray.min_workers=3"])

@@ -42,9 +42,12 @@ def identity_diff(saved: Optional[dict], cfg: "ExperimentConfig", ignore: tuple[
             if k in old and old[k] != v and k not in ignore]
 
 
-def resume_note(saved: Optional[dict], cfg: "ExperimentConfig", world_size: int) -> Optional[str]:
-    """One line when a resume changes the worker count (and so the global batch size), else None."""
-    before = ((saved or {}).get("ray") or {}).get("num_workers")
+def resume_note(saved: Optional[dict], cfg: "ExperimentConfig", world_size: int,
+                saved_world_size: Optional[int] = None) -> Optional[str]:
+    """One line when a resume changes the worker count (and so the global batch size), else None.
+    `saved`: the checkpoint's config; `saved_world_size`: the workers that wrote it (an elastic run,
+    `ray.min_workers`, may have had fewer than its `ray.num_workers`), taken over the config when given."""
+    before = saved_world_size or ((saved or {}).get("ray") or {}).get("num_workers")
     if before is None or int(before) == world_size:
         return None
     b = cfg.data.batch_size

@@ -53,8 +53,10 @@ def scaling_config(cfg: ExperimentConfig, resources=None):
     res = {"CPU": cpw}
     if cfg.ray.use_gpu:
         res["GPU"] = 1
-    return ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=res,
-                         placement_strategy=cfg.ray.placement_strategy)
+    fewest, most = cfg.ray.worker_range()
+    # a (min, max) pair is Ray Train's elastic mode: a worker group of any size in the range is started
+    return ScalingConfig(num_workers=(fewest, most) if fewest < most else most, use_gpu=cfg.ray.use_gpu,
+                         resources_per_worker=res, placement_strategy=cfg.ray.placement_strategy)
 
 
 def worker_env(extra: Optional[dict] = None) -> dict[str, str]:

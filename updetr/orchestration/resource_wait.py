@@ -4,9 +4,10 @@
 Why: when a node is lost, Ray Train 2.60 retries the worker group, and a group that cannot be placed is
 retried for ever (a placement group that stays PENDING; `RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S` only
 restarts the wait). The driver then prints nothing. This thread, on the driver, watches the placement group
-of the run's shape (`num_workers` bundles of the per-worker resources, the run's strategy) in the GCS: while
-one is PENDING or RESCHEDULING and none is CREATED, the run is waiting. A wait is one span from the first
-pending sight to the next CREATED one (the retries in between do not restart it).
+of the run's shape (`num_workers` bundles, or `min_workers` to `num_workers` for an elastic run, of the
+per-worker resources, the run's strategy) in the GCS: while one is PENDING or RESCHEDULING and none is
+CREATED, the run is waiting. A wait is one span from the first pending sight to the next CREATED one (the
+retries in between do not restart it).
 """
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ class ResourceWait(threading.Thread):
 
     def __init__(self, name: str, num_workers: int, per_worker: dict, strategy: str, out: TextIO,
                  limit_s: Optional[float], abort: Callable[[], None], interval_s: float = 30.0,
-                 poll_s: float = 2.0) -> None:
+                 poll_s: float = 2.0, min_workers: Optional[int] = None) -> None:
         super().__init__(name="updetr-resource-wait", daemon=True)
         self.label, self.num_workers, self.per_worker, self.strategy = name, num_workers, per_worker, strategy
+        self.min_workers = min_workers or num_workers  # elastic: a group of min..max workers is this run's
         self.out, self.limit_s, self.abort, self.interval_s, self.poll_s = out, limit_s, abort, interval_s, poll_s
         self.gave_up: Optional[str] = None   # the one-line reason, once the limit passed
         self.waited_s = 0.0
@@ -41,7 +43,9 @@ class ResourceWait(threading.Thread):
     # -- what we wait for / what the cluster has -------------------------------------------------------------
     def wanted(self) -> str:
         res = ", ".join(f"{_cpu(v)} {k}" for k, v in self.per_worker.items() if v)
-        return f"{self.num_workers} worker(s) x {res} ({self.strategy})"
+        count = (f"{self.min_workers}-{self.num_workers}" if self.min_workers < self.num_workers
+                 else f"{self.num_workers}")
+        return f"{count} worker(s) x {res} ({self.strategy})"
 
     def cluster_now(self) -> str:
         import ray
@@ -56,7 +60,7 @@ class ResourceWait(threading.Thread):
     def _ours(self, pg: dict) -> bool:
         bundles = list((pg.get("bundles") or {}).values())
         want = {k: float(v) for k, v in self.per_worker.items() if v}
-        return (pg.get("strategy") == self.strategy and len(bundles) == self.num_workers
+        return (pg.get("strategy") == self.strategy and self.min_workers <= len(bundles) <= self.num_workers
                 and all({k: float(v) for k, v in b.items() if v} == want for b in bundles))
 
     def states(self) -> set[str]:
@@ -131,6 +135,7 @@ def watch_resources(cfg, trainer, per_worker: dict, out: TextIO) -> ResourceWait
                 pass
 
     wait = ResourceWait(cfg.tracking.experiment or cfg.name, cfg.ray.num_workers, per_worker,
-                        cfg.ray.placement_strategy, out, cfg.ray.resource_wait_s or None, abort)
+                        cfg.ray.placement_strategy, out, cfg.ray.resource_wait_s or None, abort,
+                        min_workers=cfg.ray.min_workers)
     wait.start()
     return wait

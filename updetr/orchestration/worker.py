@@ -223,7 +223,9 @@ def train_fn_per_worker(config: dict) -> dict:
     if resume is not None and rank == 0:
         from updetr.config import resume_note
 
-        note = resume_note(resume.get("config"), cfg, world_size)
+        # each rank's RNG state is saved: their count is the world size that wrote the checkpoint
+        saved_world = len((resume.get("rng") or {}).get("per_rank") or []) or None
+        note = resume_note(resume.get("config"), cfg, world_size, saved_world)
         if note:
             print(f"[{cfg.name}] note: {note}", flush=True)
 
