@@ -168,10 +168,10 @@ def train_step(model: nn.Module, criterion: nn.Module, batch: dict, optimizer: t
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm) if clip_max_norm > 0 else None
     # Every logged value in one copy to the host (not a float() per term), read before the optimizer step so
     # that a non-finite loss steps nothing.
-    names = ["loss"] + [k for k in MAIN_LOSSES if k in loss_dict] + (["grad_norm"] if grad_norm is not None else [])
-    values = [loss.detach()] + [loss_dict[k].detach() for k in names[1:len(names) - (grad_norm is not None)]]
-    values += [grad_norm] if grad_norm is not None else []
-    metrics = dict(zip(names, torch.stack([v.double() for v in values]).cpu().tolist()))
+    logged = {"loss": loss.detach(), **{k: loss_dict[k].detach() for k in MAIN_LOSSES if k in loss_dict}}
+    if grad_norm is not None:
+        logged["grad_norm"] = grad_norm
+    metrics = dict(zip(logged, torch.stack([v.double() for v in logged.values()]).cpu().tolist()))
     if not math.isfinite(metrics["loss"]):
         terms = {k: float(v) for k, v in loss_dict.items() if k in weights}
         optimizer.zero_grad(set_to_none=True)

@@ -179,8 +179,8 @@ def compile_model(model: nn.Module, backend: str = "inductor") -> nn.Module:
     The model's eager-only speed-ups are switched off first (they would break the graph, and each break
     guards on shapes and Python flags, so a run of multi-scale images hit the recompile limit): the oneDNN
     linear, the bool-mask dropout and its prefetch, and the BN fold (inductor fuses FrozenBN into the
-    convolution's epilogue). No graph break is left in the forward of DETR / UP-DETR, and image sizes are
-    dynamic after the second one: a whole run compiles twice (`tests/core/test_compile.py`).
+    convolution's epilogue). No graph break is left in the forward of DETR, UP-DETR or Deformable DETR, and
+    image sizes are dynamic after the second one: a whole run compiles twice (`tests/core/test_compile.py`).
     Dropout keeps eager's random-number generator (`fallback_random`): inductor's own generator would draw
     other masks than the reference path for the same seed. `backend`: "eager" traces without code
     generation (what the recompile test counts).

@@ -178,11 +178,11 @@ def build_deformable_updetr(cfg: ExperimentConfig, num_classes: int = 2) -> tupl
                              attention_mask=p.attention_mask, patch_dropout=p.patch_dropout,
                              patch_dropout_mode=p.patch_dropout_mode, freeze_backbone=freeze)
     apply_runtime_paths(model, cfg)
-    losses = ["labels", "boxes", "cardinality"] + (["feature"] if p.feature_recon else [])
     if softmax:
         return model, build_criterion(cfg, num_classes, feature=p.feature_recon), {"bbox": PostProcess()}
     matcher = FocalHungarianMatcher(cost_class=cfg.loss.set_cost_class, cost_bbox=cfg.loss.set_cost_bbox,
                                     cost_giou=cfg.loss.set_cost_giou)
+    losses = ["labels", "boxes", "cardinality"] + (["feature"] if p.feature_recon else [])
     criterion = DeformableCriterion(num_classes, matcher, build_weight_dict(cfg, p.feature_recon), losses,
                                     focal_alpha=cfg.loss.focal_alpha)
     return model, criterion, {"bbox": DeformablePostProcess()}

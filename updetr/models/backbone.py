@@ -269,7 +269,7 @@ class Backbone(nn.Module):
     # A run-time switch (`updetr.models.set_switches`): `compile_model` turns it off, because the folded
     # path's weight cache, oneDNN post-ops and finite-input check are eager-only (graph breaks, guards on
     # data pointers and Python flags, a recompile per layer shape); inductor fuses the BN itself.
-    fold_bn = True
+    fold_bn = False
 
     def __init__(self, name: str, train_backbone: bool, dilation: bool = False,
                  weights: Optional[Union[str, Path]] = None, fold_bn: bool = False,

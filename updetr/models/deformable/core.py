@@ -15,7 +15,7 @@ def level_shapes(spatial_shapes: Shapes) -> list[tuple]:
     """(H_l, W_l) per level as Python numbers. Int pairs are kept as they are, which under torch.compile keeps
     them symbolic (a read of a tensor's values would break the graph, and int() would fix each size)."""
     if isinstance(spatial_shapes, Tensor):
-        return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+        return [(h, w) for h, w in spatial_shapes.tolist()]
     return [(h, w) for h, w in spatial_shapes]
 
 
