@@ -20,9 +20,10 @@ and its shards agree), and the index for the synthetic source.
 The epoch reaches the preprocessing actors through a tiny named `EpochClock` actor: `iter_worker_batches`
 sets it before it starts iterating, and the actors read it when they start. That is race-free because Ray
 Data builds a fresh executor (and fresh actor pools) for each pass, and `streaming_split` starts a pass
-only once every consumer has asked for it (its epoch barrier). The clock name is derived from the run's
-seed / data / pretext settings and experiment name, so two concurrent runs with byte-identical settings
-would share it (give them different names). Without `iter_worker_batches` (e.g. `ds.take()`) epoch 0 is used.
+only once every consumer has asked for it (its epoch barrier). The clock sits on the node of the process
+that builds the dataset (the driver), so a run that loses another node keeps it. The clock name is derived
+from the run's seed / data / pretext settings and experiment name, so two concurrent runs with
+byte-identical settings would share it (give them different names). Without `iter_worker_batches` (e.g. `ds.take()`) epoch 0 is used.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from typing import Iterator
 import numpy as np
 import ray
 from ray.data.collate_fn import NumpyBatchCollateFn
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from updetr.data.collate import collate_records
 from updetr.data.image_io import IMAGE_EXTENSIONS
@@ -78,10 +80,15 @@ _CLOCKS: dict[str, "ray.actor.ActorHandle"] = {}
 
 
 def epoch_clock(cfg):
-    """Get (or create) the run's clock actor; it lives as long as the process that created it."""
+    """Get (or create) the run's clock actor; it lives as long as the process that created it, on its node."""
     name = clock_name(cfg)
     if name not in _CLOCKS:
-        _CLOCKS[name] = EpochClock.options(name=name, namespace=CLOCK_NAMESPACE, get_if_exists=True).remote()
+        # A zero-CPU actor may be placed on any node (about half of them on the other node of a two-node
+        # cluster), and losing that node would lose the clock, so every later worker group of the run fails
+        # at its first epoch. An actor dies with its owner anyway; on the owner's node it is lost only with it.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        _CLOCKS[name] = EpochClock.options(name=name, namespace=CLOCK_NAMESPACE, get_if_exists=True,
+                                           scheduling_strategy=here).remote()
     return _CLOCKS[name]
 
 
