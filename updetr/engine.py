@@ -141,7 +141,7 @@ def train_step(model: nn.Module, criterion: nn.Module, batch: dict, optimizer: t
             for pre-training (absent for detection).
     Returns:
         `loss` (weighted total) and the unweighted last-layer terms `loss_ce`, `loss_bbox`, `loss_giou`,
-        `loss_feature` (those computed), plus `grad_norm`.
+        `loss_feature` (those computed), plus `grad_norm`; under DDP each the mean over the ranks.
     Raises:
         FloatingPointError: predictions or loss not finite (nothing is stepped).
     """
@@ -171,7 +171,13 @@ def train_step(model: nn.Module, criterion: nn.Module, batch: dict, optimizer: t
     logged = {"loss": loss.detach(), **{k: loss_dict[k].detach() for k in MAIN_LOSSES if k in loss_dict}}
     if grad_norm is not None:
         logged["grad_norm"] = grad_norm
-    metrics = dict(zip(logged, torch.stack([v.double() for v in logged.values()]).cpu().tolist()))
+    values = torch.stack([v.double() for v in logged.values()])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # Averaged over the ranks as the official loop logs them (DETR's reduce_dict): a run on k workers shows
+        # the loss of its whole global batch, not rank 0's share, and a non-finite loss on any rank stops all.
+        dist.all_reduce(values)
+        values = values / dist.get_world_size()
+    metrics = dict(zip(logged, values.cpu().tolist()))
     if not math.isfinite(metrics["loss"]):
         terms = {k: float(v) for k, v in loss_dict.items() if k in weights}
         optimizer.zero_grad(set_to_none=True)
