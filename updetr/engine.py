@@ -172,11 +172,12 @@ def train_step(model: nn.Module, criterion: nn.Module, batch: dict, optimizer: t
     if grad_norm is not None:
         logged["grad_norm"] = grad_norm
     values = torch.stack([v.double() for v in logged.values()])
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    world_size = dist_rank_world()[1]
+    if world_size > 1:
         # Averaged over the ranks as the official loop logs them (DETR's reduce_dict): a run on k workers shows
         # the loss of its whole global batch, not rank 0's share, and a non-finite loss on any rank stops all.
         dist.all_reduce(values)
-        values = values / dist.get_world_size()
+        values = values / world_size
     metrics = dict(zip(logged, values.cpu().tolist()))
     if not math.isfinite(metrics["loss"]):
         terms = {k: float(v) for k, v in loss_dict.items() if k in weights}
@@ -246,7 +247,7 @@ class Trainer:
         self.state = TrainState()
         self.epoch_tally = EpochTally()
         self.train_model: nn.Module = self.model
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if self.world_size > 1:
             # A head whose every loss weighs 0 is frozen by build_model, so each trainable parameter gets a
             # gradient on every step and DDP needs no unused-parameter search.
             ids = [device.index] if device.type == "cuda" else None
@@ -262,7 +263,7 @@ class Trainer:
     def _any_rank_empty(self, n_img: int) -> bool:
         """True when this batch is empty on any rank (all items bad). All ranks then skip the step together:
         a rank that stepped alone would wait forever in DDP's gradient all-reduce."""
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):  # single process
+        if self.world_size == 1:
             return n_img == 0
         flag = torch.tensor([1.0 if n_img == 0 else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -277,7 +278,7 @@ class Trainer:
         """
         mine = {"rng": rng_state(), "epoch_tally": self.epoch_tally.state_dict()}
         per_rank = [mine]
-        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+        if self.world_size > 1:
             per_rank = [None] * self.world_size
             dist.all_gather_object(per_rank, mine)
         rngs = [r["rng"] for r in per_rank]

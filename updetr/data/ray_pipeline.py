@@ -23,7 +23,8 @@ Data builds a fresh executor (and fresh actor pools) for each pass, and `streami
 only once every consumer has asked for it (its epoch barrier). The clock sits on the node of the process
 that builds the dataset (the driver), so a run that loses another node keeps it. The clock name is derived
 from the run's seed / data / pretext settings and experiment name, so two concurrent runs with
-byte-identical settings would share it (give them different names). Without `iter_worker_batches` (e.g. `ds.take()`) epoch 0 is used.
+byte-identical settings would share it (give them different names). Without `iter_worker_batches` (e.g.
+`ds.take()`) epoch 0 is used.
 """
 from __future__ import annotations
 

@@ -76,6 +76,5 @@ class PretrainTask(Task):
     def ray_datasets(self, resources=None) -> dict:
         from updetr.data import ray_pipeline
 
-        # The driver creates the named EpochClock actor, so it outlives worker-group restarts.
-        ray_pipeline.epoch_clock(self.cfg)
+        # Built on the driver, which so owns the named EpochClock actor: it outlives worker-group restarts.
         return {"train": ray_pipeline.build_pretrain_dataset(self.cfg, resources)}
