@@ -3,15 +3,13 @@ process that made it: on a two-node cluster Ray places such an actor on either n
 the other node failed every later worker group of an elastic run."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from updetr.orchestration.local_cluster import cluster_processes, load
-
-from .conftest import SMOKE, cli_env, short_tmpdir, updetr
+from .conftest import SMOKE, cli_env
+from .node_drill import two_node_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -36,15 +34,8 @@ print(on_here, sum(n["Alive"] for n in ray.nodes()))
 
 @pytest.mark.timeout(300)
 def test_every_clock_sits_on_the_node_of_the_process_that_made_it(tmp_path):
-    state = short_tmpdir("ucl")
-    r = updetr("local-cluster", "up", "--nodes", "2", "--dir", state, cwd=tmp_path, timeout=200)
-    try:
-        assert r.returncode == 0, r.stdout + r.stderr
-        probe = subprocess.run([sys.executable, "-c", PROBE, load(state).address, SMOKE], cwd=tmp_path,
+    with two_node_cluster(tmp_path, "ucl", up_timeout=200) as (_, cluster):
+        probe = subprocess.run([sys.executable, "-c", PROBE, cluster.address, SMOKE], cwd=tmp_path,
                                env=cli_env(RAY_AUTH_MODE="token"), capture_output=True, text=True, timeout=120)
-        assert probe.returncode == 0, probe.stdout + probe.stderr
-        assert probe.stdout.split()[-2:] == ["8", "2"], probe.stdout + probe.stderr
-    finally:
-        updetr("local-cluster", "down", "--dir", state, cwd=tmp_path, timeout=120)
-        assert not cluster_processes(state)
-        shutil.rmtree(state, ignore_errors=True)
+    assert probe.returncode == 0, probe.stdout + probe.stderr
+    assert probe.stdout.split()[-2:] == ["8", "2"], probe.stdout + probe.stderr
